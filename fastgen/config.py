@@ -1,0 +1,170 @@
+"""Configuration: the decoder architecture read from a checkpoint's config.json, and the engine's knobs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastgen.errors import CheckpointError
+
+SUPPORTED_ACTIVATIONS = ("gelu", "relu", "silu", "gelu_new")
+# MusicGen was trained on 30 s windows: positions past that are out of distribution (transformers documents the
+# same limit: "MusicGen cannot generate more than 30 seconds of audio").
+TRAINED_DURATION_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_dim: int
+    num_codebooks: int
+    audio_channels: int
+    max_position_embeddings: int
+    activation: str
+    pad_token_id: int
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "num_codebooks",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"decoder config: {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise CheckpointError(
+                f"decoder config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_heads}")
+        if self.audio_channels not in (1, 2):
+            raise CheckpointError(f"decoder config: audio_channels must be 1 or 2, got {self.audio_channels!r}")
+        if self.num_codebooks % self.audio_channels:
+            raise CheckpointError(
+                f"decoder config: num_codebooks {self.num_codebooks} must split evenly over "
+                f"{self.audio_channels} audio channels")
+        if self.activation not in SUPPORTED_ACTIVATIONS:
+            raise CheckpointError(
+                f"decoder config: activation_function {self.activation!r} is not one of {SUPPORTED_ACTIVATIONS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def channel_codebooks(self) -> int:
+        """Codebooks per audio channel: the delay pattern's depth."""
+        return self.num_codebooks // self.audio_channels
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Everything fastgen needs from a MusicGen checkpoint folder."""
+    decoder: DecoderConfig
+    text_encoder: dict[str, Any]   # T5Config kwargs
+    audio_encoder: dict[str, Any]  # EncodecConfig kwargs
+    text_hidden_size: int
+    sample_rate: int
+    frame_rate: int
+
+    @property
+    def has_enc_to_dec_proj(self) -> bool:
+        return self.text_hidden_size != self.decoder.hidden_size
+
+    @property
+    def max_frames(self) -> int:
+        """Frames (prompt + new) one request may span: the trained 30 s, and the positional table's size."""
+        trained = int(TRAINED_DURATION_S * self.frame_rate)
+        by_positions = self.decoder.max_position_embeddings - self.decoder.channel_codebooks
+        return min(trained, by_positions)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelConfig":
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: config.json is missing from the checkpoint folder") from None
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Accepts the transformers 4.x and 5.x serialisations of MusicgenConfig (same sub-config keys; 5.x drops
+        some defaults and renames torch_dtype → dtype, neither of which we read)."""
+        if raw.get("model_type") not in ("musicgen", None):
+            raise CheckpointError(f"{source}: model_type is {raw.get('model_type')!r}, expected 'musicgen'"
+                                  " (musicgen_melody checkpoints are not supported)")
+        sections = {}
+        for key in ("decoder", "text_encoder", "audio_encoder"):
+            section = raw.get(key)
+            if not isinstance(section, dict):
+                raise CheckpointError(f"{source}: the '{key}' section is missing; is this a MusicGen checkpoint?")
+            sections[key] = section
+        dec = sections["decoder"]
+
+        def need(name: str, default: Any = dataclasses.MISSING) -> Any:
+            if name in dec:
+                return dec[name]
+            if default is dataclasses.MISSING:
+                raise CheckpointError(f"{source}: decoder.{name} is missing")
+            return default
+
+        vocab_size = need("vocab_size", 2048)
+        decoder = DecoderConfig(
+            vocab_size=vocab_size,
+            hidden_size=need("hidden_size", 1024),
+            num_layers=need("num_hidden_layers", 24),
+            num_heads=need("num_attention_heads", 16),
+            ffn_dim=need("ffn_dim", 4096),
+            num_codebooks=need("num_codebooks", 4),
+            audio_channels=need("audio_channels", 1),
+            max_position_embeddings=need("max_position_embeddings", 2048),
+            activation=need("activation_function", "gelu"),
+            pad_token_id=dec.get("pad_token_id") if dec.get("pad_token_id") is not None else vocab_size,
+        )
+        if decoder.pad_token_id != decoder.vocab_size:
+            raise CheckpointError(f"{source}: decoder.pad_token_id must be vocab_size ({vocab_size}), the extra "
+                                  f"embedding row; got {decoder.pad_token_id}")
+        if dec.get("cross_attention_hidden_size") not in (None, sections["text_encoder"].get("d_model")):
+            raise CheckpointError(f"{source}: decoder.cross_attention_hidden_size must equal the text encoder's "
+                                  "d_model when set")
+        audio = sections["audio_encoder"]
+        sample_rate = int(audio.get("sampling_rate", 24000))
+        hop = 1
+        for ratio in audio.get("upsampling_ratios", [8, 5, 4, 2]):
+            hop *= int(ratio)
+        if sample_rate % hop:
+            raise CheckpointError(f"{source}: audio_encoder sampling_rate {sample_rate} is not a multiple of the "
+                                  f"codec hop {hop}")
+        if int(audio.get("codebook_size", 1024)) != vocab_size:
+            raise CheckpointError(f"{source}: audio_encoder.codebook_size {audio.get('codebook_size')} must equal "
+                                  f"decoder.vocab_size {vocab_size}")
+        text_hidden = sections["text_encoder"].get("d_model", 512)
+        return cls(decoder=decoder, text_encoder=sections["text_encoder"], audio_encoder=audio,
+                   text_hidden_size=int(text_hidden), sample_rate=sample_rate, frame_rate=sample_rate // hop)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Knobs of the runtime. Slots are CFG pairs of KV-cache rows, each able to hold one request of up to
+    ``max_duration_s`` seconds (prompt included)."""
+    max_slots: int | None = None          # None: as many as the memory budget allows (capped at 256)
+    max_duration_s: float | None = None   # None: the trained limit (30 s)
+    max_text_tokens: int = 256
+    kv_cache_memory_bytes: int | None = None  # None: a share of free device memory (CUDA) or 2 GiB (CPU)
+    backend: str = "auto"                 # "torch", "triton", or "auto" (triton on CUDA, torch on CPU)
+    enforce_eager: bool = False           # disable CUDA graphs (debugging)
+
+    def __post_init__(self) -> None:
+        if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
+            raise ValueError(f"max_slots must be a positive integer or None, got {self.max_slots!r}")
+        if self.max_duration_s is not None and not (0 < self.max_duration_s <= TRAINED_DURATION_S):
+            raise ValueError(f"max_duration_s must be in (0, {TRAINED_DURATION_S}], got {self.max_duration_s!r}")
+        if not isinstance(self.max_text_tokens, int) or not 1 <= self.max_text_tokens <= 4096:
+            raise ValueError(f"max_text_tokens must be an integer in [1, 4096], got {self.max_text_tokens!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")

@@ -1,0 +1,242 @@
+"""The synchronous engine: requests in, one ``step()`` at a time (admit → decode → retire), outputs out.
+
+MusicGen.generate and the CLI run on it; the AsyncEngine drives it from a background thread."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fastgen.audio import prepare_audio_prompt
+from fastgen.config import EngineConfig
+from fastgen.engine.request import GenerationOutput, Request, RequestStatus
+from fastgen.engine.runner import ModelRunner
+from fastgen.engine.scheduler import Scheduler
+from fastgen.errors import RequestAborted, RequestError, RequestFailed
+from fastgen.model.decoder import KVCache
+from fastgen.model.musicgen import MusicgenModel
+from fastgen.model.ops import get_ops
+from fastgen.sampling_params import ResolvedParams, SamplingParams
+
+# event kinds passed to listeners: queued, started, progress, finished, failed, aborted
+Listener = Callable[[Request, str, Any], None]
+CPU_CACHE_BUDGET = 2 << 30
+CUDA_CACHE_SHARE = 0.85  # of the memory free after loading the weights
+MAX_SLOTS = 256
+
+
+class Engine:
+    def __init__(self, model: MusicgenModel, config: EngineConfig = EngineConfig()) -> None:
+        self.model = model
+        self.config = config
+        self.device = model.decoder.device
+        mc = model.config
+        self.frame_rate, self.sample_rate = mc.frame_rate, mc.sample_rate
+        self.max_frames = mc.max_frames
+        if config.max_duration_s is not None:
+            self.max_frames = min(self.max_frames, round(config.max_duration_s * mc.frame_rate))
+        backend = config.backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.ops = get_ops(backend)
+        num_slots = self._plan_slots()
+        self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
+                                  max_frames=self.max_frames, max_text_tokens=config.max_text_tokens)
+        self.scheduler = Scheduler(num_slots)
+        self.listeners: list[Listener] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, device: str | torch.device = "cpu", dtype=None,
+                        allow_pickle: bool = False, **engine_options) -> "Engine":
+        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        return cls(model, EngineConfig(**engine_options))
+
+    def _plan_slots(self) -> int:
+        """As many slots as the KV-cache budget holds, each sized for the longest request allowed."""
+        dec = self.model.decoder
+        per_slot = KVCache.bytes_per_slot(dec.config, self.max_frames + dec.config.channel_codebooks,
+                                          self.config.max_text_tokens, dec.dtype)
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * CUDA_CACHE_SHARE)
+            else:
+                budget = CPU_CACHE_BUDGET
+        fits = budget // per_slot - 1  # one slot's worth goes to the padding dummy
+        cap = self.config.max_slots or MAX_SLOTS
+        if fits < 1:
+            raise ValueError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) cannot hold one slot of "
+                             f"{per_slot / 2**30:.2f} GiB; lower max_duration_s or max_text_tokens, or raise "
+                             "kv_cache_memory_bytes")
+        return int(min(cap, fits))
+
+    @property
+    def num_slots(self) -> int:
+        return self.runner.num_slots
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def make_request(self, prompt: str | None, params: SamplingParams | None = None,
+                     audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
+                     name: str = "prompt") -> Request:
+        """Validate and build a request (raises RequestError naming the bad parameter); does not queue it."""
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError(f"{name} must be a string or None (unconditional), got {type(prompt).__name__}")
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a fastgen.SamplingParams, got {type(params).__name__}")
+        params = params.with_defaults(self.model.defaults)
+        dec = self.model.config.decoder
+        resolved = ResolvedParams.resolve(params, frame_rate=self.frame_rate, channel_codebooks=dec.channel_codebooks)
+        text_ids = None
+        if prompt is not None:
+            text_ids = self.model.text_encoder.tokenize(prompt)
+            if len(text_ids) > self.config.max_text_tokens:
+                raise RequestError(f"{name} is {len(text_ids)} tokens long; at most max_text_tokens="
+                                   f"{self.config.max_text_tokens} are allowed")
+        audio, prompt_frames = None, 0
+        if audio_prompt is not None:
+            if not (isinstance(audio_prompt, tuple) and len(audio_prompt) == 2):
+                raise RequestError("audio_prompt must be a (waveform, sample_rate) tuple")
+            audio = prepare_audio_prompt(audio_prompt[0], audio_prompt[1], target_sample_rate=self.sample_rate,
+                                         channels=dec.audio_channels, name="audio_prompt")
+            hop = self.sample_rate // self.frame_rate
+            prompt_frames = -(-audio.shape[-1] // hop)
+        total = prompt_frames + resolved.new_frames
+        if total > self.max_frames:
+            raise RequestError(
+                f"the request spans {total / self.frame_rate:.2f} s ({prompt_frames} prompt + "
+                f"{resolved.new_frames} new frames), over the limit of {self.max_frames / self.frame_rate:.2f} s "
+                f"({self.max_frames} frames) of this engine; shorten duration or the audio prompt")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return Request(rid, prompt, params, resolved, text_ids, audio, prompt_frames, dec.channel_codebooks)
+
+    def add_request(self, prompt: str | None, params: SamplingParams | None = None,
+                    audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None) -> Request:
+        request = self.make_request(prompt, params, audio_prompt, request_id)
+        self.enqueue(request)
+        return request
+
+    def enqueue(self, request: Request) -> None:
+        self.scheduler.add(request)
+        self._emit(request, "queued", None)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a waiting or running request at once; its slot is free for the next step."""
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return False
+        self.scheduler.release(request, RequestStatus.ABORTED)
+        request.error = RequestAborted(f"request {request_id} was aborted")
+        request.finish_time = time.perf_counter()
+        self._emit(request, "aborted", request.error)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def step(self) -> list[Request]:
+        """Admit what fits, advance every running request by one position, retire what finished. Returns the
+        requests that ended in this step (finished or failed), outputs attached."""
+        ended = self._admit()
+        running = list(self.scheduler.running.values())
+        if running:
+            now = time.perf_counter()
+            for request in running:
+                if request.first_step_time is None:
+                    request.first_step_time = now
+            kv_bound, text_bound = self.runner.bounds(running)
+            self.runner.step(self.scheduler.running_slots(), kv_bound, text_bound)
+            done = self.scheduler.advance()
+            for request in running:
+                self._emit(request, "progress", (request.steps_done, request.steps_total))
+            ended += self._retire(done)
+        return ended
+
+    def _admit(self) -> list[Request]:
+        admitted = self.scheduler.admit()
+        if not admitted:
+            return []
+        try:
+            self.runner.start(admitted)
+        except Exception as exc:  # isolate: retry one by one so one bad request fails alone
+            if len(admitted) == 1:
+                return self._fail(admitted, exc)
+            failed = []
+            for request in admitted:
+                try:
+                    self.runner.start([request])
+                except Exception as single_exc:
+                    failed += self._fail([request], single_exc)
+            admitted = [r for r in admitted if r.status == RequestStatus.RUNNING]
+            for request in admitted:
+                self._emit(request, "started", None)
+            return failed
+        for request in admitted:
+            self._emit(request, "started", None)
+        return []
+
+    def _retire(self, done: list[Request]) -> list[Request]:
+        if not done:
+            return []
+        finished, codes = [], []
+        failed: list[Request] = []
+        for request in done:
+            request_codes, nonfinite = self.runner.finish(request)
+            self.scheduler.release(request, RequestStatus.FINISHED)
+            if nonfinite:
+                failed += self._fail([request], RequestFailed(
+                    f"request {request.request_id} produced non-finite logits (NaN/inf); check the model "
+                    "weights and dtype (float16 can overflow)"), release=False)
+            else:
+                finished.append(request)
+                codes.append(request_codes)
+        if finished:
+            try:
+                audio = self.runner.decode_audio(codes)
+            except Exception as exc:
+                return failed + self._fail(finished, exc, release=False)
+            for request, request_codes, wave in zip(finished, codes, audio):
+                request.finish_time = time.perf_counter()
+                request.output = self._output(request, request_codes, wave)
+                self._emit(request, "finished", request.output)
+        return failed + finished
+
+    def _fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
+        for request in requests:
+            if release:
+                self.scheduler.release(request, RequestStatus.FAILED)
+            request.status = RequestStatus.FAILED
+            request.error = exc if isinstance(exc, RequestFailed) else RequestFailed(
+                f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
+            request.error.__cause__ = exc if request.error is not exc else None
+            request.finish_time = time.perf_counter()
+            self._emit(request, "failed", request.error)
+        return requests
+
+    def _output(self, request: Request, codes: torch.Tensor, audio: np.ndarray) -> GenerationOutput:
+        timings = {"queue_s": (request.first_step_time or request.arrival_time) - request.arrival_time,
+                   "total_s": (request.finish_time or time.perf_counter()) - request.arrival_time}
+        return GenerationOutput(request.request_id, request.prompt, audio, self.sample_rate,
+                                codes.numpy().astype(np.int64), request.resolved.seed, request.prompt_frames, timings)
+
+    def _emit(self, request: Request, kind: str, payload: Any) -> None:
+        for listener in self.listeners:
+            listener(request, kind, payload)
+
+    # ------------------------------------------------------------------------------------------------ batch
+    def run(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Request]:
+        """Queue ``requests`` and step until all have ended (the engine must be otherwise idle)."""
+        for request in requests:
+            self.enqueue(request)
+        while self.has_unfinished():
+            ended = self.step()
+            if progress is not None and ended:
+                progress(len(ended))
+        return requests

@@ -1,0 +1,75 @@
+"""One generation request and its life cycle: WAITING → RUNNING → FINISHED | FAILED | ABORTED."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fastgen.sampling_params import ResolvedParams, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def done(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.FAILED, RequestStatus.ABORTED)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    params: SamplingParams          # as given, defaults filled
+    resolved: ResolvedParams
+    text_ids: list[int] | None      # None: unconditional
+    audio_prompt: np.ndarray | None  # [channels, samples] at the model's rate and channel count
+    prompt_frames: int              # audio prompt frames (estimated at submission, exact after encoding)
+    channel_codebooks: int
+    status: RequestStatus = RequestStatus.WAITING
+    slot: int | None = None
+    steps_done: int = 0
+    prompt_codes: torch.Tensor | None = None  # [K, P] once encoded
+    error: Exception | None = None
+    output: "GenerationOutput | None" = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_step_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def total_frames(self) -> int:
+        return self.prompt_frames + self.resolved.new_frames
+
+    @property
+    def steps_total(self) -> int:
+        """Decode steps: every delayed position after the prompt's, up to the last codebook's last frame."""
+        return self.total_frames + self.channel_codebooks - 1 - self.prompt_frames
+
+    @property
+    def position(self) -> int:
+        """Delayed-sequence position of the next input token (host mirror of the device counter)."""
+        return self.prompt_frames + self.steps_done
+
+
+@dataclass
+class GenerationOutput:
+    """The result of one request (the items MusicGen.generate returns)."""
+    request_id: str
+    prompt: str | None
+    audio: np.ndarray        # float32 [channels, samples]
+    sample_rate: int
+    codes: np.ndarray        # int64 [num_codebooks, frames], delay pattern removed; an audio prompt's codes first
+    seed: int
+    prompt_frames: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return self.audio.shape[-1] / self.sample_rate

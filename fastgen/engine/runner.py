@@ -1,0 +1,170 @@
+"""The model runner: per-slot device state, admission (T5, cross-attention K/V, audio-prompt prefill), the decode
+step, and retirement (codes out, EnCodec).
+
+Slot s owns cache rows s (cond) and S1 + s (uncond), where S1 = num_slots + 1: the last slot is a dummy that padding
+rows point at, so kernels never see an invalid index. Everything a step needs lives in device tensors indexed by
+slot, so the step itself is free of host syncs and its shapes depend only on the batch size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastgen.engine.request import Request
+from fastgen.model.codec import AudioCodec, TextEncoder
+from fastgen.model.decoder import KVCache, MusicgenDecoder
+from fastgen.model.ops import Ops
+
+KV_BOUND_GRANULE = 64  # the torch backend reads the cache up to the batch's longest row, rounded up to this
+
+
+@dataclass
+class SlotState:
+    tokens: torch.Tensor          # [S1, K] int64: current input token per codebook
+    position: torch.Tensor        # [S1] int32: delayed position of the current input token
+    codes: torch.Tensor           # [S1, K, F_max] int64: prompt + generated codes, delay removed
+    guidance_scale: torch.Tensor  # [S1] float32
+    temperature: torch.Tensor     # [S1] float32 (0 = greedy)
+    top_k: torch.Tensor           # [S1] int32
+    top_p: torch.Tensor           # [S1] float32
+    seed: torch.Tensor            # [S1] int64
+    num_frames: torch.Tensor      # [S1] int32
+    prompt_frames: torch.Tensor   # [S1] int32
+    text_length: torch.Tensor     # [S1] int32: cond row's text tokens (0 = unconditional)
+    nonfinite: torch.Tensor       # [S1] int32
+
+    @classmethod
+    def allocate(cls, slots: int, codebooks: int, max_frames: int, device: torch.device) -> "SlotState":
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        i32, i64, f32 = torch.int32, torch.int64, torch.float32
+        return cls(zeros(slots, codebooks, dtype=i64), zeros(slots, dtype=i32),
+                   zeros(slots, codebooks, max_frames, dtype=i64), zeros(slots, dtype=f32),
+                   zeros(slots, dtype=f32), zeros(slots, dtype=i32), zeros(slots, dtype=f32),
+                   zeros(slots, dtype=i64), zeros(slots, dtype=i32), zeros(slots, dtype=i32),
+                   zeros(slots, dtype=i32), zeros(slots, dtype=i32))
+
+
+class ModelRunner:
+    def __init__(self, decoder: MusicgenDecoder, text_encoder: TextEncoder, codec: AudioCodec, ops: Ops, *,
+                 num_slots: int, max_frames: int, max_text_tokens: int) -> None:
+        self.decoder, self.text_encoder, self.codec, self.ops = decoder, text_encoder, codec, ops
+        config = decoder.config
+        self.config = config
+        self.device = decoder.device
+        self.num_slots = num_slots
+        self.dummy_slot = num_slots
+        self.total_slots = num_slots + 1
+        self.max_frames = max_frames
+        self.max_positions = max_frames + config.channel_codebooks
+        self.max_text_tokens = max_text_tokens
+        self.cache = KVCache.allocate(config, self.total_slots, self.max_positions, max_text_tokens,
+                                      decoder.dtype, self.device)
+        self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
+
+    # ---------------------------------------------------------------------------------------------- admission
+    @torch.inference_mode()
+    def start(self, requests: list[Request]) -> None:
+        """Prepare the slots of newly admitted requests: text → cross K/V, audio prompt → codes → prefill."""
+        if not requests:
+            return
+        self._write_text(requests)
+        for request in requests:
+            self._init_slot(request)
+
+    def _write_text(self, requests: list[Request]) -> None:
+        """T5-encode the admitted prompts as one padded batch; their cross-attention K/V go to the cond rows. The
+        null condition (uncond rows, unconditional requests) has text length 0: those rows are never read."""
+        lengths = [len(r.text_ids) if r.text_ids is not None else 0 for r in requests]
+        slot_ids = torch.tensor([r.slot for r in requests], device=self.device)
+        self.state.text_length[slot_ids] = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        conditioned = [r for r in requests if r.text_ids is not None]
+        if conditioned:
+            states, mask = self.text_encoder.encode([r.text_ids for r in conditioned])
+            projected = self.decoder.project_text(states, mask)
+            rows = torch.tensor([r.slot for r in conditioned], device=self.device)
+            self.decoder.write_cross_kv(self.cache, rows, projected)
+
+    def _init_slot(self, request: Request) -> None:
+        st, slot = self.state, request.slot
+        p = request.resolved
+        st.guidance_scale[slot] = p.guidance_scale
+        st.temperature[slot] = p.temperature
+        st.top_k[slot] = p.top_k
+        st.top_p[slot] = p.top_p
+        st.seed[slot] = p.seed
+        st.nonfinite[slot] = 0
+        codebooks = self.config.num_codebooks
+        prompt_frames = 0
+        if request.audio_prompt is not None:
+            codes = self.codec.encode(request.audio_prompt)
+            if codes.shape[0] != codebooks:
+                raise RuntimeError(f"EnCodec produced {codes.shape[0]} codebooks, the decoder expects {codebooks}")
+            request.prompt_codes = codes
+            prompt_frames = codes.shape[1]
+            request.prompt_frames = prompt_frames
+            st.codes[slot, :, :prompt_frames] = codes.to(self.device)
+            rows = torch.tensor([slot, self.total_slots + slot], device=self.device)
+            delayed = self._delayed_prompt(codes.to(self.device), prompt_frames + 1)  # positions 0..P
+            text_length = torch.stack([st.text_length[slot], torch.zeros_like(st.text_length[slot])])
+            self.decoder.prefill(self.cache, rows, delayed[:, :prompt_frames], text_length)
+            st.tokens[slot] = delayed[:, prompt_frames]
+        else:
+            st.tokens[slot] = self.config.pad_token_id  # BOS: every codebook starts on the special id
+        st.position[slot] = prompt_frames
+        st.prompt_frames[slot] = prompt_frames
+        st.num_frames[slot] = request.total_frames
+
+    def _delayed_prompt(self, codes: torch.Tensor, positions: int) -> torch.Tensor:
+        """Prompt codes [K, P] → delayed tokens [K, positions]: position t of codebook k holds frame t − 1 − c."""
+        c = self.config
+        codebook = torch.arange(c.num_codebooks, device=codes.device)
+        channel_codebook = codebook if c.audio_channels == 1 else codebook // 2
+        frame = torch.arange(positions, device=codes.device).view(1, -1) - 1 - channel_codebook.view(-1, 1)
+        valid = (frame >= 0) & (frame < codes.shape[1])
+        picked = codes.gather(1, frame.clamp(0, codes.shape[1] - 1))
+        return torch.where(valid, picked, torch.full_like(picked, c.pad_token_id))
+
+    # ---------------------------------------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def step(self, slots: list[int], kv_bound: int | None = None, text_bound: int | None = None) -> None:
+        """Advance every slot in ``slots`` by one position (eager). Bounds are host-known maxima that let the
+        torch backend read less of the cache; the Triton kernels read exactly each row's filled part anyway."""
+        slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.decode_step(slot_ids, kv_bound, text_bound)
+
+    def decode_step(self, slot_ids: torch.Tensor, kv_bound: int | None, text_bound: int | None) -> None:
+        """The step proper, on device tensors only: no host syncs, no data-dependent shapes (CUDA-graph safe)."""
+        st, c = self.state, self.config
+        rows = torch.cat([slot_ids, slot_ids + self.total_slots])
+        position = st.position[slot_ids].to(torch.int64)
+        text_length = torch.cat([st.text_length[slot_ids], torch.zeros_like(st.text_length[slot_ids])])
+        hidden = torch.empty(rows.shape[0], c.hidden_size, dtype=self.decoder.dtype, device=self.device)
+        self.ops.embed(st.tokens, st.position, slot_ids, self.decoder.embed, self.decoder.sinusoid, hidden)
+        logits = self.decoder.decode(self.ops, hidden, self.cache, rows, torch.cat([position, position]),
+                                     text_length, kv_bound, text_bound)
+        self.ops.sample(logits, slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
+                        st.position, st.num_frames, st.prompt_frames, st.tokens, st.codes, st.nonfinite,
+                        c.pad_token_id, c.audio_channels)
+        st.position.index_add_(0, slot_ids, torch.ones_like(slot_ids, dtype=torch.int32))
+        st.position[self.dummy_slot] = 0  # padding rows may have bumped it; it must stay in range
+
+    def bounds(self, requests: list[Request]) -> tuple[int, int]:
+        longest = max(r.position for r in requests) + 1
+        kv_bound = min(self.max_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
+        text_bound = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
+        return kv_bound, text_bound
+
+    # ---------------------------------------------------------------------------------------------- retire
+    @torch.inference_mode()
+    def finish(self, request: Request) -> tuple[torch.Tensor, bool]:
+        """(codes [K, frames] on the CPU, whether any logit of the request was non-finite)."""
+        slot = request.slot
+        codes = self.state.codes[slot, :, :request.total_frames].cpu()
+        bad = bool(self.state.nonfinite[slot].item())
+        if bad:  # keep NaNs in this slot's cache from leaking into the next request through masked reads
+            self.cache.clear_rows(torch.tensor([slot, self.total_slots + slot], device=self.device))
+        return codes, bad
+
+    def decode_audio(self, codes: list[torch.Tensor]):
+        return self.codec.decode(codes)

@@ -1,0 +1,66 @@
+"""Admission and retirement over a fixed pool of KV-cache slots. Plain Python: no torch, unit-testable anywhere.
+
+Every request's maximum length is known when it arrives and a slot holds the longest allowed request, so a
+request admitted is never preempted: admission only needs a free slot."""
+from __future__ import annotations
+
+from collections import deque
+
+from fastgen.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_admit_per_step: int | None = None) -> None:
+        self.num_slots = num_slots
+        self.max_admit_per_step = max_admit_per_step or num_slots
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot → request
+        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[Request]:
+        """Move waiting requests (FIFO) into free slots."""
+        admitted = []
+        while self.waiting and self.free_slots and len(admitted) < self.max_admit_per_step:
+            request = self.waiting.popleft()
+            request.slot = self.free_slots.pop()
+            request.status = RequestStatus.RUNNING
+            self.running[request.slot] = request
+            admitted.append(request)
+        return admitted
+
+    def running_slots(self) -> list[int]:
+        return sorted(self.running)
+
+    def advance(self) -> list[Request]:
+        """Account one decode step for every running request; return those whose last step this was."""
+        done = []
+        for request in self.running.values():
+            request.steps_done += 1
+            if request.steps_done >= request.steps_total:
+                done.append(request)
+        return done
+
+    def release(self, request: Request, status: RequestStatus) -> None:
+        """Free the request's slot (if it has one) at once; it is reused by the next admission."""
+        if request.slot is not None and self.running.get(request.slot) is request:
+            del self.running[request.slot]
+            self.free_slots.append(request.slot)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+
+    def find(self, request_id: str) -> Request | None:
+        for request in self.waiting:
+            if request.request_id == request_id:
+                return request
+        for request in self.running.values():
+            if request.request_id == request_id:
+                return request
+        return None

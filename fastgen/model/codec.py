@@ -1,0 +1,101 @@
+"""The stages around the decoder, from transformers: the T5 text encoder (with its tokenizer) and EnCodec.
+
+Both run in float32: they are a small share of the time, T5 is known to overflow in fp16, and the codec's output is
+the product users hear."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgen.errors import CheckpointError
+from fastgen.model.loader import load_submodule, take_prefixed
+
+STAGE_DTYPE = torch.float32
+
+
+class TextEncoder:
+    def __init__(self, folder: Path, t5_config: dict, weights: dict[str, torch.Tensor], device: torch.device):
+        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:
+            raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+        config = T5Config.from_dict(t5_config)
+        # built for real, not on the meta device: transformers modules keep non-persistent buffers (EnCodec's
+        # conv strides and paddings) that a checkpoint does not carry
+        model = T5EncoderModel(config)
+        own = take_prefixed(weights, "text_encoder.")
+        # the input embedding is tied to `shared`: exports store it once under either name
+        if "shared.weight" in own:
+            own.setdefault("encoder.embed_tokens.weight", own["shared.weight"])
+        elif "encoder.embed_tokens.weight" in own:
+            own["shared.weight"] = own["encoder.embed_tokens.weight"]
+        self.model = load_submodule(model, own, "text_encoder").to(device, STAGE_DTYPE).eval()
+        self.device = device
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    @torch.inference_mode()
+    def encode(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded batch → (last hidden states [n, T, Dt] float32, attention mask [n, T] int64)."""
+        longest = max(len(ids) for ids in token_ids)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(token_ids), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
+        for i, row in enumerate(token_ids):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
+class AudioCodec:
+    """EnCodec at 32 kHz: audio ↔ codes [K, frames]. Stereo MusicGen interleaves left/right codebooks."""
+
+    def __init__(self, encodec_config: dict, weights: dict[str, torch.Tensor], device: torch.device,
+                 audio_channels: int):
+        from transformers import EncodecConfig, EncodecModel
+        config = EncodecConfig.from_dict(encodec_config)
+        model = EncodecModel(config)
+        own = take_prefixed(weights, "audio_encoder.")
+        # codebook bookkeeping buffers are training state; older exports may omit them
+        optional = {k for k in model.state_dict() if k.endswith((".inited", ".cluster_size", ".embed_avg"))}
+        self.model = load_submodule(model, own, "audio_encoder", optional).to(device, STAGE_DTYPE).eval()
+        self.device = device
+        self.audio_channels = audio_channels
+        self.sample_rate = config.sampling_rate
+
+    @torch.inference_mode()
+    def encode(self, audio: np.ndarray) -> torch.Tensor:
+        """[channels, samples] float32 (channels = the model's) → codes [K, frames] int64 on the CPU."""
+        per_channel = []
+        for channel in audio:
+            values = torch.from_numpy(np.ascontiguousarray(channel)).to(self.device, STAGE_DTYPE).view(1, 1, -1)
+            codes = self.model.encode(values).audio_codes  # [1 chunk, 1, K_codec, frames]
+            per_channel.append(codes[0, 0])
+        if len(per_channel) == 1:
+            return per_channel[0].long().cpu()
+        left, right = per_channel
+        return torch.stack([left, right], dim=1).reshape(-1, left.shape[-1]).long().cpu()  # l0 r0 l1 r1 …
+
+    @torch.inference_mode()
+    def decode(self, codes: list[torch.Tensor]) -> list[np.ndarray]:
+        """Codes [K, frames] per request → audio [channels, samples] float32. Requests of equal length are decoded
+        together; different lengths are never padded into one batch (padding changes EnCodec's output)."""
+        results: list[np.ndarray | None] = [None] * len(codes)
+        by_length: dict[int, list[int]] = {}
+        for i, c in enumerate(codes):
+            by_length.setdefault(c.shape[-1], []).append(i)
+        for indices in by_length.values():
+            batch = torch.stack([codes[i] for i in indices]).to(self.device)  # [n, K, frames]
+            channels = [batch] if self.audio_channels == 1 else [batch[:, 0::2], batch[:, 1::2]]
+            audio = torch.cat([self._decode(c) for c in channels], dim=1).float().cpu().numpy()
+            for j, i in enumerate(indices):
+                results[i] = np.ascontiguousarray(audio[j])
+        return results  # type: ignore[return-value]
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(codes.unsqueeze(0), [None] * codes.shape[0]).audio_values  # [n, 1, samples]

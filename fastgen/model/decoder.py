@@ -1,0 +1,230 @@
+"""MusicGen's decoder as fastgen runs it: weights in fused layouts, a decode step over a static KV cache, and a
+prefill for audio prompts. The layer math matches transformers' MusicgenDecoder (pre-LayerNorm blocks: self-attention,
+cross-attention over the text, feed-forward; no biases in attention or FFN; K summed embeddings in, K heads out)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.config import DecoderConfig
+from fastgen.errors import CheckpointError
+from fastgen.model.ops import Ops
+
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which transformers' MusicGen uses
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
+    """transformers' MusicgenSinusoidalPositionalEmbedding (tensor2tensor order: cos half, then sin half)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+    angles = torch.arange(num_positions, dtype=torch.int64).float().unsqueeze(1) * freq.unsqueeze(0)
+    table = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)
+    return table
+
+
+@dataclass
+class LayerWeights:
+    self_norm: tuple[torch.Tensor, torch.Tensor]
+    qkv: torch.Tensor          # [3D, D]: q, k, v projections stacked
+    self_out: torch.Tensor     # [D, D]
+    cross_norm: tuple[torch.Tensor, torch.Tensor]
+    cross_q: torch.Tensor      # [D, D]
+    cross_kv: torch.Tensor     # [2D, D]: applied once per request to the text states
+    cross_out: torch.Tensor    # [D, D]
+    ffn_norm: tuple[torch.Tensor, torch.Tensor]
+    fc1: torch.Tensor          # [F, D]
+    fc2: torch.Tensor          # [D, F]
+
+
+@dataclass
+class KVCache:
+    """Static per-layer caches. Rows: cond row of slot s is s, its uncond row is num_slots + s."""
+    self_k: torch.Tensor   # [layers, 2·slots, H, max_positions, Dh]
+    self_v: torch.Tensor
+    cross_k: torch.Tensor  # [layers, 2·slots, H, max_text_tokens, Dh]
+    cross_v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: DecoderConfig, num_slots: int, max_positions: int, max_text_tokens: int,
+                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+        # zeros, not empty: the torch path multiplies masked-out cache entries by 0, which must not meet NaN bits
+        def make(length: int) -> torch.Tensor:
+            return torch.zeros(config.num_layers, 2 * num_slots, config.num_heads, length, config.head_dim,
+                               dtype=dtype, device=device)
+        return cls(make(max_positions), make(max_positions), make(max_text_tokens), make(max_text_tokens))
+
+    @staticmethod
+    def bytes_per_slot(config: DecoderConfig, max_positions: int, max_text_tokens: int, dtype: torch.dtype) -> int:
+        per_position = 2 * 2 * config.num_layers * config.hidden_size * torch.tensor([], dtype=dtype).element_size()
+        return per_position * (max_positions + max_text_tokens)
+
+    def clear_rows(self, rows: torch.Tensor) -> None:
+        for cache in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+            cache[:, rows] = 0
+
+
+class MusicgenDecoder:
+    """Holds the decoder weights (one device, one dtype) and runs its forward passes."""
+
+    def __init__(self, config: DecoderConfig, weights: dict[str, torch.Tensor], *, text_hidden_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.device, self.dtype = device, dtype
+        self.activation = ACTIVATIONS[config.activation]
+        self.scale = config.head_dim ** -0.5
+        w = _WeightReader(weights, device, dtype)
+        prefix = "decoder.model.decoder."
+        c = config
+        self.embed = torch.stack([w.take(f"{prefix}embed_tokens.{k}.weight", (c.vocab_size + 1, c.hidden_size))
+                                  for k in range(c.num_codebooks)])
+        w.skip(f"{prefix}embed_positions.weights")  # older exports carry the sinusoid table; we recompute it
+        self.sinusoid = sinusoidal_table(c.max_position_embeddings, c.hidden_size).to(device=device, dtype=dtype)
+        d, f = c.hidden_size, c.ffn_dim
+        self.layers: list[LayerWeights] = []
+        for i in range(c.num_layers):
+            p = f"{prefix}layers.{i}."
+            norm = lambda name: (w.take(f"{p}{name}.weight", (d,)), w.take(f"{p}{name}.bias", (d,)))  # noqa: E731
+            proj = lambda name: w.take(f"{p}{name}.weight", (d, d))  # noqa: E731
+            self.layers.append(LayerWeights(
+                self_norm=norm("self_attn_layer_norm"),
+                qkv=torch.cat([proj("self_attn.q_proj"), proj("self_attn.k_proj"), proj("self_attn.v_proj")]),
+                self_out=proj("self_attn.out_proj"),
+                cross_norm=norm("encoder_attn_layer_norm"),
+                cross_q=proj("encoder_attn.q_proj"),
+                cross_kv=torch.cat([proj("encoder_attn.k_proj"), proj("encoder_attn.v_proj")]),
+                cross_out=proj("encoder_attn.out_proj"),
+                ffn_norm=norm("final_layer_norm"),
+                fc1=w.take(f"{p}fc1.weight", (f, d)),
+                fc2=w.take(f"{p}fc2.weight", (d, f)),
+            ))
+        self.final_norm = (w.take(f"{prefix}layer_norm.weight", (d,)), w.take(f"{prefix}layer_norm.bias", (d,)))
+        self.lm_heads = torch.cat([w.take(f"decoder.lm_heads.{k}.weight", (c.vocab_size, d))
+                                   for k in range(c.num_codebooks)])
+        self.text_proj: tuple[torch.Tensor, torch.Tensor] | None = None
+        if text_hidden_size != d:
+            self.text_proj = (w.take("enc_to_dec_proj.weight", (d, text_hidden_size)),
+                              w.take("enc_to_dec_proj.bias", (d,)))
+        w.finish()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def project_text(self, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """T5 states [n, T, Dt] → decoder width, zeroed at padding (transformers multiplies by the mask)."""
+        states = text_states.to(self.dtype)
+        if self.text_proj is not None:
+            states = F.linear(states, *self.text_proj)
+        return states * mask.to(states.dtype).unsqueeze(-1)
+
+    def write_cross_kv(self, cache: KVCache, rows: torch.Tensor, states: torch.Tensor) -> None:
+        """Cross-attention K/V of text states [n, T, D] into cache rows [n] (computed once per request)."""
+        n, length, _ = states.shape
+        heads, head_dim = self.config.num_heads, self.config.head_dim
+        for i, layer in enumerate(self.layers):
+            kv = F.linear(states, layer.cross_kv).view(n, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+            cache.cross_k[i, rows, :, :length] = kv[0]
+            cache.cross_v[i, rows, :, :length] = kv[1]
+
+    def decode(self, ops: Ops, hidden: torch.Tensor, cache: KVCache, rows: torch.Tensor, position: torch.Tensor,
+               text_length: torch.Tensor, kv_bound: int | None, text_bound: int | None) -> torch.Tensor:
+        """One decode step for R rows. hidden [R, D] (embedded inputs); rows [R] cache rows; position [R] int64
+        of the input token; text_length [R]. Returns logits [R, K, V]. No host syncs, static shapes."""
+        num_rows = hidden.shape[0]
+        c = self.config
+        heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
+        self_length = (position + 1).to(torch.int32)
+        for i, layer in enumerate(self.layers):
+            x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
+            q, k, v = F.linear(x, layer.qkv).view(num_rows, 3, heads, head_dim).unbind(1)
+            cache.self_k[i][rows, :, position] = k
+            cache.self_v[i][rows, :, position] = v
+            attn = ops.attention(q, cache.self_k[i], cache.self_v[i], rows, self_length, self.scale,
+                                 max_length=kv_bound)
+            hidden = hidden + F.linear(attn.reshape(num_rows, d), layer.self_out)
+
+            x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
+            q = F.linear(x, layer.cross_q).view(num_rows, heads, head_dim)
+            attn = ops.attention(q, cache.cross_k[i], cache.cross_v[i], rows, text_length, self.scale,
+                                 max_length=text_bound)
+            hidden = hidden + F.linear(attn.reshape(num_rows, d), layer.cross_out)
+
+            x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
+            hidden = hidden + F.linear(self.activation(F.linear(x, layer.fc1)), layer.fc2)
+        hidden = F.layer_norm(hidden, (d,), *self.final_norm, LAYER_NORM_EPS)
+        return F.linear(hidden, self.lm_heads).view(num_rows, c.num_codebooks, c.vocab_size)
+
+    def prefill(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, text_length: torch.Tensor) -> None:
+        """Fill the self-attention cache of ``rows`` [n] with delayed prompt tokens [K, P] at positions 0..P-1
+        (all rows see the same tokens: a request's cond and uncond rows). Logits are not needed: the decode
+        step at position P predicts the first new token."""
+        c = self.config
+        n, length = rows.shape[0], tokens.shape[1]
+        heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
+        codebook = torch.arange(c.num_codebooks, device=tokens.device).view(-1, 1)
+        hidden = self.embed[codebook, tokens].sum(0) + self.sinusoid[:length]   # [P, D]
+        hidden = hidden.unsqueeze(0).expand(n, length, d).contiguous()
+        text_span = int(text_length.max()) if n else 0
+        text_mask = (torch.arange(max(text_span, 1), device=rows.device).view(1, -1)
+                     < text_length.view(-1, 1)).view(n, 1, 1, -1)
+        for i, layer in enumerate(self.layers):
+            x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
+            q, k, v = F.linear(x, layer.qkv).view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            cache.self_k[i, rows, :, :length] = k
+            cache.self_v[i, rows, :, :length] = v
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            hidden = hidden + F.linear(attn.transpose(1, 2).reshape(n, length, d), layer.self_out)
+
+            x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
+            q = F.linear(x, layer.cross_q).view(n, length, heads, head_dim).transpose(1, 2)
+            keys = cache.cross_k[i, rows, :, :max(text_span, 1)]
+            values = cache.cross_v[i, rows, :, :max(text_span, 1)]
+            scores = (q.float() @ keys.float().transpose(-1, -2)) * self.scale
+            weights = scores.masked_fill(~text_mask, -float("inf")).softmax(-1).nan_to_num(0.0)
+            attn = (weights @ values.float()).to(hidden.dtype)
+            hidden = hidden + F.linear(attn.transpose(1, 2).reshape(n, length, d), layer.cross_out)
+
+            x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
+            hidden = hidden + F.linear(self.activation(F.linear(x, layer.fc1)), layer.fc2)
+
+
+class _WeightReader:
+    """Takes named tensors out of a checkpoint dict, checking shapes; reports missing and unexpected keys."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+        self.weights = weights
+        self.device, self.dtype = device, dtype
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+
+    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        self.used.add(key)
+        tensor = self.weights.get(key)
+        if tensor is None:
+            self.missing.append(key)
+            return torch.empty(shape, device="meta")
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"weight {key} has shape {tuple(tensor.shape)}, expected {shape} from config.json")
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def skip(self, key: str) -> None:
+        self.used.add(key)
+
+    def finish(self) -> None:
+        if self.missing:
+            shown = ", ".join(self.missing[:5]) + (" …" if len(self.missing) > 5 else "")
+            raise CheckpointError(f"{len(self.missing)} decoder weight(s) missing from the checkpoint: {shown}")
+        ours = [k for k in self.weights if k.startswith(("decoder.", "enc_to_dec_proj."))]
+        unexpected = [k for k in ours if k not in self.used]
+        if unexpected:
+            shown = ", ".join(unexpected[:5]) + (" …" if len(unexpected) > 5 else "")
+            raise CheckpointError(f"{len(unexpected)} unexpected decoder weight(s) in the checkpoint: {shown}")

@@ -1,0 +1,55 @@
+"""A loaded MusicGen: fastgen's decoder plus transformers' T5 encoder and EnCodec, on one device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgen.config import ModelConfig
+from fastgen.model.codec import AudioCodec, TextEncoder
+from fastgen.model.decoder import MusicgenDecoder
+from fastgen.model.loader import load_parts
+from fastgen.sampling_params import BUILTIN_DEFAULTS, SamplingParams
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class MusicgenModel:
+    folder: Path
+    config: ModelConfig
+    decoder: MusicgenDecoder
+    text_encoder: TextEncoder
+    codec: AudioCodec
+    defaults: SamplingParams  # generation_config.json over fastgen's built-in defaults
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> "MusicgenModel":
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA device is available")
+        dtype = parse_dtype(dtype, device)
+        parts = load_parts(name_or_path, allow_pickle=allow_pickle)
+        config = parts.config
+        decoder = MusicgenDecoder(config.decoder, parts.weights, text_hidden_size=config.text_hidden_size,
+                                  device=device, dtype=dtype)
+        text_encoder = TextEncoder(parts.folder, config.text_encoder, parts.weights, device)
+        codec = AudioCodec(config.audio_encoder, parts.weights, device, config.decoder.audio_channels)
+        defaults = SamplingParams.from_generation_config(parts.generation_config).with_defaults(BUILTIN_DEFAULTS)
+        return cls(parts.folder, config, decoder, text_encoder, codec, defaults)
+
