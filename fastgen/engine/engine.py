@@ -46,7 +46,10 @@ class Engine:
         self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
                                   max_frames=self.max_frames, max_text_tokens=config.max_text_tokens)
         self.scheduler = Scheduler(num_slots)
+        if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
+            self.runner.capture_graphs()
         self.listeners: list[Listener] = []
+        self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
         self._ids = itertools.count()
 
     @classmethod
@@ -145,17 +148,19 @@ class Engine:
         """Admit what fits, advance every running request by one position, retire what finished. Returns the
         requests that ended in this step (finished or failed), outputs attached."""
         ended = self._admit()
-        running = list(self.scheduler.running.values())
-        if running:
+        if self.scheduler.running:
+            running = list(self.scheduler.running.values())
+            if self._plan is None or self._plan_version != self.scheduler.version:
+                self._plan, self._plan_version = self.runner.plan(running), self.scheduler.version
             now = time.perf_counter()
             for request in running:
                 if request.first_step_time is None:
                     request.first_step_time = now
-            kv_bound, text_bound = self.runner.bounds(running)
-            self.runner.step(self.scheduler.running_slots(), kv_bound, text_bound)
+            self.runner.step(self._plan, self.runner.kv_span(running))
             done = self.scheduler.advance()
-            for request in running:
-                self._emit(request, "progress", (request.steps_done, request.steps_total))
+            if self.listeners:
+                for request in running:
+                    self._emit(request, "progress", (request.steps_done, request.steps_total))
             ended += self._retire(done)
         return ended
 

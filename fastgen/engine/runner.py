@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.request import Request
 from fastgen.model.codec import AudioCodec, TextEncoder
 from fastgen.model.decoder import KVCache, MusicgenDecoder
-from fastgen.model.ops import Ops
+from fastgen.model.ops import Ops, SamplerHints
 
 KV_BOUND_GRANULE = 64  # the torch backend reads the cache up to the batch's longest row, rounded up to this
 
@@ -45,6 +46,14 @@ class SlotState:
                    zeros(slots, dtype=i32), zeros(slots, dtype=i32))
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    slot_ids: torch.Tensor  # [B] int64
+    hints: SamplerHints
+    text_span: int          # longest text among the batch (torch backend reads this much cross cache)
+    bucket: int | None = None  # CUDA-graph bucket when graphs are in use
+
+
 class ModelRunner:
     def __init__(self, decoder: MusicgenDecoder, text_encoder: TextEncoder, codec: AudioCodec, ops: Ops, *,
                  num_slots: int, max_frames: int, max_text_tokens: int) -> None:
@@ -61,6 +70,12 @@ class ModelRunner:
         self.cache = KVCache.allocate(config, self.total_slots, self.max_positions, max_text_tokens,
                                       decoder.dtype, self.device)
         self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self) -> None:
+        """Capture the decode step as CUDA graphs, one per batch bucket up to the slot count."""
+        self.graphs = DecodeGraphs(self, self.num_slots)
+        self.graphs.capture()
 
     # ---------------------------------------------------------------------------------------------- admission
     @torch.inference_mode()
@@ -78,6 +93,11 @@ class ModelRunner:
         lengths = [len(r.text_ids) if r.text_ids is not None else 0 for r in requests]
         slot_ids = torch.tensor([r.slot for r in requests], device=self.device)
         self.state.text_length[slot_ids] = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        unconditioned = [r.slot for r in requests if r.text_ids is None]
+        if unconditioned:  # the torch path averages a text-less row's cross K/V: they must be zero, not stale
+            rows = torch.tensor(unconditioned, device=self.device)
+            self.cache.cross_k[:, rows] = 0
+            self.cache.cross_v[:, rows] = 0
         conditioned = [r for r in requests if r.text_ids is not None]
         if conditioned:
             states, mask = self.text_encoder.encode([r.text_ids for r in conditioned])
@@ -126,34 +146,50 @@ class ModelRunner:
         return torch.where(valid, picked, torch.full_like(picked, c.pad_token_id))
 
     # ---------------------------------------------------------------------------------------------- decode
-    @torch.inference_mode()
-    def step(self, slots: list[int], kv_bound: int | None = None, text_bound: int | None = None) -> None:
-        """Advance every slot in ``slots`` by one position (eager). Bounds are host-known maxima that let the
-        torch backend read less of the cache; the Triton kernels read exactly each row's filled part anyway."""
+    def plan(self, requests: list[Request]) -> "BatchPlan":
+        """Host-side facts about the running batch, recomputed only when its membership changes."""
+        params = [r.resolved for r in requests]
+        sampling = [p for p in params if p.temperature > 0]
+        hints = SamplerHints(any_sampling=bool(sampling),
+                             any_guidance=any(p.guidance_scale != 1.0 for p in params),
+                             max_top_k=max([p.top_k for p in sampling] or [0]),
+                             any_top_p=any(p.top_p < 1.0 for p in sampling))
+        slots = sorted(r.slot for r in requests)
+        text_span = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
+        if self.graphs is not None:
+            bucket = self.graphs.set_batch(slots)
+            return BatchPlan(self.graphs.slot_ids[:bucket], hints, text_span, bucket)
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        self.decode_step(slot_ids, kv_bound, text_bound)
+        return BatchPlan(slot_ids, hints, text_span)
 
-    def decode_step(self, slot_ids: torch.Tensor, kv_bound: int | None, text_bound: int | None) -> None:
+    def kv_span(self, requests: list[Request]) -> int:
+        """How much of the self-attention cache the torch backend reads: the longest row, rounded up."""
+        longest = max(r.position for r in requests) + 1
+        return min(self.max_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
+
+    @torch.inference_mode()
+    def step(self, plan: "BatchPlan", kv_span: int) -> None:
+        """Advance every slot of the batch by one position: a graph replay, or the same step run eagerly."""
+        if plan.bucket is not None:
+            self.graphs.replay(plan.bucket)
+        else:
+            self.decode_step(plan.slot_ids, plan.hints, kv_span, plan.text_span)
+
+    def decode_step(self, slot_ids: torch.Tensor, hints: SamplerHints, kv_span: int | None,
+                    text_span: int | None) -> None:
         """The step proper, on device tensors only: no host syncs, no data-dependent shapes (CUDA-graph safe)."""
         st, c = self.state, self.config
         rows = torch.cat([slot_ids, slot_ids + self.total_slots])
-        position = st.position[slot_ids].to(torch.int64)
-        text_length = torch.cat([st.text_length[slot_ids], torch.zeros_like(st.text_length[slot_ids])])
+        position = st.position[slot_ids].to(torch.int64).repeat(2)
+        text_length = torch.cat([st.text_length[slot_ids], torch.zeros_like(slot_ids, dtype=torch.int32)])
         hidden = torch.empty(rows.shape[0], c.hidden_size, dtype=self.decoder.dtype, device=self.device)
         self.ops.embed(st.tokens, st.position, slot_ids, self.decoder.embed, self.decoder.sinusoid, hidden)
-        logits = self.decoder.decode(self.ops, hidden, self.cache, rows, torch.cat([position, position]),
-                                     text_length, kv_bound, text_bound)
+        logits = self.decoder.decode(self.ops, hidden, self.cache, rows, position, text_length, kv_span, text_span)
         self.ops.sample(logits, slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
                         st.position, st.num_frames, st.prompt_frames, st.tokens, st.codes, st.nonfinite,
-                        c.pad_token_id, c.audio_channels)
+                        c.pad_token_id, c.audio_channels, hints=hints)
         st.position.index_add_(0, slot_ids, torch.ones_like(slot_ids, dtype=torch.int32))
-        st.position[self.dummy_slot] = 0  # padding rows may have bumped it; it must stay in range
-
-    def bounds(self, requests: list[Request]) -> tuple[int, int]:
-        longest = max(r.position for r in requests) + 1
-        kv_bound = min(self.max_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
-        text_bound = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
-        return kv_bound, text_bound
+        st.position[self.dummy_slot:].zero_()  # padding rows may have bumped the dummy; keep it in range
 
     # ---------------------------------------------------------------------------------------------- retire
     @torch.inference_mode()

@@ -16,6 +16,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot → request
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
+        self.version = 0  # bumped whenever the running set changes
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -33,6 +34,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running[request.slot] = request
             admitted.append(request)
+            self.version += 1
         return admitted
 
     def running_slots(self) -> list[int]:
@@ -52,6 +54,7 @@ class Scheduler:
         if request.slot is not None and self.running.get(request.slot) is request:
             del self.running[request.slot]
             self.free_slots.append(request.slot)
+            self.version += 1
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status

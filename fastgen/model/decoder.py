@@ -136,30 +136,26 @@ class MusicgenDecoder:
             cache.cross_v[i, rows, :, :length] = kv[1]
 
     def decode(self, ops: Ops, hidden: torch.Tensor, cache: KVCache, rows: torch.Tensor, position: torch.Tensor,
-               text_length: torch.Tensor, kv_bound: int | None, text_bound: int | None) -> torch.Tensor:
+               text_length: torch.Tensor, kv_span: int | None, text_span: int | None) -> torch.Tensor:
         """One decode step for R rows. hidden [R, D] (embedded inputs); rows [R] cache rows; position [R] int64
         of the input token; text_length [R]. Returns logits [R, K, V]. No host syncs, static shapes."""
         num_rows = hidden.shape[0]
         c = self.config
         heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
-        self_length = (position + 1).to(torch.int32)
+        ctx = ops.begin_step(rows, position, text_length, kv_span, text_span)
         for i, layer in enumerate(self.layers):
             x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
             q, k, v = F.linear(x, layer.qkv).view(num_rows, 3, heads, head_dim).unbind(1)
-            cache.self_k[i][rows, :, position] = k
-            cache.self_v[i][rows, :, position] = v
-            attn = ops.attention(q, cache.self_k[i], cache.self_v[i], rows, self_length, self.scale,
-                                 max_length=kv_bound)
-            hidden = hidden + F.linear(attn.reshape(num_rows, d), layer.self_out)
+            attn = ops.self_attention(ctx, cache.self_k[i], cache.self_v[i], q, k, v, self.scale)
+            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.self_out.t())
 
             x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
             q = F.linear(x, layer.cross_q).view(num_rows, heads, head_dim)
-            attn = ops.attention(q, cache.cross_k[i], cache.cross_v[i], rows, text_length, self.scale,
-                                 max_length=text_bound)
-            hidden = hidden + F.linear(attn.reshape(num_rows, d), layer.cross_out)
+            attn = ops.cross_attention(ctx, cache.cross_k[i], cache.cross_v[i], q, self.scale)
+            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.cross_out.t())
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = hidden + F.linear(self.activation(F.linear(x, layer.fc1)), layer.fc2)
+            hidden = torch.addmm(hidden, self.activation(F.linear(x, layer.fc1)), layer.fc2.t())
         hidden = F.layer_norm(hidden, (d,), *self.final_norm, LAYER_NORM_EPS)
         return F.linear(hidden, self.lm_heads).view(num_rows, c.num_codebooks, c.vocab_size)
 

@@ -3,6 +3,7 @@ the pieces: fastgen's decoder, transformers' T5 encoder and EnCodec, the tokeniz
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+KNOWN_PREFIXES = ("decoder.", "enc_to_dec_proj.", "text_encoder.", "audio_encoder.")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+HUB_TIMEOUT_S = 10.0  # seconds to wait for the hub (HF_HUB_ETAG_TIMEOUT overrides)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -33,13 +36,38 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint folder {text!r} does not exist (and it is not a hub id like "
                               "'facebook/musicgen-small')")
     try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+        return _download(text)
     except Exception as exc:  # any network/auth/not-found failure becomes one clear message
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: "
-                              f"{reason[:300]}); download it where you have network access and pass the "
-                              "local folder") from None
+        raise CheckpointError(f"{text!r} is not a local folder, and fetching it from the Hugging Face hub failed "
+                              f"({type(exc).__name__}: {reason[:300]}); download it where you have network access "
+                              "and pass the local folder") from None
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _download(repo_id: str) -> Path:
+    """snapshot_download, but bounded in time: huggingface_hub's first request (repo_info) has no timeout, so an
+    unresponsive network would hang for good. Ask for the commit with a timeout; on a network failure fall back to
+    the local hub cache."""
+    from huggingface_hub import HfApi, snapshot_download
+    if _hub_offline():
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_TIMEOUT_S)
+    try:
+        revision = HfApi().repo_info(repo_id, timeout=timeout).sha
+    except Exception as exc:
+        if getattr(exc, "response", None) is not None:  # the hub answered: not found, gated, ...
+            raise
+        try:  # no answer: a copy in the cache will do
+            return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        except Exception:
+            raise exc from None
+    return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
 
 
 def read_weights(folder: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -75,8 +103,10 @@ def _read_sharded(folder: Path) -> dict[str, torch.Tensor]:
     index_path = folder / SAFETENSORS_INDEX
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: malformed index ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{index_path}: malformed index ({type(exc).__name__}: {exc})") from None
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = folder / shard
@@ -154,7 +184,13 @@ def load_parts(name_or_path: str | Path, *, allow_pickle: bool = False) -> Loade
     if gen_path.is_file():
         try:
             generation_config = json.loads(gen_path.read_text())
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # bad JSON or bad UTF-8
             raise CheckpointError(f"{gen_path}: not valid JSON ({exc})") from None
+        if not isinstance(generation_config, dict):
+            raise CheckpointError(f"{gen_path}: expected a JSON object, got {type(generation_config).__name__}")
     weights = read_weights(folder, allow_pickle=allow_pickle)
+    stray = [k for k in weights if not k.startswith(KNOWN_PREFIXES)]
+    if stray:
+        raise CheckpointError(f"{folder}: {len(stray)} unexpected weight(s) that belong to no part of MusicGen, "
+                              f"e.g. {stray[0]}")
     return LoadedParts(folder, config, weights, generation_config)

@@ -1,29 +1,114 @@
-"""The three custom ops of a decode step, from a backend: "torch" (the plain-PyTorch references) or "triton"."""
+"""The custom ops of a decode step, per backend.
+
+- "torch": plain PyTorch. Attention masks are built once per step and shared by all layers, and attention itself is
+  one ``scaled_dot_product_attention`` call over the gathered cache rows (up to a host-known bound), so a step on a
+  CPU costs about a hundred operator calls. The math is that of the references in ``fastgen.kernels``.
+- "triton": the kernels in ``fastgen.kernels`` (embedding, split-KV decode attention, fused CFG + sampling), which
+  read exactly each row's filled part of the cache.
+
+Both write the step's new K/V into the static cache and never sync with the host."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+
+import torch
+import torch.nn.functional as F
 
 from fastgen.kernels.codebook_embedding import codebook_embedding_ref
-from fastgen.kernels.decode_attention import decode_attention_ref
 from fastgen.kernels.sampling import sample_next_tokens_ref
 
 
 @dataclass(frozen=True)
-class Ops:
-    name: str
-    embed: Callable
-    attention: Callable
-    sample: Callable
+class SamplerHints:
+    """Host-known facts about the batch that let the torch sampler skip work (the kernels need none)."""
+    any_sampling: bool = True
+    any_guidance: bool = True
+    max_top_k: int = -1        # -1: unknown; 0: no row uses top-k
+    any_top_p: bool = True
 
 
-def get_ops(backend: str) -> Ops:
-    if backend == "torch":
-        return Ops("torch", codebook_embedding_ref, decode_attention_ref, sample_next_tokens_ref)
-    if backend == "triton":
+@dataclass
+class StepContext:
+    rows: torch.Tensor           # [R] cache rows
+    position: torch.Tensor       # [R] int64 position of the input token
+    self_length: torch.Tensor    # [R] int32
+    text_length: torch.Tensor    # [R] int32
+    self_bias: torch.Tensor | None = None   # torch backend: additive masks [R, 1, 1, span]
+    cross_bias: torch.Tensor | None = None
+    kv_span: int | None = None
+    text_span: int | None = None
+
+
+class TorchOps:
+    name = "torch"
+
+    def embed(self, tokens, position, slots, tables, sinusoid, out):
+        return codebook_embedding_ref(tokens, position, slots, tables, sinusoid, out)
+
+    def begin_step(self, rows, position, text_length, kv_span: int, text_span: int) -> StepContext:
+        ctx = StepContext(rows, position, (position + 1).to(torch.int32), text_length,
+                          kv_span=kv_span, text_span=text_span)
+        # a large negative bias, not -inf: a row with no text (null condition) then averages its zero K/V rows
+        # instead of producing NaN, and padding keys get exactly zero weight whenever one real key exists
+        dtype = torch.float32
+        low = torch.finfo(dtype).min
+        span = torch.arange(max(kv_span, text_span), device=rows.device)
+        ctx.self_bias = torch.where(span[:kv_span] < ctx.self_length.view(-1, 1), 0.0, low).view(-1, 1, 1, kv_span)
+        ctx.cross_bias = torch.where(span[:text_span] < text_length.view(-1, 1), 0.0, low).view(-1, 1, 1, text_span)
+        return ctx
+
+    def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
+        k_cache[ctx.rows, :, ctx.position] = k
+        v_cache[ctx.rows, :, ctx.position] = v
+        return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.kv_span, ctx.self_bias, scale)
+
+    def cross_attention(self, ctx: StepContext, k_cache, v_cache, q, scale: float) -> torch.Tensor:
+        return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.text_span, ctx.cross_bias, scale)
+
+    def sample(self, *args, hints: SamplerHints = SamplerHints(), **kwargs) -> None:
+        sample_next_tokens_ref(*args, **kwargs, **hints.__dict__)
+
+
+def _gathered_attention(q, k_cache, v_cache, rows, span, bias, scale) -> torch.Tensor:
+    keys = k_cache[rows, :, :span]      # [R, H, span, Dh]
+    values = v_cache[rows, :, :span]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=bias.to(q.dtype), scale=scale)
+    return out.squeeze(2)
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
         # imported here: the kernels need triton's JIT (or TRITON_INTERPRET=1 on a CPU)
         from fastgen.kernels.codebook_embedding import codebook_embedding
         from fastgen.kernels.decode_attention import decode_attention
         from fastgen.kernels.sampling import sample_next_tokens
-        return Ops("triton", codebook_embedding, decode_attention, sample_next_tokens)
+        self.embed = codebook_embedding
+        self._attention = decode_attention
+        self._sample = sample_next_tokens
+
+    def begin_step(self, rows, position, text_length, kv_span: int | None, text_span: int | None) -> StepContext:
+        return StepContext(rows, position, (position + 1).to(torch.int32), text_length)
+
+    def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
+        k_cache[ctx.rows, :, ctx.position] = k
+        v_cache[ctx.rows, :, ctx.position] = v
+        return self._attention(q, k_cache, v_cache, ctx.rows, ctx.self_length, scale)
+
+    def cross_attention(self, ctx: StepContext, k_cache, v_cache, q, scale: float) -> torch.Tensor:
+        return self._attention(q, k_cache, v_cache, ctx.rows, ctx.text_length, scale)
+
+    def sample(self, *args, hints: SamplerHints | None = None, **kwargs) -> None:
+        self._sample(*args, **kwargs)
+
+
+Ops = TorchOps | TritonOps
+
+
+def get_ops(backend: str) -> Ops:
+    if backend == "torch":
+        return TorchOps()
+    if backend == "triton":
+        return TritonOps()
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")

@@ -1,0 +1,193 @@
+"""End to end: fastgen vs transformers' MusicgenForConditionalGeneration.generate on the same checkpoint and prompts.
+
+Reports, side by side and as a ratio: the decode step time (from the difference between two generation lengths, so
+T5, EnCodec and set-up cancel out), total time for one clip, seconds of audio per second, and peak memory, with the
+bytes-per-step floor (decoder weights streamed once per step) beside them. Each system runs in its own subprocess so
+peak memory is its own.
+
+    python bench/e2e.py                                  # tiny + musicgen-small (random weights), CPU fp32
+    python bench/e2e.py --models small --device cuda --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+CACHE = Path(os.environ.get("FASTGEN_BENCH_CACHE", Path.home() / ".cache" / "fastgen" / "bench"))
+PROMPT = "80s pop track with bassy drums and synth"
+
+
+def checkpoint(name: str, dtype: str) -> Path:
+    from fastgen.tiny import build_checkpoint, build_tiny_checkpoint
+    if Path(name).is_dir():
+        return Path(name)
+    folder = CACHE / (f"{name}-{dtype}" if name != "tiny" else "tiny")
+    if not (folder / "config.json").is_file():
+        print(f"building {name} checkpoint (random weights) in {folder} …", file=sys.stderr)
+        if name == "tiny":
+            build_tiny_checkpoint(folder, overwrite=True)
+        else:
+            import torch
+            build_checkpoint(folder, size=name, dtype=getattr(torch, dtype))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------ worker
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.system == "fastgen":
+        import fastgen
+        model = fastgen.MusicGen.from_pretrained(args.model_dir, device=device, dtype=dtype,
+                                                 max_slots=max(args.batch, 1), max_duration_s=args.max_duration)
+
+        def generate(steps: int) -> float:
+            params = fastgen.SamplingParams(max_new_tokens=steps, guidance_scale=3.0, top_k=250, do_sample=True,
+                                            seed=0)
+            return _timed(lambda: model.generate([PROMPT] * args.batch, params), sync)
+        decoder_bytes = sum(t.numel() * t.element_size() for t in _decoder_tensors(model))
+    else:
+        from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+        model = MusicgenForConditionalGeneration.from_pretrained(args.model_dir, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        inputs = tokenizer([PROMPT] * args.batch, return_tensors="pt").to(device)
+
+        def generate(steps: int) -> float:
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                return _timed(lambda: model.generate(**inputs, max_new_tokens=steps, guidance_scale=3.0, top_k=250,
+                                                     do_sample=True), sync)
+        decoder_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                            if n.startswith(("decoder.", "enc_to_dec_proj")))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    generate(8)  # warm-up
+    short, long = args.steps, 2 * args.steps
+    t_short = min(generate(short) for _ in range(args.repeats))
+    t_long = min(generate(long) for _ in range(args.repeats))
+    frame_rate = 50
+    audio_s = (long + 1 - 4) / frame_rate * args.batch
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"system": args.system, "step_ms": (t_long - t_short) / (long - short) * 1e3, "total_s": t_long,
+            "steps": long, "audio_s_per_s": audio_s / t_long, "peak_bytes": peak, "decoder_bytes": decoder_bytes}
+
+
+def _timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def _decoder_tensors(model):
+    dec = model.engine.model.decoder
+    yield dec.embed
+    yield dec.lm_heads
+    for layer in dec.layers:
+        yield from (layer.qkv, layer.self_out, layer.cross_q, layer.cross_out, layer.fc1, layer.fc2)
+        yield from (*layer.self_norm, *layer.cross_norm, *layer.ffn_norm)
+
+
+# ------------------------------------------------------------------------------------------------------------ driver
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device copy (read + write), measured now, as the memory-bound floor's yardstick."""
+    import torch
+    n = (256 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / best
+
+
+def run_worker(args: argparse.Namespace, system: str, model_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--model-dir", str(model_dir), "--device", args.device,
+           "--dtype", args.dtype, "--steps", str(args.steps), "--repeats", str(args.repeats), "--batch",
+           str(args.batch), "--threads", str(args.threads), "--max-duration", str(args.max_duration)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{system} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,small", help="comma list of tiny/small/medium/large or folders")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--steps", type=int, default=40, help="decode steps of the shorter run (the longer: 2×)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--max-duration", type=float, default=10.0, help="fastgen slot size in seconds")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", choices=["fastgen", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import torch
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench/e2e.py: --device cuda given but no GPU is available")
+        return
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    bandwidth = copy_bandwidth(args.device)
+    rows = []
+    for name in args.models.split(","):
+        folder = checkpoint(name, args.dtype)
+        ours = run_worker(args, "fastgen", folder)
+        theirs = run_worker(args, "transformers", folder)
+        floor_ms = ours["decoder_bytes"] / bandwidth * 1e3
+        rows.append({"model": name, "fastgen": ours, "transformers": theirs, "floor_step_ms": floor_ms,
+                     "step_speedup": theirs["step_ms"] / ours["step_ms"],
+                     "total_speedup": theirs["total_s"] / ours["total_s"]})
+    print(f"\nmachine: {machine}, {os.cpu_count()} cpus; device {args.device}, {args.dtype}, batch {args.batch}; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}")
+    header = (f"{'model':<8}{'system':<14}{'step ms':>9}{'floor ms':>10}{'total s':>9}{'audio s/s':>11}"
+              f"{'peak MB':>9}{'step ×':>8}{'total ×':>9}")
+    print(header)
+    for row in rows:
+        for system in ("transformers", "fastgen"):
+            r = row[system]
+            ratio = (f"{row['step_speedup']:>8.2f}{row['total_speedup']:>9.2f}" if system == "fastgen" else "")
+            print(f"{row['model']:<8}{system:<14}{r['step_ms']:>9.2f}{row['floor_step_ms']:>10.2f}"
+                  f"{r['total_s']:>9.2f}{r['audio_s_per_s']:>11.2f}{r['peak_bytes'] / 2**20:>9.0f}{ratio}")
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+              "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+              "copy_bandwidth_Bps": bandwidth, "torch": torch.__version__, "rows": rows}
+    out = args.out or Path(__file__).parent / "results" / f"e2e-{args.device.split(':')[0]}-{_slug(machine)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()[:40] or "machine"
+
+
+if __name__ == "__main__":
+    main()

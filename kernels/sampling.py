@@ -1,0 +1,428 @@
+"""Fused classifier-free guidance + sampling over K codebooks, with the delay pattern applied.
+
+For each active row b (slot s = slots[b]) and codebook k:
+    l     = cond            if guidance_scale[s] == 1   (exact: no rounding through the formula)
+          = uncond + g·(cond − uncond)                  otherwise
+    greedy (temperature[s] == 0):  token = argmax(l)        (first index on ties, like torch.argmax)
+    else:  l' = l / T;  keep tokens with l' ≥ k-th largest (ties kept; top_k 0 = off);
+           keep tokens whose softmax mass strictly above them is < top_p (top_p 1 = off);
+           token = argmax over kept tokens of (l' + Gumbel(u)),  u = counter_uniform(seed, t, k, token)
+The delay pattern: codebook k belongs to channel codebook c = k (mono) or k // 2 (stereo); the token predicted at
+delayed position t + 1 (t = position[s], the position of the current input token) is frame f = t − c:
+    f < 0 or f ≥ num_frames[s]     → pad id
+    f < prompt_frames[s]           → the prompt's code, read from codes[s, k, f]
+    otherwise                      → the sampled token, also written to codes[s, k, f]
+The token goes to tokens[s, k] (next decode input). nonfinite[s] is set to 1 when any guided logit is NaN/±inf.
+
+Randomness is a stateless counter hash of (seed, position, codebook, token): a request's samples depend on
+nothing else — not on its batch neighbours, its row, or how many steps run per graph replay.
+
+Floor: reads 2·B·K·V logits (fp32: 2·4·2048·4 B = 64 KiB per request at K = 4), writes B·K tokens.
+
+Kernel: one program per (row, codebook) holds the whole row (V = 2048 in one power-of-two block). The top-k and top-p
+thresholds are found by 32-step bisection on order-preserving int32 keys of the scores (one masked count or masked
+probability sum per step) rather than by tl.sort: it is exact (compares the same floats as the reference, ties
+included), needs no shared-memory sort network or per-element index tracking, keeps register pressure at a few
+values per element, and is skipped entirely when top-k / top-p are off, when sampling is greedy, or when the delay
+pattern puts a pad or prompt code there. The division by the temperature is IEEE (div_rn) and FP contraction is off,
+so guided logits and scaled scores have the reference's exact bits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import KernelConfig, make_config
+
+MASK32 = 0xFFFFFFFF
+HASH_MUL_1 = 0x7FEB352D
+HASH_MUL_2 = 0x846CA68B
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counter-based random numbers (shared definition: the Triton kernel must produce the same bits)
+# ----------------------------------------------------------------------------------------------------------------
+def mix32_ref(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on uint32 values held in int64 tensors (products wrap mod 2^64; we keep 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * HASH_MUL_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * HASH_MUL_2) & MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def stream_key_ref(seed: torch.Tensor, position: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """uint32 key (as int64) of the random stream for one (seed, position, codebook)."""
+    seed = seed.to(torch.int64)
+    key = mix32_ref(seed & MASK32)
+    key = mix32_ref(key ^ ((seed >> 32) & MASK32))
+    key = mix32_ref(key ^ (position.to(torch.int64) & MASK32))
+    return mix32_ref(key ^ (codebook.to(torch.int64) & MASK32))
+
+
+def counter_uniform_ref(key: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Uniform in the open interval (0, 1), float32, exact: ((bits >> 9) + 0.5) / 2^23.
+
+    23 bits, not 24: (2^24 - 1) + 0.5 is not a float32 and rounds to 2^24, which made u = 1 exactly, a Gumbel
+    noise of +inf, and (+inf) + (-inf) = NaN on a filtered token, which argmax would then pick.
+    """
+    bits = mix32_ref(key ^ (token.to(torch.int64) & MASK32))
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (also the engine's torch backend)
+# ----------------------------------------------------------------------------------------------------------------
+def guided_logits_ref(logits: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
+    """[2B, K, V] cond-then-uncond rows → [B, K, V] fp32 guided logits; guidance_scale is per row [B]."""
+    batch = logits.shape[0] // 2
+    cond = logits[:batch].float()
+    uncond = logits[batch:].float()
+    scale = guidance_scale.float().view(-1, 1, 1)
+    guided = uncond + scale * (cond - uncond)
+    return torch.where(scale == 1.0, cond, guided)
+
+
+def filter_logits_ref(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *, max_top_k: int = -1,
+                      apply_top_p: bool = True) -> torch.Tensor:
+    """Top-k then top-p on [B, K, V] temperature-scaled scores (per-row k and p); removed tokens become -inf.
+    ``max_top_k`` (host-known largest k in the batch; 0 = no row uses top-k, -1 = unknown) and ``apply_top_p``
+    only let the eager path skip work."""
+    vocab = scores.shape[-1]
+    if max_top_k != 0:
+        largest = min(vocab, max_top_k) if max_top_k > 0 else vocab
+        top_values = scores.topk(largest, dim=-1).values  # sorted, descending
+        k = top_k.to(torch.int64).clamp(0, largest).view(-1, 1, 1).expand(-1, scores.shape[1], 1)
+        kth = top_values.gather(-1, (k - 1).clamp(min=0))
+        kth = torch.where(k > 0, kth, -float("inf"))
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if not apply_top_p:
+        return scores
+
+    probs = scores.softmax(dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Softmax mass strictly above each sorted token's value: tied tokens share the mass above their group, so the
+    # result does not depend on how the sort orders ties.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_scores = scores.gather(-1, order)
+    index = torch.arange(vocab, device=scores.device).expand_as(sorted_scores)
+    starts_group = torch.ones_like(sorted_scores, dtype=torch.bool)
+    starts_group[..., 1:] = sorted_scores[..., 1:] != sorted_scores[..., :-1]
+    group_start = torch.where(starts_group, index, torch.zeros_like(index)).cummax(dim=-1).values
+    mass_above = mass_before.gather(-1, group_start)
+    p = top_p.float().view(-1, 1, 1)
+    remove_sorted = (mass_above >= p) & (p < 1.0)
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return scores.masked_fill(remove, -float("inf"))
+
+
+def sample_next_tokens_ref(
+    logits: torch.Tensor,          # [2B, K, V]: rows [0, B) cond, [B, 2B) uncond, row b ↔ slots[b]
+    slots: torch.Tensor,           # [B] int64 slot of each row
+    guidance_scale: torch.Tensor,  # [S] float32
+    temperature: torch.Tensor,     # [S] float32, 0 = greedy
+    top_k: torch.Tensor,           # [S] int32, 0 = off
+    top_p: torch.Tensor,           # [S] float32, 1 = off
+    seed: torch.Tensor,            # [S] int64 ≥ 0
+    position: torch.Tensor,        # [S] int32, position of the current input token
+    num_frames: torch.Tensor,      # [S] int32
+    prompt_frames: torch.Tensor,   # [S] int32
+    tokens: torch.Tensor,          # [S, K] int64 out: next decode input
+    codes: torch.Tensor,           # [S, K, F_max] int64 in (prompt codes) / out (sampled codes)
+    nonfinite: torch.Tensor,       # [S] int32 out: set to 1 where a guided logit is not finite
+    pad_id: int,
+    audio_channels: int,
+    *,
+    any_sampling: bool = True,     # hints: host-known facts about the batch that let this eager path skip work;
+    any_guidance: bool = True,     # they never change the result when true of the batch
+    max_top_k: int = -1,
+    any_top_p: bool = True,
+) -> None:
+    batch, codebooks, vocab = logits.shape[0] // 2, logits.shape[1], logits.shape[2]
+    device = logits.device
+    guided = guided_logits_ref(logits, guidance_scale[slots]) if any_guidance else logits[:batch].float()
+    token = guided.argmax(dim=-1)
+    codebook_ids = torch.arange(codebooks, device=device)
+    if any_sampling:
+        temp = temperature[slots].float().view(-1, 1, 1)
+        greedy = temp == 0
+        scores = guided / torch.where(greedy, 1.0, temp)
+        if max_top_k != 0 or any_top_p:
+            scores = filter_logits_ref(scores, top_k[slots], top_p[slots], max_top_k=max_top_k,
+                                       apply_top_p=any_top_p)
+        key = stream_key_ref(seed[slots].view(-1, 1), position[slots].view(-1, 1), codebook_ids.view(1, -1))
+        uniform = counter_uniform_ref(key.unsqueeze(-1), torch.arange(vocab, device=device).view(1, 1, -1))
+        sampled = (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)  # Gumbel-max
+        token = torch.where(greedy.view(-1, 1), token, sampled)
+
+    channel_codebook = codebook_ids if audio_channels == 1 else codebook_ids // 2
+    frame = position[slots].to(torch.int64).view(-1, 1) - channel_codebook.view(1, -1)  # [B, K]
+    in_range = (frame >= 0) & (frame < num_frames[slots].view(-1, 1))
+    from_prompt = frame < prompt_frames[slots].view(-1, 1)
+    slot_k = (slots.view(-1, 1), codebook_ids.view(1, -1), frame.clamp(0, codes.shape[-1] - 1))
+    current = codes[slot_k]
+    token = torch.where(in_range, torch.where(from_prompt, current, token), pad_id)
+    codes[slot_k] = torch.where(in_range, token, current)
+    tokens[slots] = token
+    # a sum is non-finite iff some element is (finite logits cannot overflow float32 in a 2048-wide sum)
+    bad = (~torch.isfinite(guided.sum(dim=(1, 2)))).to(nonfinite.dtype)
+    nonfinite[slots] = torch.maximum(nonfinite[slots], bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton: the same counter hash in uint32 arithmetic (products wrap mod 2^32, shifts are logical)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _stream_key(seed, position, codebook):
+    """seed int64, position and codebook int32 → uint32 key; bit-identical to stream_key_ref."""
+    key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32))
+    key = _mix32(key ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    key = _mix32(key ^ position.to(tl.uint32))
+    return _mix32(key ^ codebook.to(tl.uint32))
+
+
+@triton.jit
+def _counter_uniform(key, token):
+    """uint32 key, int32 token(s) → float32 in (0, 1); bit-identical to counter_uniform_ref."""
+    bits = _mix32(key ^ token.to(tl.uint32))
+    return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _counter_uniform_kernel(
+    out_ptr,        # [M] fp32
+    seed_ptr,       # [M] int64
+    position_ptr,   # [M] int32
+    codebook_ptr,   # [M] int32
+    token_ptr,      # [M] int32
+    count,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < count
+    seed = tl.load(seed_ptr + offsets, mask=mask, other=0)
+    key = _stream_key(seed, tl.load(position_ptr + offsets, mask=mask, other=0),
+                      tl.load(codebook_ptr + offsets, mask=mask, other=0))
+    tl.store(out_ptr + offsets, _counter_uniform(key, tl.load(token_ptr + offsets, mask=mask, other=0)), mask=mask)
+
+
+def counter_uniform(seed: torch.Tensor, position: torch.Tensor, codebook: torch.Tensor,
+                    token: torch.Tensor) -> torch.Tensor:
+    """Elementwise Triton counter_uniform(stream_key(seed, position, codebook), token) (for tests and tools)."""
+    assert seed.dtype == torch.int64 and all(t.dtype == torch.int32 for t in (position, codebook, token))
+    assert seed.shape == position.shape == codebook.shape == token.shape and seed.dim() == 1
+    out = torch.empty(seed.shape, dtype=torch.float32, device=seed.device)
+    block = 1024
+    _counter_uniform_kernel[(triton.cdiv(seed.numel(), block),)](
+        out, seed.contiguous(), position.contiguous(), codebook.contiguous(), token.contiguous(), seed.numel(),
+        BLOCK=block)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton: guidance + filters + Gumbel-max + delay pattern, one program per (row, codebook)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _order_key(x):
+    """float32 → int32 with the same order (−0 is mapped to +0 first so that it ties like the float compare)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _sample_next_tokens_kernel(
+    logits_ptr,         # [2B, K, V], last dim contiguous: rows [0, B) cond, [B, 2B) uncond
+    slots_ptr,          # [B] int64
+    guidance_ptr,       # [S] fp32
+    temperature_ptr,    # [S] fp32
+    top_k_ptr,          # [S] int32
+    top_p_ptr,          # [S] fp32
+    seed_ptr,           # [S] int64
+    position_ptr,       # [S] int32
+    num_frames_ptr,     # [S] int32
+    prompt_frames_ptr,  # [S] int32
+    tokens_ptr,         # [S, K] int64 out, last dim contiguous
+    codes_ptr,          # [S, K, F_max] int64 in/out, last dim contiguous
+    nonfinite_ptr,      # [S] int32 out
+    batch,
+    vocab,
+    max_frames,
+    pad_id,
+    stride_logits_row,
+    stride_logits_k,
+    stride_tokens,
+    stride_codes_s,
+    stride_codes_k,
+    CHANNEL_SHIFT: tl.constexpr,  # codebook → channel codebook: k >> 0 (mono) or k >> 1 (stereo)
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    codebook = tl.program_id(1)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    in_vocab = cols < vocab
+    cond_ptr = logits_ptr + row.to(tl.int64) * stride_logits_row + codebook * stride_logits_k
+    uncond_ptr = cond_ptr + batch.to(tl.int64) * stride_logits_row
+    cond = tl.load(cond_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
+    uncond = tl.load(uncond_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
+    scale = tl.load(guidance_ptr + slot)
+    guided = tl.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
+    finite = tl.abs(guided) < float("inf")  # false for ±inf and NaN
+    # A count, not tl.max of an int flag: the max form leaves an 8-byte stack frame in the sm_90 cubin.
+    bad = tl.sum(tl.where(in_vocab & (finite == 0), 1, 0), axis=0) > 0
+    if bad:
+        tl.store(nonfinite_ptr + slot, 1)
+    guided = tl.where(in_vocab, guided, -float("inf"))
+
+    # Delay pattern: which frame this (step, codebook) predicts, and whether it is pad, prompt or sampled.
+    position = tl.load(position_ptr + slot)
+    frame = position.to(tl.int64) - (codebook >> CHANNEL_SHIFT)
+    in_range = (frame >= 0) & (frame < tl.load(num_frames_ptr + slot))
+    from_prompt = frame < tl.load(prompt_frames_ptr + slot)
+    frame_index = tl.minimum(tl.maximum(frame, 0), max_frames - 1)
+    code_ptr = codes_ptr + slot * stride_codes_s + codebook * stride_codes_k + frame_index
+    token = pad_id.to(tl.int64)
+    if in_range:
+        if from_prompt:
+            token = tl.load(code_ptr)
+        else:
+            temperature = tl.load(temperature_ptr + slot)
+            if temperature == 0.0:
+                token = tl.argmax(guided, axis=0).to(tl.int64)
+            else:
+                scores = tl.math.div_rn(guided, tl.where(in_vocab, temperature, 1.0))
+                keys = _order_key(scores)
+                top_k = tl.minimum(tl.load(top_k_ptr + slot), vocab)
+                if (top_k > 0) & (top_k < vocab):
+                    # Largest key t with #(keys ≥ t) ≥ k: the k-th largest score (ties with it kept).
+                    lo = tl.min(tl.where(in_vocab, keys, 2147483647), axis=0).to(tl.int64)  # count(≥ lo) ≥ k
+                    hi = tl.max(tl.where(in_vocab, keys, -2147483647 - 1), axis=0).to(tl.int64) + 1  # count = 0
+                    for _ in range(32):
+                        mid = (lo + hi) >> 1
+                        count = tl.sum(tl.where(in_vocab & (keys >= mid.to(tl.int32)), 1, 0), axis=0)
+                        enough = count >= top_k
+                        lo = tl.where(enough, mid, lo)
+                        hi = tl.where(enough, hi, mid)
+                    scores = tl.where(keys >= lo.to(tl.int32), scores, -float("inf"))
+                top_p = tl.load(top_p_ptr + slot)
+                if top_p < 1.0:
+                    # Smallest key t with mass(keys > t) < p: keep exactly the tokens whose mass above is < p.
+                    weights = tl.exp(scores - tl.max(scores, axis=0))
+                    probs = weights / tl.sum(weights, axis=0)
+                    lo = tl.min(tl.where(in_vocab, keys, 2147483647), axis=0).to(tl.int64) - 1
+                    hi = tl.max(tl.where(in_vocab, keys, -2147483647 - 1), axis=0).to(tl.int64)  # mass above = 0
+                    for _ in range(32):
+                        mid = (lo + hi) >> 1
+                        above = tl.sum(tl.where(keys > mid.to(tl.int32), probs, 0.0), axis=0)
+                        small = above < top_p
+                        hi = tl.where(small, mid, hi)
+                        lo = tl.where(small, lo, mid)
+                    scores = tl.where(keys >= hi.to(tl.int32), scores, -float("inf"))
+                key = _stream_key(tl.load(seed_ptr + slot), position, codebook)
+                gumbel = -tl.log(-tl.log(_counter_uniform(key, cols)))
+                token = tl.argmax(scores + gumbel, axis=0).to(tl.int64)
+            tl.store(code_ptr, token)
+    tl.store(tokens_ptr + slot * stride_tokens + codebook, token)
+
+
+def launch_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): the whole row in one block; 4 warps (16 values per thread) at V = 2048."""
+    block = triton.next_power_of_2(vocab)
+    return block, max(1, min(8, block // 512))
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,          # [2B, K, V]: rows [0, B) cond, [B, 2B) uncond, row b ↔ slots[b]
+    slots: torch.Tensor,           # [B] int64 slot of each row
+    guidance_scale: torch.Tensor,  # [S] float32
+    temperature: torch.Tensor,     # [S] float32, 0 = greedy
+    top_k: torch.Tensor,           # [S] int32, 0 = off
+    top_p: torch.Tensor,           # [S] float32, 1 = off
+    seed: torch.Tensor,            # [S] int64 ≥ 0
+    position: torch.Tensor,        # [S] int32, position of the current input token
+    num_frames: torch.Tensor,      # [S] int32
+    prompt_frames: torch.Tensor,   # [S] int32
+    tokens: torch.Tensor,          # [S, K] int64 out: next decode input
+    codes: torch.Tensor,           # [S, K, F_max] int64 in (prompt codes) / out (sampled codes)
+    nonfinite: torch.Tensor,       # [S] int32 out: set to 1 where a guided logit is not finite
+    pad_id: int,
+    audio_channels: int,
+    *,
+    any_sampling: bool = True,     # the reference's eager-path hints: accepted so the two are interchangeable, and
+    any_guidance: bool = True,     # ignored (the kernel branches per row on the device)
+    max_top_k: int = -1,
+    any_top_p: bool = True,
+) -> None:
+    assert logits.dim() == 3 and logits.shape[0] % 2 == 0 and logits.stride(2) == 1 \
+        and logits.dtype in (torch.float32, torch.float16, torch.bfloat16), \
+        f"logits must be float [2B, K, V] with a contiguous last dim, got {logits.dtype} {tuple(logits.shape)}"
+    batch, codebooks, vocab = logits.shape[0] // 2, logits.shape[1], logits.shape[2]
+    assert slots.dtype == torch.int64 and slots.shape == (batch,), \
+        f"slots must be int64 [{batch}], got {slots.dtype} {tuple(slots.shape)}"
+    num_slots = tokens.shape[0]
+    for name, tensor, dtype in (("guidance_scale", guidance_scale, torch.float32),
+                                ("temperature", temperature, torch.float32), ("top_k", top_k, torch.int32),
+                                ("top_p", top_p, torch.float32), ("seed", seed, torch.int64),
+                                ("position", position, torch.int32), ("num_frames", num_frames, torch.int32),
+                                ("prompt_frames", prompt_frames, torch.int32), ("nonfinite", nonfinite, torch.int32)):
+        assert tensor.dtype == dtype and tensor.shape == (num_slots,), \
+            f"{name} must be {dtype} [{num_slots}], got {tensor.dtype} {tuple(tensor.shape)}"
+    assert tokens.dtype == torch.int64 and tokens.shape == (num_slots, codebooks) and tokens.stride(1) == 1, \
+        f"tokens must be int64 [S, {codebooks}] with a contiguous last dim, got {tokens.dtype} {tuple(tokens.shape)}"
+    assert codes.dtype == torch.int64 and codes.dim() == 3 and codes.shape[:2] == (num_slots, codebooks) \
+        and codes.stride(2) == 1 and codes.shape[2] > 0, \
+        f"codes must be int64 [S, {codebooks}, F_max] with a contiguous last dim, got {tuple(codes.shape)}"
+    assert audio_channels in (1, 2) and codebooks % audio_channels == 0, \
+        f"audio_channels must be 1 or 2 and divide K = {codebooks}, got {audio_channels}"
+    devices = {t.device for t in (logits, slots, guidance_scale, temperature, top_k, top_p, seed, position,
+                                  num_frames, prompt_frames, tokens, codes, nonfinite)}
+    assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    if batch == 0:
+        return
+    block, warps = launch_config(vocab)
+    _sample_next_tokens_kernel[(batch, codebooks)](
+        logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
+        tokens, codes, nonfinite, batch, vocab, codes.shape[2], pad_id,
+        logits.stride(0), logits.stride(1), tokens.stride(0), codes.stride(0), codes.stride(1),
+        CHANNEL_SHIFT=audio_channels - 1, BLOCK_V=block, num_warps=warps,
+        enable_fp_fusion=False,  # uncond + g·(cond − uncond) rounded like the reference, not fused into an FMA
+    )
+
+
+def _engine_configs() -> list[KernelConfig]:
+    configs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for vocab in (2048, 48):  # MusicGen's codebook size, and the tests' tiny vocabulary
+            block, warps = launch_config(vocab)
+            for channels in (1, 2):
+                configs.append(make_config(
+                    f"sampling {dtype} BLOCK_V={block} channels={channels}", _sample_next_tokens_kernel,
+                    {"logits_ptr": f"*{dtype}", "slots_ptr": "*i64", "guidance_ptr": "*fp32",
+                     "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "seed_ptr": "*i64",
+                     "position_ptr": "*i32", "num_frames_ptr": "*i32", "prompt_frames_ptr": "*i32",
+                     "tokens_ptr": "*i64", "codes_ptr": "*i64", "nonfinite_ptr": "*i32", "batch": "i32",
+                     "vocab": "i32", "max_frames": "i32", "pad_id": "i32", "stride_logits_row": "i32",
+                     "stride_logits_k": "i32", "stride_tokens": "i32", "stride_codes_s": "i32",
+                     "stride_codes_k": "i32"},
+                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block},
+                    aligned=("logits_ptr", "slots_ptr", "guidance_ptr", "temperature_ptr", "top_k_ptr", "top_p_ptr",
+                             "seed_ptr", "position_ptr", "num_frames_ptr", "prompt_frames_ptr", "tokens_ptr",
+                             "codes_ptr", "nonfinite_ptr", "stride_logits_row", "stride_logits_k")
+                    + (("vocab",) if vocab % 16 == 0 else ()),
+                    num_warps=warps, num_stages=1, enable_fp_fusion=False))
+    return configs
+
+
+ENGINE_CONFIGS: list[KernelConfig] = _engine_configs()

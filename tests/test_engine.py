@@ -1,0 +1,141 @@
+"""Continuous batching: a request's codes do not depend on when it joins or who it runs with; mixed workloads all
+complete; abort frees the slot; over-capacity requests queue; impossible ones are refused; failures stay isolated;
+no slot leaks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastgen
+from fastgen.engine.request import RequestStatus
+
+
+def run_all(engine: fastgen.Engine, max_steps: int = 100_000) -> None:
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return
+        engine.step()
+    raise AssertionError("engine did not drain")
+
+
+def codes_alone(folder, prompt, params, audio=None):
+    engine = fastgen.Engine.from_pretrained(folder, max_slots=1, backend="torch")
+    request = engine.add_request(prompt, params, audio)
+    run_all(engine)
+    return request.output.codes
+
+
+@pytest.mark.parametrize("params", [
+    fastgen.SamplingParams(max_new_tokens=25, do_sample=False, guidance_scale=3.0),
+    fastgen.SamplingParams(max_new_tokens=25, seed=99, top_k=8, top_p=0.95, temperature=0.9, guidance_scale=2.0),
+], ids=["greedy", "seeded-sampling"])
+def test_joining_a_busy_batch_mid_way_changes_nothing(tiny_mono_dir, params):
+    expected = codes_alone(tiny_mono_dir, "late arrival", params)
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=3, backend="torch")
+    engine.add_request("first", fastgen.SamplingParams(max_new_tokens=40, seed=1))
+    engine.add_request(None, fastgen.SamplingParams(max_new_tokens=12, seed=2, guidance_scale=1.0))
+    for _ in range(7):
+        engine.step()
+    late = engine.add_request("late arrival", params)
+    run_all(engine)
+    np.testing.assert_array_equal(late.output.codes, expected)
+
+
+@pytest.mark.parametrize("layout", ["mono", "stereo"])
+def test_mixed_workload_completes(tiny_mono_dir, tiny_stereo_dir, layout):
+    folder = tiny_mono_dir if layout == "mono" else tiny_stereo_dir
+    engine = fastgen.Engine.from_pretrained(folder, max_slots=3, backend="torch")
+    channels = 2 if layout == "stereo" else 1
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(9):
+        audio = None
+        if i % 3 == 2:  # audio prompt, at another sample rate and channel count than the model's
+            audio = (rng.standard_normal((3 - channels, 16000 // (i + 1))).astype(np.float32) * 0.2, 16000)
+        prompt = None if i % 4 == 1 else f"prompt number {i}"
+        params = fastgen.SamplingParams(max_new_tokens=6 + 3 * i, guidance_scale=[1.0, 3.0, 5.0][i % 3],
+                                        do_sample=i % 2 == 0, top_k=[0, 5, 50][i % 3], seed=i)
+        requests.append(engine.add_request(prompt, params, audio))
+    run_all(engine)
+    for i, request in enumerate(requests):
+        assert request.status == RequestStatus.FINISHED, request.error
+        out = request.output
+        new_frames = 6 + 3 * i + 1 - 4
+        assert out.codes.shape == (engine.model.config.decoder.num_codebooks, out.prompt_frames + new_frames)
+        assert out.audio.shape == (channels, out.codes.shape[1] * 640)
+        assert np.isfinite(out.audio).all()
+        assert (out.codes >= 0).all() and (out.codes < engine.model.config.decoder.vocab_size).all()
+    assert engine.scheduler.free_slots and len(engine.scheduler.free_slots) == engine.num_slots
+
+
+def test_abort_frees_the_slot_and_leaves_others_alone(tiny_mono_dir):
+    keep = fastgen.SamplingParams(max_new_tokens=20, seed=5)
+    expected = codes_alone(tiny_mono_dir, "keeper", keep)
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch")
+    victim = engine.add_request("victim", fastgen.SamplingParams(max_new_tokens=200, seed=4))
+    keeper = engine.add_request("keeper", keep)
+    waiting = engine.add_request("waiting", fastgen.SamplingParams(max_new_tokens=10, seed=6))
+    for _ in range(3):
+        engine.step()
+    assert waiting.status == RequestStatus.WAITING
+    assert engine.abort(victim.request_id)
+    assert victim.status == RequestStatus.ABORTED and isinstance(victim.error, fastgen.RequestAborted)
+    assert victim.slot in engine.scheduler.free_slots  # freed at once
+    engine.step()
+    assert waiting.status == RequestStatus.RUNNING  # took the slot on the next step
+    run_all(engine)
+    np.testing.assert_array_equal(keeper.output.codes, expected)
+    assert waiting.status == RequestStatus.FINISHED
+    assert not engine.abort("no-such-request")
+
+
+def test_over_capacity_queues_and_impossible_is_refused(tiny_mono_dir):
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch")
+    requests = [engine.add_request(f"p{i}", fastgen.SamplingParams(max_new_tokens=8, seed=i)) for i in range(5)]
+    engine.step()
+    assert sum(r.status == RequestStatus.RUNNING for r in requests) == 2
+    assert sum(r.status == RequestStatus.WAITING for r in requests) == 3
+    with pytest.raises(fastgen.RequestError, match="over the limit"):
+        engine.add_request("too long", fastgen.SamplingParams(duration=60.0))
+    run_all(engine)
+    assert all(r.status == RequestStatus.FINISHED for r in requests)
+
+
+def test_non_finite_logits_fail_only_that_request(tiny_mono_dir):
+    good_params = fastgen.SamplingParams(max_new_tokens=15, seed=11)
+    expected = codes_alone(tiny_mono_dir, "good", good_params)
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch")
+    bad = engine.add_request("bad", fastgen.SamplingParams(max_new_tokens=15, seed=10))
+    good = engine.add_request("good", good_params)
+    engine.step()
+    engine.runner.state.guidance_scale[bad.slot] = float("nan")  # poison one request's logits
+    run_all(engine)
+    assert bad.status == RequestStatus.FAILED
+    assert isinstance(bad.error, fastgen.RequestFailed) and "non-finite" in str(bad.error)
+    np.testing.assert_array_equal(good.output.codes, expected)
+    after = engine.add_request("good", good_params)  # the slot is clean for the next request
+    run_all(engine)
+    np.testing.assert_array_equal(after.output.codes, expected)
+
+
+def test_no_slot_leaks_after_a_thousand_mixed_requests(tiny_mono_dir):
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=8, backend="torch")
+    rng = np.random.default_rng(1)
+    audio = (rng.standard_normal(640 * 3) * 0.2).astype(np.float32)
+    requests, aborted = [], 0
+    for i in range(1000):
+        params = fastgen.SamplingParams(max_new_tokens=int(rng.integers(4, 9)), seed=i,
+                                        guidance_scale=float(rng.choice([1.0, 3.0])),
+                                        do_sample=bool(rng.integers(0, 2)))
+        prompt = None if i % 5 == 0 else f"clip {i % 17}"
+        requests.append(engine.add_request(prompt, params, (audio, 32000) if i % 50 == 7 else None))
+        if i % 10 == 9:
+            engine.step()
+        if i % 97 == 0:
+            aborted += engine.abort(requests[-1].request_id)
+    run_all(engine)
+    statuses = [r.status for r in requests]
+    assert statuses.count(RequestStatus.ABORTED) == aborted
+    assert statuses.count(RequestStatus.FINISHED) == 1000 - aborted
+    assert sorted(engine.scheduler.free_slots) == list(range(engine.num_slots))
+    assert not engine.scheduler.running and not engine.scheduler.waiting
