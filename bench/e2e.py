@@ -14,31 +14,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-CACHE = Path(os.environ.get("FASTGEN_BENCH_CACHE", Path.home() / ".cache" / "fastgen" / "bench"))
-PROMPT = "80s pop track with bassy drums and synth"
-
-
-def checkpoint(name: str, dtype: str) -> Path:
-    from fastgen.tiny import build_checkpoint, build_tiny_checkpoint
-    if Path(name).is_dir():
-        return Path(name)
-    folder = CACHE / (f"{name}-{dtype}" if name != "tiny" else "tiny")
-    if not (folder / "config.json").is_file():
-        print(f"building {name} checkpoint (random weights) in {folder} …", file=sys.stderr)
-        if name == "tiny":
-            build_tiny_checkpoint(folder, overwrite=True)
-        else:
-            import torch
-            build_checkpoint(folder, size=name, dtype=getattr(torch, dtype))
-    return folder
-
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PROMPTS, checkpoint, copy_bandwidth, peak_memory, slug, timed  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------ worker
 def worker(args: argparse.Namespace) -> dict:
@@ -56,18 +38,18 @@ def worker(args: argparse.Namespace) -> dict:
         def generate(steps: int) -> float:
             params = fastgen.SamplingParams(max_new_tokens=steps, guidance_scale=3.0, top_k=250, do_sample=True,
                                             seed=0)
-            return _timed(lambda: model.generate([PROMPT] * args.batch, params), sync)
+            return timed(lambda: model.generate([PROMPTS[0]] * args.batch, params), sync)
         decoder_bytes = sum(t.numel() * t.element_size() for t in _decoder_tensors(model))
     else:
         from transformers import AutoTokenizer, MusicgenForConditionalGeneration
         model = MusicgenForConditionalGeneration.from_pretrained(args.model_dir, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        inputs = tokenizer([PROMPT] * args.batch, return_tensors="pt").to(device)
+        inputs = tokenizer([PROMPTS[0]] * args.batch, return_tensors="pt").to(device)
 
         def generate(steps: int) -> float:
             torch.manual_seed(0)
             with torch.inference_mode():
-                return _timed(lambda: model.generate(**inputs, max_new_tokens=steps, guidance_scale=3.0, top_k=250,
+                return timed(lambda: model.generate(**inputs, max_new_tokens=steps, guidance_scale=3.0, top_k=250,
                                                      do_sample=True), sync)
         decoder_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                             if n.startswith(("decoder.", "enc_to_dec_proj")))
@@ -79,18 +61,9 @@ def worker(args: argparse.Namespace) -> dict:
     t_long = min(generate(long) for _ in range(args.repeats))
     frame_rate = 50
     audio_s = (long + 1 - 4) / frame_rate * args.batch
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = peak_memory(device)
     return {"system": args.system, "step_ms": (t_long - t_short) / (long - short) * 1e3, "total_s": t_long,
             "steps": long, "audio_s_per_s": audio_s / t_long, "peak_bytes": peak, "decoder_bytes": decoder_bytes}
-
-
-def _timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def _decoder_tensors(model):
@@ -98,28 +71,11 @@ def _decoder_tensors(model):
     yield dec.embed
     yield dec.lm_heads
     for layer in dec.layers:
-        yield from (layer.qkv, layer.self_out, layer.cross_q, layer.cross_out, layer.fc1, layer.fc2)
+        yield from (layer.qkv, layer.self_out_t, layer.cross_q, layer.cross_out_t, layer.fc1, layer.fc2_t)
         yield from (*layer.self_norm, *layer.cross_norm, *layer.ffn_norm)
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
-def copy_bandwidth(device: str) -> float:
-    """Bytes per second of a large device copy (read + write), measured now, as the memory-bound floor's yardstick."""
-    import torch
-    n = (256 << 20) // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    best = float("inf")
-    for _ in range(5):
-        sync()
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n * 4 / best
-
-
 def run_worker(args: argparse.Namespace, system: str, model_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--model-dir", str(model_dir), "--device", args.device,
            "--dtype", args.dtype, "--steps", str(args.steps), "--repeats", str(args.repeats), "--batch",
@@ -179,14 +135,10 @@ def main() -> None:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
               "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
               "copy_bandwidth_Bps": bandwidth, "torch": torch.__version__, "rows": rows}
-    out = args.out or Path(__file__).parent / "results" / f"e2e-{args.device.split(':')[0]}-{_slug(machine)}.json"
+    out = args.out or Path(__file__).parent / "results" / f"e2e-{args.device.split(':')[0]}-{slug(machine)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()[:40] or "machine"
 
 
 if __name__ == "__main__":

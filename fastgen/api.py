@@ -44,6 +44,8 @@ class MusicGen:
             raise RequestError("prompts must be a list of strings or None, e.g. ['lofi beat']")
         n = len(prompts)
         per_prompt = _broadcast(params, n, "params")
+        if isinstance(audio_prompts, tuple) and len(audio_prompts) == 2 and isinstance(audio_prompts[1], int):
+            audio_prompts = [audio_prompts] * n  # one (waveform, sample_rate) continued by every prompt
         audio = _broadcast(audio_prompts, n, "audio_prompts") if audio_prompts is not None else [None] * n
         requests = [self.engine.make_request(p, sp, a, name=f"prompts[{i}]")
                     for i, (p, sp, a) in enumerate(zip(prompts, per_prompt, audio))]

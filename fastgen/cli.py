@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _generate(args)
-    except (FastgenError, ValueError) as exc:
+    except (FastgenError, ValueError, OSError) as exc:  # OSError: unreadable --prompts-file, unwritable --out
         print(f"fastgen: error: {exc}", file=sys.stderr)
         return 2
 
@@ -61,6 +61,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompts_file is not None:
         lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
+    if args.unconditional < 0:
+        raise ValueError(f"--unconditional must be ≥ 0, got {args.unconditional}")
     prompts += [None] * args.unconditional
     if not prompts:
         raise ValueError("give at least one prompt (or --prompts-file, or --unconditional N)")
@@ -68,9 +70,8 @@ def _generate(args: argparse.Namespace) -> int:
     model_path = args.model
     if model_path is None:
         print(NOISE_WARNING, file=sys.stderr)
-        from fastgen.tiny import build_tiny_checkpoint
         if not (BUILTIN_DIR / "config.json").is_file():
-            build_tiny_checkpoint(BUILTIN_DIR, seed=0, overwrite=True)
+            _build_builtin()
         model_path = BUILTIN_DIR
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {"backend": args.backend}
@@ -79,8 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
     model = fastgen.MusicGen.from_pretrained(model_path, device=device, dtype=args.dtype,
                                              allow_pickle=args.allow_pickle, **options)
 
-    targets = [args.out / f"{safe_filename(p if p is not None else 'unconditional', i)}.{args.format}"
-               for i, p in enumerate(prompts)]
+    targets = [args.out / safe_filename(p, i, extension=f".{args.format}") for i, p in enumerate(prompts)]
     todo = [i for i, t in enumerate(targets) if not (args.skip_existing and t.exists())]
     if len(todo) < len(prompts):
         print(f"skipping {len(prompts) - len(todo)} prompt(s) whose output exists", file=sys.stderr)
@@ -101,6 +101,28 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"wrote {len(outputs)} file(s), {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
               f"({audio_seconds / elapsed:.2f}× real time) to {args.out}/", file=sys.stderr)
     return 0
+
+
+def _build_builtin() -> None:
+    """Build the tiny checkpoint beside BUILTIN_DIR and move it in place, so an interrupted build never leaves a
+    half-written folder that later runs would take for complete."""
+    import shutil
+    import tempfile
+
+    from fastgen.tiny import build_tiny_checkpoint
+    BUILTIN_DIR.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_DIR.name}-", dir=BUILTIN_DIR.parent))
+    try:
+        build_tiny_checkpoint(staging, seed=0, overwrite=True)
+        if not (BUILTIN_DIR / "config.json").is_file():  # a partial folder from an older fastgen
+            shutil.rmtree(BUILTIN_DIR, ignore_errors=True)
+        try:
+            staging.rename(BUILTIN_DIR)
+        except OSError:  # another process got there first
+            if not (BUILTIN_DIR / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: config.json is missing from the checkpoint folder") from None
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # bad JSON (JSONDecodeError) or bad UTF-8 (UnicodeDecodeError)
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(raw, source=str(path))
 
@@ -93,6 +93,8 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Accepts the transformers 4.x and 5.x serialisations of MusicgenConfig (same sub-config keys; 5.x drops
         some defaults and renames torch_dtype → dtype, neither of which we read)."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type") not in ("musicgen", None):
             raise CheckpointError(f"{source}: model_type is {raw.get('model_type')!r}, expected 'musicgen'"
                                   " (musicgen_melody checkpoints are not supported)")

@@ -106,8 +106,13 @@ class Engine:
         if audio_prompt is not None:
             if not (isinstance(audio_prompt, tuple) and len(audio_prompt) == 2):
                 raise RequestError("audio_prompt must be a (waveform, sample_rate) tuple")
-            audio = prepare_audio_prompt(audio_prompt[0], audio_prompt[1], target_sample_rate=self.sample_rate,
-                                         channels=dec.audio_channels, name="audio_prompt")
+            try:
+                audio = prepare_audio_prompt(audio_prompt[0], audio_prompt[1], target_sample_rate=self.sample_rate,
+                                             channels=dec.audio_channels, name="audio_prompt")
+            except RequestError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise RequestError(str(exc)) from None
             hop = self.sample_rate // self.frame_rate
             prompt_frames = -(-audio.shape[-1] // hop)
         total = prompt_frames + resolved.new_frames
@@ -240,8 +245,14 @@ class Engine:
         """Queue ``requests`` and step until all have ended (the engine must be otherwise idle)."""
         for request in requests:
             self.enqueue(request)
-        while self.has_unfinished():
-            ended = self.step()
-            if progress is not None and ended:
-                progress(len(ended))
+        try:
+            while self.has_unfinished():
+                ended = self.step()
+                if progress is not None and ended:
+                    progress(len(ended))
+        except BaseException:  # (KeyboardInterrupt too) leave no request of ours holding a slot or queued
+            for request in requests:
+                if not request.status.done:
+                    self.abort(request.request_id)
+            raise
         return requests

@@ -38,14 +38,14 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
 class LayerWeights:
     self_norm: tuple[torch.Tensor, torch.Tensor]
     qkv: torch.Tensor          # [3D, D]: q, k, v projections stacked
-    self_out: torch.Tensor     # [D, D]
+    self_out_t: torch.Tensor   # [D, D], transposed view: hidden += attn @ self_out_t (one addmm)
     cross_norm: tuple[torch.Tensor, torch.Tensor]
     cross_q: torch.Tensor      # [D, D]
     cross_kv: torch.Tensor     # [2D, D]: applied once per request to the text states
-    cross_out: torch.Tensor    # [D, D]
+    cross_out_t: torch.Tensor  # [D, D], transposed view
     ffn_norm: tuple[torch.Tensor, torch.Tensor]
     fc1: torch.Tensor          # [F, D]
-    fc2: torch.Tensor          # [D, F]
+    fc2_t: torch.Tensor        # [F, D], transposed view
 
 
 @dataclass
@@ -55,6 +55,13 @@ class KVCache:
     self_v: torch.Tensor
     cross_k: torch.Tensor  # [layers, 2·slots, H, max_text_tokens, Dh]
     cross_v: torch.Tensor
+
+    def __post_init__(self) -> None:
+        # per-layer views, made once: indexing the stacked tensor in the step would cost an operator call each time
+        self.self_k_layers = list(self.self_k.unbind(0))
+        self.self_v_layers = list(self.self_v.unbind(0))
+        self.cross_k_layers = list(self.cross_k.unbind(0))
+        self.cross_v_layers = list(self.cross_v.unbind(0))
 
     @classmethod
     def allocate(cls, config: DecoderConfig, num_slots: int, max_positions: int, max_text_tokens: int,
@@ -100,14 +107,14 @@ class MusicgenDecoder:
             self.layers.append(LayerWeights(
                 self_norm=norm("self_attn_layer_norm"),
                 qkv=torch.cat([proj("self_attn.q_proj"), proj("self_attn.k_proj"), proj("self_attn.v_proj")]),
-                self_out=proj("self_attn.out_proj"),
+                self_out_t=proj("self_attn.out_proj").t(),
                 cross_norm=norm("encoder_attn_layer_norm"),
                 cross_q=proj("encoder_attn.q_proj"),
                 cross_kv=torch.cat([proj("encoder_attn.k_proj"), proj("encoder_attn.v_proj")]),
-                cross_out=proj("encoder_attn.out_proj"),
+                cross_out_t=proj("encoder_attn.out_proj").t(),
                 ffn_norm=norm("final_layer_norm"),
                 fc1=w.take(f"{p}fc1.weight", (f, d)),
-                fc2=w.take(f"{p}fc2.weight", (d, f)),
+                fc2_t=w.take(f"{p}fc2.weight", (d, f)).t(),
             ))
         self.final_norm = (w.take(f"{prefix}layer_norm.weight", (d,)), w.take(f"{prefix}layer_norm.bias", (d,)))
         self.lm_heads = torch.cat([w.take(f"decoder.lm_heads.{k}.weight", (c.vocab_size, d))
@@ -142,20 +149,20 @@ class MusicgenDecoder:
         num_rows = hidden.shape[0]
         c = self.config
         heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
-        ctx = ops.begin_step(rows, position, text_length, kv_span, text_span)
+        ctx = ops.begin_step(rows, position, text_length, kv_span, text_span, self.dtype)
         for i, layer in enumerate(self.layers):
             x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
             q, k, v = F.linear(x, layer.qkv).view(num_rows, 3, heads, head_dim).unbind(1)
-            attn = ops.self_attention(ctx, cache.self_k[i], cache.self_v[i], q, k, v, self.scale)
-            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.self_out.t())
+            attn = ops.self_attention(ctx, cache.self_k_layers[i], cache.self_v_layers[i], q, k, v, self.scale)
+            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.self_out_t)
 
             x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
             q = F.linear(x, layer.cross_q).view(num_rows, heads, head_dim)
-            attn = ops.cross_attention(ctx, cache.cross_k[i], cache.cross_v[i], q, self.scale)
-            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.cross_out.t())
+            attn = ops.cross_attention(ctx, cache.cross_k_layers[i], cache.cross_v_layers[i], q, self.scale)
+            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.cross_out_t)
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = torch.addmm(hidden, self.activation(F.linear(x, layer.fc1)), layer.fc2.t())
+            hidden = torch.addmm(hidden, self.activation(F.linear(x, layer.fc1)), layer.fc2_t)
         hidden = F.layer_norm(hidden, (d,), *self.final_norm, LAYER_NORM_EPS)
         return F.linear(hidden, self.lm_heads).view(num_rows, c.num_codebooks, c.vocab_size)
 
@@ -178,7 +185,7 @@ class MusicgenDecoder:
             cache.self_k[i, rows, :, :length] = k
             cache.self_v[i, rows, :, :length] = v
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            hidden = hidden + F.linear(attn.transpose(1, 2).reshape(n, length, d), layer.self_out)
+            hidden = hidden + attn.transpose(1, 2).reshape(n, length, d) @ layer.self_out_t
 
             x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
             q = F.linear(x, layer.cross_q).view(n, length, heads, head_dim).transpose(1, 2)
@@ -187,10 +194,10 @@ class MusicgenDecoder:
             scores = (q.float() @ keys.float().transpose(-1, -2)) * self.scale
             weights = scores.masked_fill(~text_mask, -float("inf")).softmax(-1).nan_to_num(0.0)
             attn = (weights @ values.float()).to(hidden.dtype)
-            hidden = hidden + F.linear(attn.transpose(1, 2).reshape(n, length, d), layer.cross_out)
+            hidden = hidden + attn.transpose(1, 2).reshape(n, length, d) @ layer.cross_out_t
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = hidden + F.linear(self.activation(F.linear(x, layer.fc1)), layer.fc2)
+            hidden = hidden + self.activation(F.linear(x, layer.fc1)) @ layer.fc2_t
 
 
 class _WeightReader:

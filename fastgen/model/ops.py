@@ -45,16 +45,17 @@ class TorchOps:
     def embed(self, tokens, position, slots, tables, sinusoid, out):
         return codebook_embedding_ref(tokens, position, slots, tables, sinusoid, out)
 
-    def begin_step(self, rows, position, text_length, kv_span: int, text_span: int) -> StepContext:
+    def begin_step(self, rows, position, text_length, kv_span: int, text_span: int,
+                   dtype: torch.dtype = torch.float32) -> StepContext:
         ctx = StepContext(rows, position, (position + 1).to(torch.int32), text_length,
                           kv_span=kv_span, text_span=text_span)
         # a large negative bias, not -inf: a row with no text (null condition) then averages its zero K/V rows
         # instead of producing NaN, and padding keys get exactly zero weight whenever one real key exists
-        dtype = torch.float32
         low = torch.finfo(dtype).min
         span = torch.arange(max(kv_span, text_span), device=rows.device)
-        ctx.self_bias = torch.where(span[:kv_span] < ctx.self_length.view(-1, 1), 0.0, low).view(-1, 1, 1, kv_span)
-        ctx.cross_bias = torch.where(span[:text_span] < text_length.view(-1, 1), 0.0, low).view(-1, 1, 1, text_span)
+        ctx.self_bias = torch.where(span[:kv_span] <= position.view(-1, 1), 0.0, low).to(dtype).view(-1, 1, 1, kv_span)
+        ctx.cross_bias = torch.where(span[:text_span] < text_length.view(-1, 1), 0.0, low).to(dtype).view(
+            -1, 1, 1, text_span)
         return ctx
 
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
@@ -72,7 +73,7 @@ class TorchOps:
 def _gathered_attention(q, k_cache, v_cache, rows, span, bias, scale) -> torch.Tensor:
     keys = k_cache[rows, :, :span]      # [R, H, span, Dh]
     values = v_cache[rows, :, :span]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=bias.to(q.dtype), scale=scale)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=bias, scale=scale)
     return out.squeeze(2)
 
 
@@ -88,7 +89,8 @@ class TritonOps:
         self._attention = decode_attention
         self._sample = sample_next_tokens
 
-    def begin_step(self, rows, position, text_length, kv_span: int | None, text_span: int | None) -> StepContext:
+    def begin_step(self, rows, position, text_length, kv_span: int | None, text_span: int | None,
+                   dtype: torch.dtype | None = None) -> StepContext:
         return StepContext(rows, position, (position + 1).to(torch.int32), text_length)
 
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:

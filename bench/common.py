@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmarks: checkpoints with random weights, the copy-bandwidth yardstick, timing."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("FASTGEN_BENCH_CACHE", Path.home() / ".cache" / "fastgen" / "bench"))
+PROMPTS = ["80s pop track with bassy drums and synth", "lofi hip hop beat for studying", "epic orchestral score",
+           "90s rock song with loud guitars and heavy drums", "calm piano melody", "funky bass groove with horns",
+           "ambient drone with slow pads", "fast drum and bass with a rolling bassline"]
+
+
+def checkpoint(name: str, dtype: str) -> Path:
+    from fastgen.tiny import build_checkpoint, build_tiny_checkpoint
+    if Path(name).is_dir():
+        return Path(name)
+    folder = CACHE / (f"{name}-{dtype}" if name != "tiny" else "tiny")
+    if not (folder / "config.json").is_file():
+        print(f"building {name} checkpoint (random weights) in {folder} …", file=sys.stderr)
+        if name == "tiny":
+            build_tiny_checkpoint(folder, overwrite=True)
+        else:
+            import torch
+            build_checkpoint(folder, size=name, dtype=getattr(torch, dtype))
+    return folder
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device copy (read + write), measured now, as the memory-bound floor's yardstick."""
+    import torch
+    n = (256 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / best
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def peak_memory(device) -> int:
+    """Peak bytes: CUDA allocator peak on a GPU, the process's peak resident set on a CPU."""
+    import torch
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()[:40] or "machine"
+
+

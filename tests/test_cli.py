@@ -1,0 +1,245 @@
+"""The command line: `fastgen generate` writes one valid 32 kHz audio file per prompt, resumes with --skip-existing,
+reads --prompts-file, adds --unconditional clips, is deterministic with --seed, refuses bad arguments with exit code 2
+and a one-line message, and falls back to the built-in tiny random checkpoint (with a warning) without --model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import soundfile
+
+import fastgen.cli
+from fastgen.cli import NOISE_WARNING, main
+
+SR = 32000
+HOP = 640  # samples per codec frame (50 Hz)
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def gen_args(model: Path, out: Path, *extra: str, duration: str = "0.5") -> list[str]:
+    return ["--model", str(model), "--out", str(out), "--duration", duration, "--device", "cpu", "--max-slots", "2",
+            *extra]
+
+
+def records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
+def test_generate_writes_one_wav_per_prompt(capsys, tmp_path, tiny_mono_dir, tiny_stereo_dir, stereo):
+    model = tiny_stereo_dir if stereo else tiny_mono_dir
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "prompt a", "prompt b", *gen_args(model, out))
+    assert code == 0, stderr
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["000_prompt_a.wav", "001_prompt_b.wav"]
+    for f in files:
+        info = soundfile.info(f)
+        assert (info.format, info.samplerate, info.channels) == ("WAV", SR, 2 if stereo else 1)
+        assert abs(info.frames - 0.5 * SR) <= HOP
+        audio, _ = soundfile.read(f, always_2d=True)
+        assert audio.std() > 0
+    rows = records(stdout)
+    assert [r["prompt"] for r in rows] == ["prompt a", "prompt b"]
+    assert [Path(r["file"]).name for r in rows] == [f.name for f in files]
+    assert all(abs(r["seconds"] - 0.5) < 0.03 for r in rows)
+
+
+def test_format_flac(capsys, tmp_path, tiny_mono_dir):
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "x", *gen_args(tiny_mono_dir, out, "--format", "flac", duration="0.2"))
+    assert code == 0, stderr
+    assert [f.name for f in out.iterdir()] == ["000_x.flac"]
+    assert soundfile.info(out / "000_x.flac").format == "FLAC"
+
+
+def test_skip_existing(capsys, tmp_path, tiny_mono_dir):
+    out = tmp_path / "out"
+    assert run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, duration="0.2"))[0] == 0
+    first = (out / "000_one.wav").read_bytes()
+    (out / "001_two.wav").write_bytes(b"not rewritten")
+    code, stdout, stderr = run(capsys, "one", "two", "three", *gen_args(tiny_mono_dir, out, "--skip-existing",
+                                                                         duration="0.2"))
+    assert code == 0, stderr
+    assert [r["prompt"] for r in records(stdout)] == ["three"]
+    assert "skipping 2" in stderr
+    assert (out / "000_one.wav").read_bytes() == first
+    assert (out / "001_two.wav").read_bytes() == b"not rewritten"
+    assert soundfile.info(out / "002_three.wav").samplerate == SR
+    # all done: nothing to generate, still success
+    code, stdout, _ = run(capsys, "one", "two", "three", *gen_args(tiny_mono_dir, out, "--skip-existing"))
+    assert code == 0 and records(stdout) == []
+    # without the flag, existing files are regenerated
+    code, stdout, _ = run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, duration="0.2"))
+    assert code == 0 and len(records(stdout)) == 2
+    assert soundfile.info(out / "001_two.wav").samplerate == SR
+
+
+def test_prompts_file_and_unconditional(capsys, tmp_path, tiny_mono_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("lofi beat\n\n   jazz piano  \n", encoding="utf-8")
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "rock", "--prompts-file", str(prompts), "--unconditional", "1",
+                               *gen_args(tiny_mono_dir, out, duration="0.2"))
+    assert code == 0, stderr
+    assert [r["prompt"] for r in records(stdout)] == ["rock", "lofi beat", "jazz piano", None]
+    assert sorted(f.name for f in out.iterdir()) == ["000_rock.wav", "001_lofi_beat.wav", "002_jazz_piano.wav",
+                                                     "003_unconditional.wav"]
+
+
+def test_unconditional_only(capsys, tmp_path, tiny_mono_dir):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "--unconditional", "1", *gen_args(tiny_mono_dir, out, duration="0.2"))
+    assert code == 0, stderr
+    assert [r["prompt"] for r in records(stdout)] == [None]
+    assert [f.name for f in out.iterdir()] == ["000_unconditional.wav"]
+
+
+@pytest.mark.parametrize("mode", [["--greedy", "--seed", "5"], ["--seed", "5"]], ids=["greedy", "sampled"])
+def test_seed_is_deterministic(capsys, tmp_path, tiny_mono_dir, mode):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, stdout, stderr = run(capsys, "lofi", "jazz", *mode, *gen_args(tiny_mono_dir, out, duration="0.3"))
+        assert code == 0, stderr
+        assert [r["seed"] for r in records(stdout)] == [5, 6]  # prompt i uses seed + i
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+
+
+def test_different_seeds_differ(capsys, tmp_path, tiny_mono_dir):
+    files = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        assert run(capsys, "lofi", "--seed", seed, *gen_args(tiny_mono_dir, out, duration="0.3"))[0] == 0
+        files.append((out / "000_lofi.wav").read_bytes())
+    assert files[0] != files[1]
+
+
+# ----------------------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("argv", [
+    ["generate", "x", "--duration", "abc"],
+    ["generate", "x", "--format", "mp3"],
+    ["generate", "x", "--unconditional", "two"],
+    ["generate", "x", "--backend", "cuda"],
+    ["generate", "x", "--no-such-flag"],
+    ["bogus"],
+    [],
+], ids=["duration-not-number", "format", "unconditional-not-int", "backend", "unknown-flag", "command", "empty"])
+def test_argparse_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--duration", "-1"], "duration"),
+    (["--duration", "nan"], "duration"),
+    (["--duration", "40"], "limit"),
+    (["--temperature", "0"], "temperature"),
+    (["--top-k", "-1"], "top_k"),
+    (["--top-p", "2"], "top_p"),
+    (["--seed", "-1"], "seed"),
+    (["--guidance-scale", "-1"], "guidance_scale"),
+    (["--max-slots", "0"], "max_slots"),
+    (["--dtype", "float64"], "dtype"),
+    (["--unconditional", "-1"], "--unconditional"),
+    (["--prompts-file", "MISSING"], "missing.txt"),
+    (["--model", "MISSING"], "no-such-checkpoint"),
+    (["--model", "BAD_CONFIG"], "config.json"),
+], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
+def test_bad_values_exit_2_with_one_line(capsys, tmp_path, tiny_mono_dir, extra, named):
+    bad_config = tmp_path / "bad"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{oops")
+    substitutes = {"MISSING": str(tmp_path / ("missing.txt" if "--prompts-file" in extra else "no-such-checkpoint")),
+                   "BAD_CONFIG": str(bad_config)}
+    extra = [substitutes.get(a, a) for a in extra]
+    args = gen_args(tiny_mono_dir, tmp_path / "out", duration="0.2")
+    if "--duration" in extra:
+        args = args[:4] + args[6:]  # drop the default --duration
+    code, stdout, stderr = run(capsys, "x", *args, *extra)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastgen: error: "), stderr
+    assert named in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_no_prompts_is_an_error(capsys, tmp_path, tiny_mono_dir):
+    code, _, stderr = run(capsys, *gen_args(tiny_mono_dir, tmp_path / "out"))
+    assert code == 2 and stderr.strip().splitlines() == [
+        "fastgen: error: give at least one prompt (or --prompts-file, or --unconditional N)"]
+
+
+# ----------------------------------------------------------------------------------------------- built-in model
+def test_builtin_model_when_no_model_given(capsys, tmp_path, monkeypatch):
+    builtin = tmp_path / "cache" / "fastgen" / "builtin-tiny-random"
+    monkeypatch.setattr(fastgen.cli, "BUILTIN_DIR", builtin)
+    out = tmp_path / "out"
+    args = ["noise", "--out", str(out), "--duration", "0.2", "--device", "cpu", "--max-slots", "2"]
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0, stderr
+    assert NOISE_WARNING in stderr and "RANDOM weights" in stderr
+    assert (builtin / "config.json").is_file() and (builtin / "model.safetensors").is_file()
+    assert sorted(p.name for p in builtin.parent.iterdir()) == ["builtin-tiny-random"]  # no staging left behind
+    assert soundfile.info(out / "000_noise.wav").samplerate == SR
+    # the second run reuses the built checkpoint
+    stamp = (builtin / "model.safetensors").stat().st_mtime_ns
+    code, _, stderr = run(capsys, *args)
+    assert code == 0 and NOISE_WARNING in stderr
+    assert (builtin / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_builtin_build_leaves_nothing_half_done(capsys, tmp_path, monkeypatch):
+    import fastgen.tiny
+    builtin = tmp_path / "cache" / "builtin-tiny-random"
+    monkeypatch.setattr(fastgen.cli, "BUILTIN_DIR", builtin)
+    real_build = fastgen.tiny.build_tiny_checkpoint
+
+    def interrupted(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text("{}")  # transformers writes config.json before the weights
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastgen.tiny, "build_tiny_checkpoint", interrupted)
+    args = ["noise", "--out", str(tmp_path / "out"), "--duration", "0.2", "--device", "cpu", "--max-slots", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        main(["generate", *args])
+    assert not (builtin / "config.json").exists()
+    monkeypatch.setattr(fastgen.tiny, "build_tiny_checkpoint", real_build)
+    code, _, stderr = run(capsys, *args)
+    assert code == 0, stderr
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def test_console_script_entry_point():
+    (script,) = entry_points(group="console_scripts", name="fastgen")
+    assert script.value == "fastgen.cli:main"
+
+
+def test_python_m_fastgen_cli(tmp_path, tiny_mono_dir):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "fastgen.cli", "generate", "--model", str(tiny_mono_dir),
+                             "hello world", "--duration", "0.2", "--out", str(out), "--device", "cpu",
+                             "--max-slots", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert soundfile.info(out / "000_hello_world.wav").samplerate == SR
+    assert json.loads(result.stdout.strip().splitlines()[-1])["prompt"] == "hello world"
+    bad = subprocess.run([sys.executable, "-m", "fastgen.cli", "generate", "x", "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("fastgen: error: ")
