@@ -15,7 +15,9 @@ delayed position t + 1 (t = position[s], the position of the current input token
 The token goes to tokens[s, k] (next decode input). nonfinite[s] is set to 1 when any guided logit is NaN/±inf.
 
 Randomness is a stateless counter hash of (seed, position, codebook, token): a request's samples depend on
-nothing else — not on its batch neighbours, its row, or how many steps run per graph replay.
+nothing else — not on its batch neighbours, its row, or how many steps run per graph replay. The request's 63-bit seed
+is folded once, on the host, into a 32-bit stream seed (`seed_key`); per step one lowbias32 round keys the stream of
+each (position, codebook) and one more draws each token's uniform.
 
 Floor: reads 2·B·K·V logits (fp32: 2·4·2048·4 B = 64 KiB per request at K = 4), writes B·K tokens.
 
@@ -29,6 +31,8 @@ so guided logits and scaled scores have the reference's exact bits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +40,7 @@ import triton.language as tl
 from ._aot import KernelConfig, make_config
 
 MASK32 = 0xFFFFFFFF
+CODEBOOK_STRIDE = 16  # the stream counter is position · 16 + codebook (K ≤ 8, positions < 2^27)
 HASH_MUL_1 = 0x7FEB352D
 HASH_MUL_2 = 0x846CA68B
 
@@ -53,13 +58,23 @@ def mix32_ref(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def seed_key(seed: int) -> int:
+    """A request's 63-bit seed → its 32-bit stream seed, computed once on the host when the request is admitted
+    (the per-step hash then needs one mixing round per (position, codebook) and one per token)."""
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * HASH_MUL_1) & MASK32
+        x ^= x >> 15
+        x = (x * HASH_MUL_2) & MASK32
+        return x ^ (x >> 16)
+    return mix(mix(seed & MASK32) ^ ((seed >> 32) & MASK32))
+
+
 def stream_key_ref(seed: torch.Tensor, position: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """uint32 key (as int64) of the random stream for one (seed, position, codebook)."""
-    seed = seed.to(torch.int64)
-    key = mix32_ref(seed & MASK32)
-    key = mix32_ref(key ^ ((seed >> 32) & MASK32))
-    key = mix32_ref(key ^ (position.to(torch.int64) & MASK32))
-    return mix32_ref(key ^ (codebook.to(torch.int64) & MASK32))
+    """uint32 key (as int64) of the random stream for one (stream seed, position, codebook); ``seed`` holds
+    ``seed_key(request seed)``."""
+    counter = position.to(torch.int64) * CODEBOOK_STRIDE + codebook
+    return mix32_ref((seed ^ counter) & MASK32)
 
 
 def counter_uniform_ref(key: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -68,7 +83,7 @@ def counter_uniform_ref(key: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     23 bits, not 24: (2^24 - 1) + 0.5 is not a float32 and rounds to 2^24, which made u = 1 exactly, a Gumbel
     noise of +inf, and (+inf) + (-inf) = NaN on a filtered token, which argmax would then pick.
     """
-    bits = mix32_ref(key ^ (token.to(torch.int64) & MASK32))
+    bits = mix32_ref(key ^ token)
     return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
@@ -118,6 +133,25 @@ def filter_logits_ref(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return scores.masked_fill(remove, -float("inf"))
 
 
+@dataclass(frozen=True)
+class RowParams:
+    """Per-row values gathered from the per-slot tensors, shaped to broadcast. They change only when the batch's
+    membership does, so the engine's torch path gathers them once per batch instead of once per step."""
+    guidance_scale: torch.Tensor  # [B, 1, 1] float32
+    temperature: torch.Tensor     # [B, 1, 1] float32
+    top_k: torch.Tensor           # [B] int32
+    top_p: torch.Tensor           # [B] float32
+    seed: torch.Tensor            # [B, 1] int64
+    num_frames: torch.Tensor      # [B, 1] int32
+    prompt_frames: torch.Tensor   # [B, 1] int32
+
+    @classmethod
+    def gather(cls, slots, guidance_scale, temperature, top_k, top_p, seed, num_frames, prompt_frames) -> "RowParams":
+        return cls(guidance_scale[slots].view(-1, 1, 1), temperature[slots].view(-1, 1, 1), top_k[slots],
+                   top_p[slots], seed[slots].view(-1, 1), num_frames[slots].view(-1, 1),
+                   prompt_frames[slots].view(-1, 1))
+
+
 def sample_next_tokens_ref(
     logits: torch.Tensor,          # [2B, K, V]: rows [0, B) cond, [B, 2B) uncond, row b ↔ slots[b]
     slots: torch.Tensor,           # [B] int64 slot of each row
@@ -125,7 +159,7 @@ def sample_next_tokens_ref(
     temperature: torch.Tensor,     # [S] float32, 0 = greedy
     top_k: torch.Tensor,           # [S] int32, 0 = off
     top_p: torch.Tensor,           # [S] float32, 1 = off
-    seed: torch.Tensor,            # [S] int64 ≥ 0
+    seed: torch.Tensor,            # [S] int64: stream seed, seed_key(request seed)
     position: torch.Tensor,        # [S] int32, position of the current input token
     num_frames: torch.Tensor,      # [S] int32
     prompt_frames: torch.Tensor,   # [S] int32
@@ -139,36 +173,48 @@ def sample_next_tokens_ref(
     any_guidance: bool = True,     # they never change the result when true of the batch
     max_top_k: int = -1,
     any_top_p: bool = True,
+    rows: RowParams | None = None,  # the per-row gather of the [S] parameters above, if already made
 ) -> None:
+    # Written for few operator calls (on a CPU the step's cost is mostly per-call overhead): per-row values are
+    # gathered once, and work the hints rule out is skipped.
+    if rows is None:
+        rows = RowParams.gather(slots, guidance_scale, temperature, top_k, top_p, seed, num_frames, prompt_frames)
     batch, codebooks, vocab = logits.shape[0] // 2, logits.shape[1], logits.shape[2]
     device = logits.device
-    guided = guided_logits_ref(logits, guidance_scale[slots]) if any_guidance else logits[:batch].float()
+    cond, uncond = logits[:batch], logits[batch:]
+    if logits.dtype != torch.float32:
+        cond, uncond = cond.float(), uncond.float()
+    guided = cond
+    if any_guidance:
+        scale = rows.guidance_scale
+        guided = torch.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
     token = guided.argmax(dim=-1)
+    position_b = position[slots].view(-1, 1)
     codebook_ids = torch.arange(codebooks, device=device)
     if any_sampling:
-        temp = temperature[slots].float().view(-1, 1, 1)
+        temp = rows.temperature
         greedy = temp == 0
         scores = guided / torch.where(greedy, 1.0, temp)
         if max_top_k != 0 or any_top_p:
-            scores = filter_logits_ref(scores, top_k[slots], top_p[slots], max_top_k=max_top_k,
+            scores = filter_logits_ref(scores, rows.top_k, rows.top_p, max_top_k=max_top_k,
                                        apply_top_p=any_top_p)
-        key = stream_key_ref(seed[slots].view(-1, 1), position[slots].view(-1, 1), codebook_ids.view(1, -1))
-        uniform = counter_uniform_ref(key.unsqueeze(-1), torch.arange(vocab, device=device).view(1, 1, -1))
+        key = stream_key_ref(rows.seed, position_b, codebook_ids)
+        uniform = counter_uniform_ref(key.unsqueeze(-1), torch.arange(vocab, device=device))
         sampled = (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)  # Gumbel-max
         token = torch.where(greedy.view(-1, 1), token, sampled)
 
     channel_codebook = codebook_ids if audio_channels == 1 else codebook_ids // 2
-    frame = position[slots].to(torch.int64).view(-1, 1) - channel_codebook.view(1, -1)  # [B, K]
-    in_range = (frame >= 0) & (frame < num_frames[slots].view(-1, 1))
-    from_prompt = frame < prompt_frames[slots].view(-1, 1)
-    slot_k = (slots.view(-1, 1), codebook_ids.view(1, -1), frame.clamp(0, codes.shape[-1] - 1))
+    frame = position_b - channel_codebook  # [B, K]
+    in_range = (frame >= 0) & (frame < rows.num_frames)
+    from_prompt = frame < rows.prompt_frames
+    slot_k = (slots.view(-1, 1), codebook_ids, frame.clamp(0, codes.shape[-1] - 1))
     current = codes[slot_k]
     token = torch.where(in_range, torch.where(from_prompt, current, token), pad_id)
     codes[slot_k] = torch.where(in_range, token, current)
     tokens[slots] = token
     # a sum is non-finite iff some element is (finite logits cannot overflow float32 in a 2048-wide sum)
-    bad = (~torch.isfinite(guided.sum(dim=(1, 2)))).to(nonfinite.dtype)
-    nonfinite[slots] = torch.maximum(nonfinite[slots], bad)
+    bad = torch.isfinite(guided.sum(dim=(1, 2))).logical_not_().to(nonfinite.dtype)
+    nonfinite.scatter_reduce_(0, slots, bad, reduce="amax")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,11 +232,9 @@ def _mix32(x):
 
 @triton.jit
 def _stream_key(seed, position, codebook):
-    """seed int64, position and codebook int32 → uint32 key; bit-identical to stream_key_ref."""
-    key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32))
-    key = _mix32(key ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
-    key = _mix32(key ^ position.to(tl.uint32))
-    return _mix32(key ^ codebook.to(tl.uint32))
+    """stream seed (int64 holding a uint32), position and codebook int32 → uint32 key; as stream_key_ref."""
+    counter = (position * 16 + codebook).to(tl.uint32)
+    return _mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ counter)
 
 
 @triton.jit
@@ -274,7 +318,8 @@ def _sample_next_tokens_kernel(
     cols = tl.arange(0, BLOCK_V)
     in_vocab = cols < vocab
     cond_ptr = logits_ptr + row.to(tl.int64) * stride_logits_row + codebook * stride_logits_k
-    uncond_ptr = cond_ptr + batch.to(tl.int64) * stride_logits_row
+    # (row + batch), not batch.to(): the JIT passes batch = 1 as a constexpr, which has no .to()
+    uncond_ptr = logits_ptr + (row + batch).to(tl.int64) * stride_logits_row + codebook * stride_logits_k
     cond = tl.load(cond_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
     uncond = tl.load(uncond_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
     scale = tl.load(guidance_ptr + slot)
@@ -293,7 +338,7 @@ def _sample_next_tokens_kernel(
     from_prompt = frame < tl.load(prompt_frames_ptr + slot)
     frame_index = tl.minimum(tl.maximum(frame, 0), max_frames - 1)
     code_ptr = codes_ptr + slot * stride_codes_s + codebook * stride_codes_k + frame_index
-    token = pad_id.to(tl.int64)
+    token = slot * 0 + pad_id  # int64 (pad_id may arrive as a constexpr)
     if in_range:
         if from_prompt:
             token = tl.load(code_ptr)
@@ -350,7 +395,7 @@ def sample_next_tokens(
     temperature: torch.Tensor,     # [S] float32, 0 = greedy
     top_k: torch.Tensor,           # [S] int32, 0 = off
     top_p: torch.Tensor,           # [S] float32, 1 = off
-    seed: torch.Tensor,            # [S] int64 ≥ 0
+    seed: torch.Tensor,            # [S] int64: stream seed, seed_key(request seed)
     position: torch.Tensor,        # [S] int32, position of the current input token
     num_frames: torch.Tensor,      # [S] int32
     prompt_frames: torch.Tensor,   # [S] int32
@@ -406,9 +451,11 @@ def _engine_configs() -> list[KernelConfig]:
     for dtype in ("fp32", "bf16", "fp16"):
         for vocab in (2048, 48):  # MusicGen's codebook size, and the tests' tiny vocabulary
             block, warps = launch_config(vocab)
-            for channels in (1, 2):
+            for channels, batch_one in ((1, False), (2, False), (1, True)):
+                # the JIT turns an integer argument equal to 1 into a constexpr: batch = 1 is its own variant
                 configs.append(make_config(
-                    f"sampling {dtype} BLOCK_V={block} channels={channels}", _sample_next_tokens_kernel,
+                    f"sampling {dtype} BLOCK_V={block} channels={channels}" + (" B=1" if batch_one else ""),
+                    _sample_next_tokens_kernel,
                     {"logits_ptr": f"*{dtype}", "slots_ptr": "*i64", "guidance_ptr": "*fp32",
                      "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "seed_ptr": "*i64",
                      "position_ptr": "*i32", "num_frames_ptr": "*i32", "prompt_frames_ptr": "*i32",
@@ -416,7 +463,7 @@ def _engine_configs() -> list[KernelConfig]:
                      "vocab": "i32", "max_frames": "i32", "pad_id": "i32", "stride_logits_row": "i32",
                      "stride_logits_k": "i32", "stride_tokens": "i32", "stride_codes_s": "i32",
                      "stride_codes_k": "i32"},
-                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block},
+                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block} | ({"batch": 1} if batch_one else {}),
                     aligned=("logits_ptr", "slots_ptr", "guidance_ptr", "temperature_ptr", "top_k_ptr", "top_p_ptr",
                              "seed_ptr", "position_ptr", "num_frames_ptr", "prompt_frames_ptr", "tokens_ptr",
                              "codes_ptr", "nonfinite_ptr", "stride_logits_row", "stride_logits_k")

@@ -71,7 +71,7 @@ def test_failed_request_is_isolated(engine):
     while bad.request_id not in {r.request_id for r in engine.engine.scheduler.running.values()}:
         threading.Event().wait(0.01)
     slot = next(r.slot for r in engine.engine.scheduler.running.values() if r.request_id == bad.request_id)
-    engine.engine.runner.state.guidance_scale[slot] = float("nan")
+    engine.engine.runner.cache.self_k[:, slot] = float("nan")
     with pytest.raises(fastgen.RequestFailed, match="non-finite"):
         bad.result(timeout=60)
     assert good.result(timeout=60).codes.shape == (4, 17)

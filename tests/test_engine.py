@@ -108,7 +108,7 @@ def test_non_finite_logits_fail_only_that_request(tiny_mono_dir):
     bad = engine.add_request("bad", fastgen.SamplingParams(max_new_tokens=15, seed=10))
     good = engine.add_request("good", good_params)
     engine.step()
-    engine.runner.state.guidance_scale[bad.slot] = float("nan")  # poison one request's logits
+    engine.runner.cache.self_k[:, bad.slot] = float("nan")  # a fault in one request's cache rows → NaN logits
     run_all(engine)
     assert bad.status == RequestStatus.FAILED
     assert isinstance(bad.error, fastgen.RequestFailed) and "non-finite" in str(bad.error)

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 import fastgen
-from fastgen.kernels.sampling import sample_next_tokens_ref
+from fastgen.kernels.sampling import sample_next_tokens_ref, seed_key
 
 FALSE_ALARM = 1e-4
 
@@ -34,7 +34,7 @@ def draw(logits: torch.Tensor, n: int, *, guidance=1.0, temperature=1.0, top_k=0
     state = dict(
         guidance_scale=torch.full((n,), guidance), temperature=torch.full((n,), temperature),
         top_k=torch.full((n,), top_k, dtype=torch.int32), top_p=torch.full((n,), top_p),
-        seed=torch.arange(seed0, seed0 + n, dtype=torch.int64), position=torch.full((n,), 5, dtype=torch.int32),
+        seed=torch.tensor([seed_key(s) for s in range(seed0, seed0 + n)]), position=torch.full((n,), 5, dtype=torch.int32),
         num_frames=torch.full((n,), 10, dtype=torch.int32), prompt_frames=torch.zeros(n, dtype=torch.int32))
     tokens = torch.full((n, 1), -1, dtype=torch.int64)
     codes = torch.full((n, 1, 10), -1, dtype=torch.int64)

@@ -38,6 +38,11 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Warm up every bucket eagerly (Triton compiles its specialisations), then capture largest first so the
         smaller graphs reuse the pool."""
+        from fastgen.kernels.decode_attention import reserve_decode_scratch
+        runner = self.runner
+        reserve_decode_scratch(2 * self.buckets[-1], runner.config.num_heads,
+                               max(runner.max_positions, runner.max_text_tokens), runner.device,
+                               runner.config.head_dim)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

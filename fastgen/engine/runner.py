@@ -14,6 +14,7 @@ from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.request import Request
 from fastgen.model.codec import AudioCodec, TextEncoder
 from fastgen.model.decoder import KVCache, MusicgenDecoder
+from fastgen.kernels.sampling import RowParams, seed_key
 from fastgen.model.ops import Ops, SamplerHints
 
 KV_BOUND_GRANULE = 64  # the torch backend reads the cache up to the batch's longest row, rounded up to this
@@ -112,7 +113,7 @@ class ModelRunner:
         st.temperature[slot] = p.temperature
         st.top_k[slot] = p.top_k
         st.top_p[slot] = p.top_p
-        st.seed[slot] = p.seed
+        st.seed[slot] = seed_key(p.seed)  # the kernels' 32-bit stream seed
         st.nonfinite[slot] = 0
         codebooks = self.config.num_codebooks
         prompt_frames = 0
@@ -150,16 +151,19 @@ class ModelRunner:
         """Host-side facts about the running batch, recomputed only when its membership changes."""
         params = [r.resolved for r in requests]
         sampling = [p for p in params if p.temperature > 0]
-        hints = SamplerHints(any_sampling=bool(sampling),
-                             any_guidance=any(p.guidance_scale != 1.0 for p in params),
-                             max_top_k=max([p.top_k for p in sampling] or [0]),
-                             any_top_p=any(p.top_p < 1.0 for p in sampling))
         slots = sorted(r.slot for r in requests)
         text_span = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
         if self.graphs is not None:
             bucket = self.graphs.set_batch(slots)
-            return BatchPlan(self.graphs.slot_ids[:bucket], hints, text_span, bucket)
+            return BatchPlan(self.graphs.slot_ids[:bucket], self.graphs.hints, text_span, bucket)
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        st = self.state
+        rows = RowParams.gather(slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
+                                st.num_frames, st.prompt_frames)
+        hints = SamplerHints(any_sampling=bool(sampling),
+                             any_guidance=any(p.guidance_scale != 1.0 for p in params),
+                             max_top_k=max([p.top_k for p in sampling] or [0]),
+                             any_top_p=any(p.top_p < 1.0 for p in sampling), rows=rows)
         return BatchPlan(slot_ids, hints, text_span)
 
     def kv_span(self, requests: list[Request]) -> int:
@@ -180,7 +184,8 @@ class ModelRunner:
         """The step proper, on device tensors only: no host syncs, no data-dependent shapes (CUDA-graph safe)."""
         st, c = self.state, self.config
         rows = torch.cat([slot_ids, slot_ids + self.total_slots])
-        position = st.position[slot_ids].to(torch.int64).repeat(2)
+        position = st.position[slot_ids].to(torch.int64)
+        position = torch.cat([position, position])
         text_length = torch.cat([st.text_length[slot_ids], torch.zeros_like(slot_ids, dtype=torch.int32)])
         hidden = torch.empty(rows.shape[0], c.hidden_size, dtype=self.decoder.dtype, device=self.device)
         self.ops.embed(st.tokens, st.position, slot_ids, self.decoder.embed, self.decoder.sinusoid, hidden)

@@ -15,16 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.kernels.codebook_embedding import codebook_embedding_ref
-from fastgen.kernels.sampling import sample_next_tokens_ref
+from fastgen.kernels.sampling import RowParams, sample_next_tokens_ref
 
 
 @dataclass(frozen=True)
 class SamplerHints:
-    """Host-known facts about the batch that let the torch sampler skip work (the kernels need none)."""
+    """Host-known facts about the batch that let the torch sampler skip work (the kernels need none), and the
+    per-row parameters gathered once for the batch."""
     any_sampling: bool = True
     any_guidance: bool = True
     max_top_k: int = -1        # -1: unknown; 0: no row uses top-k
     any_top_p: bool = True
+    rows: RowParams | None = None
 
 
 @dataclass
@@ -67,7 +69,8 @@ class TorchOps:
         return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.text_span, ctx.cross_bias, scale)
 
     def sample(self, *args, hints: SamplerHints = SamplerHints(), **kwargs) -> None:
-        sample_next_tokens_ref(*args, **kwargs, **hints.__dict__)
+        sample_next_tokens_ref(*args, **kwargs, any_sampling=hints.any_sampling, any_guidance=hints.any_guidance,
+                               max_top_k=hints.max_top_k, any_top_p=hints.any_top_p, rows=hints.rows)
 
 
 def _gathered_attention(q, k_cache, v_cache, rows, span, bias, scale) -> torch.Tensor:
@@ -83,10 +86,11 @@ class TritonOps:
     def __init__(self) -> None:
         # imported here: the kernels need triton's JIT (or TRITON_INTERPRET=1 on a CPU)
         from fastgen.kernels.codebook_embedding import codebook_embedding
-        from fastgen.kernels.decode_attention import decode_attention
+        from fastgen.kernels.decode_attention import decode_attention, decode_attention_append
         from fastgen.kernels.sampling import sample_next_tokens
         self.embed = codebook_embedding
         self._attention = decode_attention
+        self._attention_append = decode_attention_append
         self._sample = sample_next_tokens
 
     def begin_step(self, rows, position, text_length, kv_span: int | None, text_span: int | None,
@@ -94,9 +98,8 @@ class TritonOps:
         return StepContext(rows, position, (position + 1).to(torch.int32), text_length)
 
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
-        k_cache[ctx.rows, :, ctx.position] = k
-        v_cache[ctx.rows, :, ctx.position] = v
-        return self._attention(q, k_cache, v_cache, ctx.rows, ctx.self_length, scale)
+        # the kernel writes this step's K/V at position length − 1 itself (no scatter launches)
+        return self._attention_append(q, k, v, k_cache, v_cache, ctx.rows, ctx.self_length, scale)
 
     def cross_attention(self, ctx: StepContext, k_cache, v_cache, q, scale: float) -> torch.Tensor:
         return self._attention(q, k_cache, v_cache, ctx.rows, ctx.text_length, scale)
