@@ -16,19 +16,11 @@ from fastgen.kernels.decode_attention import (  # noqa: E402
     decode_attention_ref,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_checks import DEVICE, assert_close_report  # noqa: E402
+
 DTYPES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 2e-3, 2e-3)]
 if DEVICE == "cuda":
     DTYPES.append((torch.bfloat16, 1.6e-2, 1.6e-2))
-
-
-def assert_close_report(actual, expected, atol, rtol, what="out"):
-    actual, expected = actual.float().cpu(), expected.float().cpu()
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol) | actual.isnan()
-    if bad.any():
-        idx = bad.nonzero()[:10].tolist()
-        details = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
-        pytest.fail(f"{what}: {int(bad.sum())}/{bad.numel()} mismatches; first (index, got, want): {details}")
 
 
 def make_inputs(rows, heads, head_dim, cache_rows, max_len, lengths, dtype, seed, cache_row=None):

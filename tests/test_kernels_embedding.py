@@ -9,19 +9,11 @@ if not torch.cuda.is_available():
 
 from fastgen.kernels.codebook_embedding import codebook_embedding, codebook_embedding_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_checks import DEVICE, assert_close_report  # noqa: E402
+
 DTYPES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 1e-3, 1e-3)]
 if DEVICE == "cuda":
     DTYPES.append((torch.bfloat16, 8e-3, 8e-3))
-
-
-def assert_close_report(actual, expected, atol, rtol, what="out"):
-    actual, expected = actual.float().cpu(), expected.float().cpu()
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol) | actual.isnan()
-    if bad.any():
-        idx = bad.nonzero()[:10].tolist()
-        details = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
-        pytest.fail(f"{what}: {int(bad.sum())}/{bad.numel()} mismatches; first (index, got, want): {details}")
 
 
 def make_inputs(slots_total, codebooks, vocab, dim, positions, slots, dtype, sinusoid_dtype, seed):
