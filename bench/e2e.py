@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, copy_bandwidth, peak_memory, slug, timed  # noqa: E402
+from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, peak_memory, slug, timed  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------ worker
 def worker(args: argparse.Namespace) -> dict:
@@ -30,7 +28,7 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if args.system == "fastgen":
+    if args.worker == "fastgen":
         import fastgen
         model = fastgen.MusicGen.from_pretrained(args.model_dir, device=device, dtype=dtype,
                                                  max_slots=max(args.batch, 1), max_duration_s=args.max_duration)
@@ -62,7 +60,7 @@ def worker(args: argparse.Namespace) -> dict:
     frame_rate = 50
     audio_s = (long + 1 - 4) / frame_rate * args.batch
     peak = peak_memory(device)
-    return {"system": args.system, "step_ms": (t_long - t_short) / (long - short) * 1e3, "total_s": t_long,
+    return {"system": args.worker, "step_ms": (t_long - t_short) / (long - short) * 1e3, "total_s": t_long,
             "steps": long, "audio_s_per_s": audio_s / t_long, "peak_bytes": peak, "decoder_bytes": decoder_bytes}
 
 
@@ -110,7 +108,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench/e2e.py: --device cuda given but no GPU is available")
         return
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    machine = machine_name(args.device)
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for name in args.models.split(","):
@@ -121,7 +119,7 @@ def main() -> None:
         rows.append({"model": name, "fastgen": ours, "transformers": theirs, "floor_step_ms": floor_ms,
                      "step_speedup": theirs["step_ms"] / ours["step_ms"],
                      "total_speedup": theirs["total_s"] / ours["total_s"]})
-    print(f"\nmachine: {machine}, {os.cpu_count()} cpus; device {args.device}, {args.dtype}, batch {args.batch}; "
+    print(f"\nmachine: {machine}; device {args.device}, {args.dtype}, batch {args.batch}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}")
     header = (f"{'model':<8}{'system':<14}{'step ms':>9}{'floor ms':>10}{'total s':>9}{'audio s/s':>11}"
               f"{'peak MB':>9}{'step ×':>8}{'total ×':>9}")

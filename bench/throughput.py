@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, peak_memory, slug  # noqa: E402
+from common import PROMPTS, checkpoint, machine_name, peak_memory, slug  # noqa: E402
 
 FRAME_RATE = 50
 
@@ -158,7 +157,7 @@ def main() -> None:
             print(f"{worker} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    machine = torch.cuda.get_device_name() if gpu else (platform.processor() or "cpu")
+    machine = machine_name(args.device)
     print(f"\n{args.requests} requests × {args.seconds} s, {args.arrival} arrivals"
           f"{f' at {args.rate}/s' if args.arrival == 'poisson' else ''}; model {args.model}, {args.device} "
           f"{args.dtype}; {machine}")

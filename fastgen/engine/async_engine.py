@@ -172,7 +172,7 @@ class AsyncEngine:
                 self.engine.step()
             except Exception as exc:  # a failure of the batch step: fail the running requests, keep serving
                 running = list(self.engine.scheduler.running.values())
-                self.engine._fail(running, exc)
+                self.engine.fail(running, exc)
         for request in list(self.engine.scheduler.waiting) + list(self.engine.scheduler.running.values()):
             self.engine.abort(request.request_id)
 

@@ -177,13 +177,13 @@ class Engine:
             self.runner.start(admitted)
         except Exception as exc:  # isolate: retry one by one so one bad request fails alone
             if len(admitted) == 1:
-                return self._fail(admitted, exc)
+                return self.fail(admitted, exc)
             failed = []
             for request in admitted:
                 try:
                     self.runner.start([request])
                 except Exception as single_exc:
-                    failed += self._fail([request], single_exc)
+                    failed += self.fail([request], single_exc)
             admitted = [r for r in admitted if r.status == RequestStatus.RUNNING]
             for request in admitted:
                 self._emit(request, "started", None)
@@ -201,7 +201,7 @@ class Engine:
             request_codes, nonfinite = self.runner.finish(request)
             self.scheduler.release(request, RequestStatus.FINISHED)
             if nonfinite:
-                failed += self._fail([request], RequestFailed(
+                failed += self.fail([request], RequestFailed(
                     f"request {request.request_id} produced non-finite logits (NaN/inf); check the model "
                     "weights and dtype (float16 can overflow)"), release=False)
             else:
@@ -211,14 +211,15 @@ class Engine:
             try:
                 audio = self.runner.decode_audio(codes)
             except Exception as exc:
-                return failed + self._fail(finished, exc, release=False)
+                return failed + self.fail(finished, exc, release=False)
             for request, request_codes, wave in zip(finished, codes, audio):
                 request.finish_time = time.perf_counter()
                 request.output = self._output(request, request_codes, wave)
                 self._emit(request, "finished", request.output)
         return failed + finished
 
-    def _fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
+    def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
+        """End ``requests`` with RequestFailed (freeing their slots); the engine goes on serving the rest."""
         for request in requests:
             if release:
                 self.scheduler.release(request, RequestStatus.FAILED)

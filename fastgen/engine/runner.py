@@ -12,6 +12,7 @@ import torch
 
 from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.request import Request
+from fastgen.errors import RequestError
 from fastgen.model.codec import AudioCodec, TextEncoder
 from fastgen.model.decoder import KVCache, MusicgenDecoder
 from fastgen.kernels.sampling import RowParams, seed_key
@@ -124,6 +125,9 @@ class ModelRunner:
             request.prompt_codes = codes
             prompt_frames = codes.shape[1]
             request.prompt_frames = prompt_frames
+            if request.total_frames > self.max_frames:  # the submission-time estimate was short
+                raise RequestError(f"the audio prompt encodes to {prompt_frames} frames; with the requested "
+                                   f"length that exceeds the {self.max_frames}-frame limit")
             st.codes[slot, :, :prompt_frames] = codes.to(self.device)
             rows = torch.tensor([slot, self.total_slots + slot], device=self.device)
             delayed = self._delayed_prompt(codes.to(self.device), prompt_frames + 1)  # positions 0..P

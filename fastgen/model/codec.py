@@ -13,6 +13,7 @@ from fastgen.errors import CheckpointError
 from fastgen.model.loader import load_submodule, take_prefixed
 
 STAGE_DTYPE = torch.float32
+DECODE_BATCH = 16  # clips per EnCodec call: its activations grow with batch × samples (30 s clips: ~1 GB each)
 
 
 class TextEncoder:
@@ -23,16 +24,15 @@ class TextEncoder:
         except Exception as exc:
             raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
         config = T5Config.from_dict(t5_config)
-        # built for real, not on the meta device: transformers modules keep non-persistent buffers (EnCodec's
-        # conv strides and paddings) that a checkpoint does not carry
-        model = T5EncoderModel(config)
+        with torch.device("meta"):  # no random init: every tensor comes from the checkpoint (assign=True)
+            model = T5EncoderModel(config)
         own = take_prefixed(weights, "text_encoder.")
         # the input embedding is tied to `shared`: exports store it once under either name
         if "shared.weight" in own:
             own.setdefault("encoder.embed_tokens.weight", own["shared.weight"])
         elif "encoder.embed_tokens.weight" in own:
             own["shared.weight"] = own["encoder.embed_tokens.weight"]
-        self.model = load_submodule(model, own, "text_encoder").to(device, STAGE_DTYPE).eval()
+        self.model = load_submodule(model, own, "text_encoder", assign=True).to(device, STAGE_DTYPE).eval()
         self.device = device
 
     def tokenize(self, text: str) -> list[int]:
@@ -59,6 +59,8 @@ class AudioCodec:
                  audio_channels: int):
         from transformers import EncodecConfig, EncodecModel
         config = EncodecConfig.from_dict(encodec_config)
+        # built for real, not on the meta device: EnCodec keeps non-persistent buffers (conv strides, paddings)
+        # that a checkpoint does not carry
         model = EncodecModel(config)
         own = take_prefixed(weights, "audio_encoder.")
         # codebook bookkeeping buffers are training state; older exports may omit them
@@ -89,7 +91,9 @@ class AudioCodec:
         by_length: dict[int, list[int]] = {}
         for i, c in enumerate(codes):
             by_length.setdefault(c.shape[-1], []).append(i)
-        for indices in by_length.values():
+        chunks = [group[i:i + DECODE_BATCH] for group in by_length.values()
+                  for i in range(0, len(group), DECODE_BATCH)]
+        for indices in chunks:
             batch = torch.stack([codes[i] for i in indices]).to(self.device)  # [n, K, frames]
             channels = [batch] if self.audio_channels == 1 else [batch[:, 0::2], batch[:, 1::2]]
             audio = torch.cat([self._decode(c) for c in channels], dim=1).float().cpu().numpy()

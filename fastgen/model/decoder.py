@@ -201,17 +201,16 @@ class MusicgenDecoder:
 
 
 class _WeightReader:
-    """Takes named tensors out of a checkpoint dict, checking shapes; reports missing and unexpected keys."""
+    """Takes named tensors out of a checkpoint dict (removing them, so the file's copy is freed as soon as fastgen
+    holds its own), checking shapes; reports missing and unexpected keys."""
 
     def __init__(self, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
         self.weights = weights
         self.device, self.dtype = device, dtype
-        self.used: set[str] = set()
         self.missing: list[str] = []
 
     def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        self.used.add(key)
-        tensor = self.weights.get(key)
+        tensor = self.weights.pop(key, None)
         if tensor is None:
             self.missing.append(key)
             return torch.empty(shape, device="meta")
@@ -220,14 +219,13 @@ class _WeightReader:
         return tensor.to(device=self.device, dtype=self.dtype)
 
     def skip(self, key: str) -> None:
-        self.used.add(key)
+        self.weights.pop(key, None)
 
     def finish(self) -> None:
         if self.missing:
             shown = ", ".join(self.missing[:5]) + (" …" if len(self.missing) > 5 else "")
             raise CheckpointError(f"{len(self.missing)} decoder weight(s) missing from the checkpoint: {shown}")
-        ours = [k for k in self.weights if k.startswith(("decoder.", "enc_to_dec_proj."))]
-        unexpected = [k for k in ours if k not in self.used]
+        unexpected = [k for k in self.weights if k.startswith(("decoder.", "enc_to_dec_proj."))]
         if unexpected:
             shown = ", ".join(unexpected[:5]) + (" …" if len(unexpected) > 5 else "")
             raise CheckpointError(f"{len(unexpected)} unexpected decoder weight(s) in the checkpoint: {shown}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,16 +88,52 @@ def read_weights(folder: Path, *, allow_pickle: bool = False) -> dict[str, torch
     raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-        return tensors
-    except Exception as exc:  # truncated or corrupt files surface as SafetensorError / OSError
-        raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from None
+class LazyTensors(MutableMapping):
+    """Checkpoint tensors read from their safetensors file only when taken: with the loader popping what it uses,
+    the file's copy of a weight lives only until fastgen holds its own, so loading peaks near the model's size."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[Any, Path]] = {}
+
+    def add_file(self, path: Path) -> None:
+        from safetensors import safe_open
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except Exception as exc:  # truncated or corrupt files surface as SafetensorError / OSError
+            raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") \
+                from None
+        for key in keys:
+            self._where[key] = (handle, path)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        handle, path = self._where[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {key} ({exc}); is the file truncated or corrupt?") \
+                from None
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        raise TypeError("checkpoint tensors are read-only")
+
+    def __delitem__(self, key: str) -> None:
+        del self._where[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._where))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+
+def _read_safetensors(path: Path) -> LazyTensors:
+    tensors = LazyTensors()
+    tensors.add_file(path)
+    return tensors
 
 
 def _read_sharded(folder: Path) -> dict[str, torch.Tensor]:
@@ -107,12 +144,12 @@ def _read_sharded(folder: Path) -> dict[str, torch.Tensor]:
             raise TypeError("weight_map is not an object")
     except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{index_path}: malformed index ({type(exc).__name__}: {exc})") from None
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = LazyTensors()
     for shard in sorted(set(weight_map.values())):
         shard_path = folder / shard
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {folder}")
-        tensors.update(_read_safetensors(shard_path))
+        tensors.add_file(shard_path)
     absent = [k for k in weight_map if k not in tensors]
     if absent:
         raise CheckpointError(f"{index_path} lists {len(absent)} tensor(s) not found in their shards, "
@@ -135,11 +172,13 @@ def _read_pickled(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def take_prefixed(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    """Remove the tensors under ``prefix`` from ``weights`` and return them with the prefix stripped."""
+    keys = [k for k in weights if k.startswith(prefix)]
+    return {k[len(prefix):]: weights.pop(k) for k in keys}
 
 
 def load_submodule(module: torch.nn.Module, weights: dict[str, torch.Tensor], label: str,
-                   optional: set[str] = frozenset()) -> torch.nn.Module:
+                   optional: set[str] = frozenset(), assign: bool = False) -> torch.nn.Module:
     """Load a transformers module strictly, mapping old weight-norm names (weight_g/weight_v, as in the original
     facebook exports) to torch's parametrization names, and naming any missing or unexpected key."""
     expected = module.state_dict()
@@ -164,7 +203,10 @@ def load_submodule(module: torch.nn.Module, weights: dict[str, torch.Tensor], la
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"weight {label}.{key} has shape {tuple(tensor.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from config.json")
-    module.load_state_dict(renamed, strict=False)
+    module.load_state_dict(renamed, strict=False, assign=assign)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{label}: {len(left)} tensor(s) were not loaded, e.g. {label}.{left[0]}")
     return module
 
 
