@@ -139,3 +139,25 @@ def test_no_slot_leaks_after_a_thousand_mixed_requests(tiny_mono_dir):
     assert statuses.count(RequestStatus.FINISHED) == 1000 - aborted
     assert sorted(engine.scheduler.free_slots) == list(range(engine.num_slots))
     assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_codec_on_a_worker_thread_gives_the_same_outputs(tiny_mono_dir):
+    """EnCodec off the decode loop (the CUDA default, forced here on the CPU) changes nothing but timing, and an
+    output's codes are its own (not a view of the slot's buffer, which the next request overwrites)."""
+    outputs = run_both_modes(tiny_mono_dir)
+    for inline, threaded in zip(outputs[False], outputs[True]):
+        np.testing.assert_array_equal(inline.codes, threaded.codes)
+        np.testing.assert_array_equal(inline.audio, threaded.audio)
+
+
+def run_both_modes(folder):
+    outputs = {}
+    for threaded in (False, True):
+        engine = fastgen.Engine.from_pretrained(folder, max_slots=2, backend="torch", overlap_codec=threaded)
+        requests = [engine.add_request(f"p{i}", fastgen.SamplingParams(max_new_tokens=6 + 4 * i, seed=i))
+                    for i in range(5)]
+        run_all(engine)
+        engine.close()
+        assert all(r.status == RequestStatus.FINISHED for r in requests)
+        outputs[threaded] = [r.output for r in requests]
+    return outputs

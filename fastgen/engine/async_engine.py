@@ -175,6 +175,9 @@ class AsyncEngine:
                 self.engine.fail(running, exc)
         for request in list(self.engine.scheduler.waiting) + list(self.engine.scheduler.running.values()):
             self.engine.abort(request.request_id)
+        while self.engine.has_unfinished():  # requests already in EnCodec finish normally
+            self.engine.step()
+        self.engine.close()
 
     def _drain_inbox(self) -> bool:
         while True:

@@ -12,6 +12,7 @@ import torch
 
 from fastgen.audio import prepare_audio_prompt
 from fastgen.config import EngineConfig
+from fastgen.engine.codec_worker import CodecWorker
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
@@ -48,6 +49,8 @@ class Engine:
         self.scheduler = Scheduler(num_slots)
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs()
+        threaded = config.overlap_codec if config.overlap_codec is not None else self.device.type == "cuda"
+        self.codec_worker = CodecWorker(self.runner.decode_audio, self.device, threaded)
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
         self._ids = itertools.count()
@@ -146,13 +149,18 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.codec_worker.pending > 0
+
+    def close(self) -> None:
+        """Stop the codec worker thread (if any)."""
+        self.codec_worker.close()
 
     # ------------------------------------------------------------------------------------------------ the loop
     def step(self) -> list[Request]:
         """Admit what fits, advance every running request by one position, retire what finished. Returns the
-        requests that ended in this step (finished or failed), outputs attached."""
-        ended = self._admit()
+        requests that ended since the last step (finished or failed), outputs attached."""
+        ended = self._collect_audio(block=not self.scheduler.has_unfinished())
+        ended += self._admit()
         if self.scheduler.running:
             running = list(self.scheduler.running.values())
             if self._plan is None or self._plan_version != self.scheduler.version:
@@ -167,6 +175,8 @@ class Engine:
                 for request in running:
                     self._emit(request, "progress", (request.steps_done, request.steps_total))
             ended += self._retire(done)
+            if not self.codec_worker.threaded:
+                ended += self._collect_audio()
         return ended
 
     def _admit(self) -> list[Request]:
@@ -193,13 +203,15 @@ class Engine:
         return []
 
     def _retire(self, done: list[Request]) -> list[Request]:
+        """Free the slots of requests whose last step this was and hand their codes to EnCodec (on a side thread
+        and stream on CUDA, so the decode loop goes on)."""
         if not done:
             return []
         finished, codes = [], []
         failed: list[Request] = []
         for request in done:
             request_codes, nonfinite = self.runner.finish(request)
-            self.scheduler.release(request, RequestStatus.FINISHED)
+            self.scheduler.release(request, RequestStatus.DECODING)
             if nonfinite:
                 failed += self.fail([request], RequestFailed(
                     f"request {request.request_id} produced non-finite logits (NaN/inf); check the model "
@@ -208,15 +220,22 @@ class Engine:
                 finished.append(request)
                 codes.append(request_codes)
         if finished:
-            try:
-                audio = self.runner.decode_audio(codes)
-            except Exception as exc:
-                return failed + self.fail(finished, exc, release=False)
-            for request, request_codes, wave in zip(finished, codes, audio):
+            self.codec_worker.submit(finished, codes)
+        return failed
+
+    def _collect_audio(self, block: bool = False) -> list[Request]:
+        ended: list[Request] = []
+        for job in self.codec_worker.collect(block=block):
+            if job.error is not None:
+                ended += self.fail(job.requests, job.error, release=False)
+                continue
+            for request, request_codes, wave in zip(job.requests, job.codes, job.audio):
+                request.status = RequestStatus.FINISHED
                 request.finish_time = time.perf_counter()
                 request.output = self._output(request, request_codes, wave)
                 self._emit(request, "finished", request.output)
-        return failed + finished
+                ended.append(request)
+        return ended
 
     def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
         """End ``requests`` with RequestFailed (freeing their slots); the engine goes on serving the rest."""

@@ -14,6 +14,7 @@ from fastgen.sampling_params import ResolvedParams, SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    DECODING = "decoding"  # slot released, EnCodec turning its codes into audio
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"

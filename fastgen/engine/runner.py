@@ -205,7 +205,7 @@ class ModelRunner:
     def finish(self, request: Request) -> tuple[torch.Tensor, bool]:
         """(codes [K, frames] on the CPU, whether any logit of the request was non-finite)."""
         slot = request.slot
-        codes = self.state.codes[slot, :, :request.total_frames].cpu()
+        codes = self.state.codes[slot, :, :request.total_frames].to("cpu", copy=True)  # the slot is reused
         bad = bool(self.state.nonfinite[slot].item())
         if bad:  # keep NaNs in this slot's cache from leaking into the next request through masked reads
             self.cache.clear_rows(torch.tensor([slot, self.total_slots + slot], device=self.device))
