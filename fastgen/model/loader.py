@@ -93,23 +93,28 @@ class LazyTensors(MutableMapping):
     the file's copy of a weight lives only until fastgen holds its own, so loading peaks near the model's size."""
 
     def __init__(self) -> None:
-        self._where: dict[str, tuple[Any, Path]] = {}
+        self._where: dict[str, Path] = {}
 
     def add_file(self, path: Path) -> None:
         from safetensors import safe_open
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            keys = list(handle.keys())
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                keys = list(handle.keys())
         except Exception as exc:  # truncated or corrupt files surface as SafetensorError / OSError
             raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") \
                 from None
         for key in keys:
-            self._where[key] = (handle, path)
+            self._where[key] = path
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        handle, path = self._where[key]
+        from safetensors import safe_open
+        path = self._where[key]
         try:
-            return handle.get_tensor(key)
+            # A private copy, through a memory map opened for this tensor alone: a view into a map held open for
+            # the whole load would keep every page loading touched resident (the unfused q/k/v, say) for as long
+            # as any weight lives, and a copy through a long-lived map would count the file twice until the end.
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(key).clone()
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key} ({exc}); is the file truncated or corrupt?") \
                 from None
