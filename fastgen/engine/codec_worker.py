@@ -65,6 +65,8 @@ class CodecWorker:
 
     def _run(self) -> None:
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        if stream is None:
+            torch.set_num_threads(1)  # per thread; OpenMP regions off the main thread are slow (see AsyncEngine)
         while (job := self._jobs.get()) is not None:
             if stream is not None:
                 with torch.cuda.stream(stream):
