@@ -147,7 +147,8 @@ def test_codec_on_a_worker_thread_gives_the_same_outputs(tiny_mono_dir):
     outputs = run_both_modes(tiny_mono_dir)
     for inline, threaded in zip(outputs[False], outputs[True]):
         np.testing.assert_array_equal(inline.codes, threaded.codes)
-        np.testing.assert_array_equal(inline.audio, threaded.audio)
+        # the worker runs EnCodec with one intra-op thread: reductions may round differently in the last bit
+        np.testing.assert_allclose(inline.audio, threaded.audio, atol=1e-5, rtol=0)
 
 
 def run_both_modes(folder):
