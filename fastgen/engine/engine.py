@@ -25,7 +25,7 @@ from fastgen.sampling_params import ResolvedParams, SamplingParams
 # event kinds passed to listeners: queued, started, progress, finished, failed, aborted
 Listener = Callable[[Request, str, Any], None]
 CPU_CACHE_BUDGET = 2 << 30
-CUDA_CACHE_SHARE = 0.85  # of the memory free after loading the weights
+CUDA_CACHE_SHARE = 0.75  # of the memory free after loading the weights; the rest: graphs, EnCodec, T5
 MAX_SLOTS = 256
 
 

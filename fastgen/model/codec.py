@@ -13,7 +13,7 @@ from fastgen.errors import CheckpointError
 from fastgen.model.loader import load_submodule, take_prefixed
 
 STAGE_DTYPE = torch.float32
-DECODE_BATCH = 16  # clips per EnCodec call: its activations grow with batch × samples (30 s clips: ~1 GB each)
+DECODE_BATCH = 8  # clips per EnCodec call: its activations grow with batch × samples (30 s clips: ~1 GB each)
 
 
 class TextEncoder:
