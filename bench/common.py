@@ -81,3 +81,18 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()[:40] or "machine"
 
 
+
+
+def write_result(kind: str, device: str, machine: str, out: Path | None, fields: dict) -> Path:
+    """Write a benchmark's JSON (with date, machine and versions) to ``out`` or bench/results/<kind>-<device>-<machine>."""
+    import json
+    from datetime import datetime, timezone
+
+    import torch
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+              "torch": torch.__version__, **fields}
+    out = out or Path(__file__).parent / "results" / f"{kind}-{device.split(':')[0]}-{slug(machine)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return out

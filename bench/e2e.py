@@ -14,11 +14,10 @@ import argparse
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, peak_memory, slug, timed  # noqa: E402
+from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, peak_memory, timed, write_result  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------ worker
 def worker(args: argparse.Namespace) -> dict:
@@ -130,14 +129,9 @@ def main() -> None:
             ratio = (f"{row['step_speedup']:>8.2f}{row['total_speedup']:>9.2f}" if system == "fastgen" else "")
             print(f"{row['model']:<8}{system:<14}{r['step_ms']:>9.2f}{row['floor_step_ms']:>10.2f}"
                   f"{r['total_s']:>9.2f}{r['audio_s_per_s']:>11.2f}{r['peak_bytes'] / 2**20:>9.0f}{ratio}")
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-              "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
-              "copy_bandwidth_Bps": bandwidth, "torch": torch.__version__, "rows": rows}
-    out = args.out or Path(__file__).parent / "results" / f"e2e-{args.device.split(':')[0]}-{slug(machine)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-
+    write_result("e2e", args.device, machine, args.out, {
+        "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+        "copy_bandwidth_Bps": bandwidth, "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -16,13 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, machine_name, peak_memory, slug  # noqa: E402
+from common import PROMPTS, checkpoint, machine_name, peak_memory, write_result  # noqa: E402
 
 FRAME_RATE = 50
 
@@ -176,14 +175,9 @@ def main() -> None:
             summary["vs_batch1"] = ours["audio_s_per_s"] / single["audio_s_per_s"]
         print(f"fastgen throughput: {summary['vs_best_static']:.2f}× {best['system']}"
               + (f", {summary['vs_batch1']:.2f}× transformers(batch=1)" if single else ""))
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-              "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker")}, "rows": rows,
-              "summary": summary, "torch": torch.__version__}
-    out = args.out or Path(__file__).parent / "results" / f"throughput-{args.device.split(':')[0]}-{slug(machine)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-
+    write_result("throughput", args.device, machine, args.out, {
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker")}, "rows": rows,
+        "summary": summary})
 
 if __name__ == "__main__":
     main()
