@@ -198,9 +198,9 @@ class AsyncEngine:
             if kind == "submit":
                 self.engine.enqueue(payload)
             elif kind == "abort":
-                if not self.engine.abort(payload) and payload in self._handles and not self._handles[payload].done:
-                    # not queued yet (submitted after this drain began): abort once it arrives
-                    self._inbox.put(("abort", payload))
+                # a request's submit always precedes its abort in the inbox; one not found has finished or is
+                # already in EnCodec, and ends normally
+                self.engine.abort(payload)
 
     def _on_event(self, request: Request, kind: str, payload: Any) -> None:
         handle = self._handles.get(request.request_id)
