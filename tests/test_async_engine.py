@@ -107,3 +107,18 @@ def test_shutdown_aborts_pending(tiny_mono_dir):
             eng.submit("late", fastgen.SamplingParams(max_new_tokens=5))
 
     asyncio.run(main())
+
+
+def test_codec_worker_thread_and_late_abort(tiny_mono_dir):
+    """EnCodec on its worker thread (the CUDA default): outputs arrive, and aborting a request that has left its slot
+    (decoding or done) neither fails it nor stalls the loop."""
+    eng = AsyncEngine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", overlap_codec=True)
+    try:
+        handles = [eng.submit(f"p{i}", fastgen.SamplingParams(max_new_tokens=8 + i, seed=i)) for i in range(3)]
+        first = handles[0].result(timeout=60)
+        eng.abort(handles[0].request_id)
+        outs = [h.result(timeout=60) for h in handles[1:]]
+        assert first.codes.shape == (4, 5) and [o.codes.shape[1] for o in outs] == [6, 7]
+        assert eng.submit("after", fastgen.SamplingParams(max_new_tokens=6, seed=9)).result(timeout=60)
+    finally:
+        eng.shutdown_sync()
