@@ -162,3 +162,9 @@ def run_both_modes(folder):
         assert all(r.status == RequestStatus.FINISHED for r in requests)
         outputs[threaded] = [r.output for r in requests]
     return outputs
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(tiny_mono_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
+        fastgen.Engine.from_pretrained(tiny_mono_dir, backend="triton", max_slots=1)

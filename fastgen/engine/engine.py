@@ -4,6 +4,7 @@ MusicGen.generate and the CLI run on it; the AsyncEngine drives it from a backgr
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Any, Callable
 
@@ -42,6 +43,9 @@ class Engine:
         backend = config.backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
+                             "interpreter, for testing); use backend='torch' or 'auto' on a CPU")
         self.ops = get_ops(backend)
         num_slots = self._plan_slots()
         self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
