@@ -33,8 +33,8 @@ class SamplerHints:
 class StepContext:
     rows: torch.Tensor           # [R] cache rows
     position: torch.Tensor       # [R] int64 position of the input token
-    self_length: torch.Tensor    # [R] int32
     text_length: torch.Tensor    # [R] int32
+    self_length: torch.Tensor | None = None  # triton backend: [R] int32, position + 1
     self_bias: torch.Tensor | None = None   # torch backend: additive masks [R, 1, 1, span]
     cross_bias: torch.Tensor | None = None
     kv_span: int | None = None
@@ -49,8 +49,7 @@ class TorchOps:
 
     def begin_step(self, rows, position, text_length, kv_span: int, text_span: int,
                    dtype: torch.dtype = torch.float32) -> StepContext:
-        ctx = StepContext(rows, position, (position + 1).to(torch.int32), text_length,
-                          kv_span=kv_span, text_span=text_span)
+        ctx = StepContext(rows, position, text_length, kv_span=kv_span, text_span=text_span)
         # a large negative bias, not -inf: a row with no text (null condition) then averages its zero K/V rows
         # instead of producing NaN, and padding keys get exactly zero weight whenever one real key exists
         low = torch.finfo(dtype).min
@@ -95,7 +94,7 @@ class TritonOps:
 
     def begin_step(self, rows, position, text_length, kv_span: int | None, text_span: int | None,
                    dtype: torch.dtype | None = None) -> StepContext:
-        return StepContext(rows, position, (position + 1).to(torch.int32), text_length)
+        return StepContext(rows, position, text_length, self_length=(position + 1).to(torch.int32))
 
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
         # the kernel writes this step's K/V at position length − 1 itself (no scatter launches)
