@@ -120,7 +120,8 @@ class ResolvedParams:
         top_p = params.top_p if params.top_p not in (None, 0.0) else 1.0
         return cls(
             new_frames=new_frames,
-            guidance_scale=float(params.guidance_scale if params.guidance_scale is not None else 1.0),
+            # transformers applies CFG only for a scale > 1: anything lower means the conditional logits alone
+            guidance_scale=max(1.0, float(params.guidance_scale if params.guidance_scale is not None else 1.0)),
             temperature=0.0 if greedy else float(params.temperature or 1.0),
             top_k=int(params.top_k or 0),
             top_p=float(top_p),

@@ -121,3 +121,11 @@ def test_unseeded_requests_differ_and_report_their_seed(mono):
     assert not np.array_equal(a.codes, b.codes)
     replay = mono.generate(["same"], fastgen.SamplingParams(max_new_tokens=20, seed=a.seed))[0]
     np.testing.assert_array_equal(replay.codes, a.codes)
+
+
+def test_guidance_at_or_below_one_means_no_guidance(mono):
+    """As in transformers (CFG only for guidance_scale > 1): 0.5 gives exactly the codes of 1.0."""
+    params = dict(max_new_tokens=12, do_sample=False)
+    low = mono.generate(["x"], fastgen.SamplingParams(guidance_scale=0.5, **params))[0]
+    one = mono.generate(["x"], fastgen.SamplingParams(guidance_scale=1.0, **params))[0]
+    np.testing.assert_array_equal(low.codes, one.codes)
