@@ -158,7 +158,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # None: a share of free device memory (CUDA) or 2 GiB (CPU)
     backend: str = "auto"                 # "torch", "triton", or "auto" (triton on CUDA, torch on CPU)
     enforce_eager: bool = False           # disable CUDA graphs (debugging)
-    overlap_codec: bool | None = None     # EnCodec on a worker thread (own CUDA stream); None: on CUDA only
+    overlap_stages: bool | None = None    # T5 and EnCodec on a worker thread (own CUDA stream); None: on CUDA
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):

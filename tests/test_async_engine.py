@@ -109,10 +109,10 @@ def test_shutdown_aborts_pending(tiny_mono_dir):
     asyncio.run(main())
 
 
-def test_codec_worker_thread_and_late_abort(tiny_mono_dir):
-    """EnCodec on its worker thread (the CUDA default): outputs arrive, and aborting a request that has left its slot
-    (decoding or done) neither fails it nor stalls the loop."""
-    eng = AsyncEngine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", overlap_codec=True)
+def test_stage_worker_thread_and_late_abort(tiny_mono_dir):
+    """T5 and EnCodec on the stage worker thread (the CUDA default): outputs arrive, and aborting a request that has
+    left its slot (decoding or done) neither fails it nor stalls the loop."""
+    eng = AsyncEngine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", overlap_stages=True)
     try:
         handles = [eng.submit(f"p{i}", fastgen.SamplingParams(max_new_tokens=8 + i, seed=i)) for i in range(3)]
         first = handles[0].result(timeout=60)

@@ -141,9 +141,10 @@ def test_no_slot_leaks_after_a_thousand_mixed_requests(tiny_mono_dir):
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-def test_codec_on_a_worker_thread_gives_the_same_outputs(tiny_mono_dir):
-    """EnCodec off the decode loop (the CUDA default, forced here on the CPU) changes nothing but timing, and an
-    output's codes are its own (not a view of the slot's buffer, which the next request overwrites)."""
+def test_stages_on_a_worker_thread_give_the_same_outputs(tiny_mono_dir):
+    """T5 and EnCodec off the decode loop (the CUDA default, forced here on the CPU) change nothing but timing (T5
+    then encodes each prompt alone, ahead of admission), and an output's codes are its own (not a view of the slot's
+    buffer, which the next request overwrites)."""
     outputs = run_both_modes(tiny_mono_dir)
     for inline, threaded in zip(outputs[False], outputs[True]):
         np.testing.assert_array_equal(inline.codes, threaded.codes)
@@ -154,12 +155,13 @@ def test_codec_on_a_worker_thread_gives_the_same_outputs(tiny_mono_dir):
 def run_both_modes(folder):
     outputs = {}
     for threaded in (False, True):
-        engine = fastgen.Engine.from_pretrained(folder, max_slots=2, backend="torch", overlap_codec=threaded)
+        engine = fastgen.Engine.from_pretrained(folder, max_slots=2, backend="torch", overlap_stages=threaded)
         requests = [engine.add_request(f"p{i}", fastgen.SamplingParams(max_new_tokens=6 + 4 * i, seed=i))
                     for i in range(5)]
         run_all(engine)
         engine.close()
         assert all(r.status == RequestStatus.FINISHED for r in requests)
+        assert engine.stages.completed["encode"] == (5 if threaded else 0)
         outputs[threaded] = [r.output for r in requests]
     return outputs
 
@@ -168,3 +170,18 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(tiny_mono_di
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
         fastgen.Engine.from_pretrained(tiny_mono_dir, backend="triton", max_slots=1)
+
+
+def test_abort_while_text_is_encoding_ahead(tiny_mono_dir):
+    """With T5 running ahead on the stage worker, a request aborted before its text is ready stays aborted and the
+    others complete."""
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=1, backend="torch", overlap_stages=True)
+    try:
+        requests = [engine.add_request(f"p{i}", fastgen.SamplingParams(max_new_tokens=6, seed=i)) for i in range(3)]
+        assert engine.abort(requests[1].request_id)
+        run_all(engine)
+        assert [r.status for r in requests] == [RequestStatus.FINISHED, RequestStatus.ABORTED,
+                                                RequestStatus.FINISHED]
+        assert not engine.has_unfinished()
+    finally:
+        engine.close()

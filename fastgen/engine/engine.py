@@ -13,7 +13,7 @@ import torch
 
 from fastgen.audio import prepare_audio_prompt
 from fastgen.config import EngineConfig
-from fastgen.engine.codec_worker import CodecWorker
+from fastgen.engine.stage_worker import StageWorker
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
@@ -53,8 +53,9 @@ class Engine:
         self.scheduler = Scheduler(num_slots)
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs()
-        threaded = config.overlap_codec if config.overlap_codec is not None else self.device.type == "cuda"
-        self.codec_worker = CodecWorker(self.runner.decode_audio, self.device, threaded)
+        threaded = config.overlap_stages if config.overlap_stages is not None else self.device.type == "cuda"
+        self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio},
+                                  self.device, threaded)
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
         self._ids = itertools.count()
@@ -139,6 +140,9 @@ class Engine:
 
     def enqueue(self, request: Request) -> None:
         self.scheduler.add(request)
+        if self.stages.threaded and request.text_ids is not None:  # T5 runs ahead while the decoder steps
+            request.text_pending = True
+            self.stages.submit("encode", [request], [request.text_ids])
         self._emit(request, "queued", None)
 
     def abort(self, request_id: str) -> bool:
@@ -153,17 +157,17 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self.codec_worker.pending > 0
+        return self.scheduler.has_unfinished() or self.stages.pending > 0
 
     def close(self) -> None:
-        """Stop the codec worker thread (if any)."""
-        self.codec_worker.close()
+        """Stop the stage worker thread (if any)."""
+        self.stages.close()
 
     # ------------------------------------------------------------------------------------------------ the loop
     def step(self) -> list[Request]:
         """Admit what fits, advance every running request by one position, retire what finished. Returns the
         requests that ended since the last step (finished or failed), outputs attached."""
-        ended = self._collect_audio(block=not self.scheduler.has_unfinished())
+        ended = self._collect_stages(block=not self.scheduler.running and not self.scheduler.has_ready())
         ended += self._admit()
         if self.scheduler.running:
             running = list(self.scheduler.running.values())
@@ -179,8 +183,8 @@ class Engine:
                 for request in running:
                     self._emit(request, "progress", (request.steps_done, request.steps_total))
             ended += self._retire(done)
-            if not self.codec_worker.threaded:
-                ended += self._collect_audio()
+            if not self.stages.threaded:
+                ended += self._collect_stages()
         return ended
 
     def _admit(self) -> list[Request]:
@@ -224,16 +228,27 @@ class Engine:
                 finished.append(request)
                 codes.append(request_codes)
         if finished:
-            self.codec_worker.submit(finished, codes)
+            self.stages.submit("decode", finished, codes)
         return failed
 
-    def _collect_audio(self, block: bool = False) -> list[Request]:
+    def _collect_stages(self, block: bool = False) -> list[Request]:
+        """Take in the stage worker's finished jobs: prefetched text states, and audio of finished requests."""
         ended: list[Request] = []
-        for job in self.codec_worker.collect(block=block):
+        for job in self.stages.collect(block=block):
+            if job.kind == "encode":
+                (request,) = job.requests
+                request.text_pending = False
+                if request.status != RequestStatus.WAITING:  # aborted meanwhile
+                    continue
+                if job.error is not None:
+                    ended += self.fail([request], job.error)
+                else:
+                    request.text_states, request.text_ready = job.result[0], job.ready
+                continue
             if job.error is not None:
                 ended += self.fail(job.requests, job.error, release=False)
                 continue
-            for request, request_codes, wave in zip(job.requests, job.codes, job.audio):
+            for request, request_codes, wave in zip(job.requests, job.inputs, job.result):
                 request.status = RequestStatus.FINISHED
                 request.finish_time = time.perf_counter()
                 request.output = self._output(request, request_codes, wave)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ class Request:
     slot: int | None = None
     steps_done: int = 0
     prompt_codes: torch.Tensor | None = None  # [K, P] once encoded
+    text_pending: bool = False      # T5 running ahead on the stage worker; not admitted until it is done
+    text_states: torch.Tensor | None = None  # [T, D] prefetched decoder-width text states
+    text_ready: Any = None          # CUDA event the states are ready after (threaded stage worker on CUDA)
     error: Exception | None = None
     output: "GenerationOutput | None" = None
     arrival_time: float = field(default_factory=time.perf_counter)

@@ -100,12 +100,27 @@ class ModelRunner:
             rows = torch.tensor(unconditioned, device=self.device)
             self.cache.cross_k[:, rows] = 0
             self.cache.cross_v[:, rows] = 0
-        conditioned = [r for r in requests if r.text_ids is not None]
+        conditioned = [r for r in requests if r.text_ids is not None and r.text_states is None]
         if conditioned:
             states, mask = self.text_encoder.encode([r.text_ids for r in conditioned])
             projected = self.decoder.project_text(states, mask)
             rows = torch.tensor([r.slot for r in conditioned], device=self.device)
             self.decoder.write_cross_kv(self.cache, rows, projected)
+        for r in requests:  # text states the stage worker encoded ahead of admission
+            if r.text_states is None:
+                continue
+            if r.text_ready is not None:  # made on the worker's CUDA stream
+                torch.cuda.current_stream().wait_event(r.text_ready)
+                r.text_states.record_stream(torch.cuda.current_stream())
+            self.decoder.write_cross_kv(self.cache, torch.tensor([r.slot], device=self.device), r.text_states[None])
+            r.text_states, r.text_ready = None, None
+
+    @torch.inference_mode()
+    def encode_text(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """T5 + projection for prompts encoded ahead of admission: decoder-width states [T, D] per prompt."""
+        states, mask = self.text_encoder.encode(token_ids)
+        projected = self.decoder.project_text(states, mask)
+        return [projected[i, :len(ids)] for i, ids in enumerate(token_ids)]
 
     def _init_slot(self, request: Request) -> None:
         st, slot = self.state, request.slot

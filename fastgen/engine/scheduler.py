@@ -25,11 +25,19 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_ready(self) -> bool:
+        return any(not r.text_pending for r in self.waiting)
+
     def admit(self) -> list[Request]:
-        """Move waiting requests (FIFO) into free slots."""
+        """Move waiting requests into free slots, first come first served among those whose text encoding is done
+        (a request whose T5 still runs ahead on the stage worker lets later ones pass)."""
         admitted = []
-        while self.waiting and self.free_slots and len(admitted) < self.max_admit_per_step:
-            request = self.waiting.popleft()
+        for request in list(self.waiting):
+            if not self.free_slots or len(admitted) >= self.max_admit_per_step:
+                break
+            if request.text_pending:
+                continue
+            self.waiting.remove(request)
             request.slot = self.free_slots.pop()
             request.status = RequestStatus.RUNNING
             self.running[request.slot] = request
