@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
     gen.add_argument("--format", choices=["wav", "flac", "ogg"], default="wav")
     gen.add_argument("--duration", type=float, help="seconds of audio per prompt")
+    gen.add_argument("--audio-prompt", type=Path, help="an audio file every prompt continues (any rate and channels)")
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
@@ -55,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     import fastgen
-    from fastgen.audio import safe_filename, write_audio
+    from fastgen.audio import read_audio, safe_filename, write_audio
 
     prompts: list[str | None] = list(args.prompts)
     if args.prompts_file is not None:
@@ -67,6 +68,12 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("give at least one prompt (or --prompts-file, or --unconditional N)")
 
+    audio_prompt = None
+    if args.audio_prompt is not None:
+        try:
+            audio_prompt = read_audio(args.audio_prompt)
+        except Exception as exc:  # soundfile raises its own error types for missing or undecodable files
+            raise ValueError(f"--audio-prompt: cannot read {args.audio_prompt} ({exc})") from None
     model_path = args.model
     if model_path is None:
         print(NOISE_WARNING, file=sys.stderr)
@@ -89,7 +96,8 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p, do_sample=False if args.greedy else None,
         seed=None if args.seed is None else args.seed + i) for i in todo]
     start = time.perf_counter()
-    outputs = model.generate([prompts[i] for i in todo], params, progress=sys.stderr.isatty()) if todo else []
+    outputs = model.generate([prompts[i] for i in todo], params, audio_prompts=audio_prompt,
+                             progress=sys.stderr.isatty()) if todo else []
     elapsed = time.perf_counter() - start
     audio_seconds = 0.0
     for i, out in zip(todo, outputs):

@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -243,3 +244,19 @@ def test_python_m_fastgen_cli(tmp_path, tiny_mono_dir):
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("fastgen: error: ")
+
+
+def test_audio_prompt_is_continued(capsys, tmp_path, tiny_stereo_dir):
+    """--audio-prompt: a mono 16 kHz file continued by a stereo model; the output holds prompt + continuation."""
+    prompt_file = tmp_path / "prompt.wav"
+    rng = np.random.default_rng(0)
+    soundfile.write(prompt_file, (0.2 * rng.standard_normal(16000 // 5)).astype(np.float32), 16000)  # 0.2 s
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "continue this", *gen_args(tiny_stereo_dir, out, "--audio-prompt",
+                                                             str(prompt_file), duration="0.3"))
+    assert code == 0, stderr
+    info = soundfile.info(out / "000_continue_this.wav")
+    assert info.channels == 2 and abs(info.frames / SR - 0.5) <= 2 * HOP / SR
+    code, _, stderr = run(capsys, "x", *gen_args(tiny_stereo_dir, tmp_path / "o2", "--audio-prompt",
+                                                 str(tmp_path / "missing.wav")))
+    assert code == 2 and "fastgen: error:" in stderr
