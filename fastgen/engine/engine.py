@@ -177,7 +177,7 @@ class Engine:
             for request in running:
                 if request.first_step_time is None:
                     request.first_step_time = now
-            self.runner.step(self._plan, self.runner.kv_span(running))
+            self.runner.step(self._plan, running)
             done = self.scheduler.advance()
             if self.listeners:
                 for request in running:

@@ -168,13 +168,13 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------------------- decode
     def plan(self, requests: list[Request]) -> "BatchPlan":
         """Host-side facts about the running batch, recomputed only when its membership changes."""
+        slots = sorted(r.slot for r in requests)
+        if self.graphs is not None:  # the captured step reads everything from device state: only slot ids change
+            bucket = self.graphs.set_batch(slots)
+            return BatchPlan(self.graphs.slot_ids[:bucket], self.graphs.hints, 0, bucket)
         params = [r.resolved for r in requests]
         sampling = [p for p in params if p.temperature > 0]
-        slots = sorted(r.slot for r in requests)
         text_span = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
-        if self.graphs is not None:
-            bucket = self.graphs.set_batch(slots)
-            return BatchPlan(self.graphs.slot_ids[:bucket], self.graphs.hints, text_span, bucket)
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
         st = self.state
         rows = RowParams.gather(slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
@@ -191,12 +191,13 @@ class ModelRunner:
         return min(self.max_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
 
     @torch.inference_mode()
-    def step(self, plan: "BatchPlan", kv_span: int) -> None:
-        """Advance every slot of the batch by one position: a graph replay, or the same step run eagerly."""
+    def step(self, plan: "BatchPlan", requests: list[Request]) -> None:
+        """Advance every slot of the batch by one position: a graph replay, or the same step run eagerly (which
+        reads the cache only up to the batch's longest row)."""
         if plan.bucket is not None:
             self.graphs.replay(plan.bucket)
         else:
-            self.decode_step(plan.slot_ids, plan.hints, kv_span, plan.text_span)
+            self.decode_step(plan.slot_ids, plan.hints, self.kv_span(requests), plan.text_span)
 
     def decode_step(self, slot_ids: torch.Tensor, hints: SamplerHints, kv_span: int | None,
                     text_span: int | None) -> None:
