@@ -1,11 +1,13 @@
 """End to end: fastgen vs transformers' MusicgenForConditionalGeneration.generate on the same checkpoint and prompts.
 
 Reports, side by side and as a ratio: the decode step time (from the difference between two generation lengths, so
-T5, EnCodec and set-up cancel out), total time for one clip, seconds of audio per second, and peak memory, with the
+T5 and set-up cancel out, less the difference in EnCodec time, which both systems spend in the same transformers
+EncodecModel and which grows with the length), total time for one clip, seconds of audio per second, and peak memory, with the
 bytes-per-step floor (decoder weights streamed once per step) beside them. Each system runs in its own subprocess so
 peak memory is its own.
 
     python bench/e2e.py                                  # tiny + musicgen-small (random weights), CPU fp32
+    python bench/e2e.py --models tiny --compile           # adds fastgen with compile_step=True
     python bench/e2e.py --models small --device cuda --dtype bfloat16
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,10 +30,24 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if args.worker == "fastgen":
+    codec_seconds = [0.0]
+
+    def timing_codec(decode):
+        def wrapper(*a, **kw):
+            sync()
+            start = time.perf_counter()
+            out = decode(*a, **kw)
+            sync()
+            codec_seconds[0] += time.perf_counter() - start
+            return out
+        return wrapper
+    if args.worker.startswith("fastgen"):
         import fastgen
         model = fastgen.MusicGen.from_pretrained(args.model_dir, device=device, dtype=dtype,
-                                                 max_slots=max(args.batch, 1), max_duration_s=args.max_duration)
+                                                 max_slots=max(args.batch, 1), max_duration_s=args.max_duration,
+                                                 compile_step=args.worker == "fastgen-compiled")
+        codec = model.engine.runner.codec
+        codec.decode = timing_codec(codec.decode)
 
         def generate(steps: int) -> float:
             params = fastgen.SamplingParams(max_new_tokens=steps, guidance_scale=3.0, top_k=250, do_sample=True,
@@ -41,6 +58,7 @@ def worker(args: argparse.Namespace) -> dict:
         from transformers import AutoTokenizer, MusicgenForConditionalGeneration
         model = MusicgenForConditionalGeneration.from_pretrained(args.model_dir, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        model.audio_encoder.decode = timing_codec(model.audio_encoder.decode)
         inputs = tokenizer([PROMPTS[0]] * args.batch, return_tensors="pt").to(device)
 
         def generate(steps: int) -> float:
@@ -52,14 +70,23 @@ def worker(args: argparse.Namespace) -> dict:
                             if n.startswith(("decoder.", "enc_to_dec_proj")))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    generate(8)  # warm-up
+    generate(2 * args.steps)  # warm-up (for fastgen-compiled: compiles the step for every read span the runs use)
     short, long = args.steps, 2 * args.steps
-    t_short = min(generate(short) for _ in range(args.repeats))
-    t_long = min(generate(long) for _ in range(args.repeats))
+
+    def best(steps: int) -> tuple[float, float]:
+        """Fastest of the repeats: (total seconds, seconds outside EnCodec)."""
+        runs = []
+        for _ in range(args.repeats):
+            codec_seconds[0] = 0.0
+            total = generate(steps)
+            runs.append((total, total - codec_seconds[0]))
+        return min(r[0] for r in runs), min(r[1] for r in runs)
+    (_, net_short), (t_long, net_long) = best(short), best(long)
+    step_s = (net_long - net_short) / (long - short)
     frame_rate = 50
     audio_s = (long + 1 - 4) / frame_rate * args.batch
     peak = peak_memory(device)
-    return {"system": args.worker, "step_ms": (t_long - t_short) / (long - short) * 1e3, "total_s": t_long,
+    return {"system": args.worker, "step_ms": step_s * 1e3, "total_s": t_long,
             "steps": long, "audio_s_per_s": audio_s / t_long, "peak_bytes": peak, "decoder_bytes": decoder_bytes}
 
 
@@ -94,7 +121,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-duration", type=float, default=10.0, help="fastgen slot size in seconds")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--worker", choices=["fastgen", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="also run fastgen with compile_step=True (torch backend: CPU, or CUDA without graphs)")
+    parser.add_argument("--worker", choices=["fastgen", "fastgen-compiled", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dtype is None:
@@ -109,25 +138,28 @@ def main() -> None:
         return
     machine = machine_name(args.device)
     bandwidth = copy_bandwidth(args.device)
+    ours = ["fastgen"] + (["fastgen-compiled"] if args.compile else [])
     rows = []
     for name in args.models.split(","):
         folder = checkpoint(name, args.dtype)
-        ours = run_worker(args, "fastgen", folder)
-        theirs = run_worker(args, "transformers", folder)
-        floor_ms = ours["decoder_bytes"] / bandwidth * 1e3
-        rows.append({"model": name, "fastgen": ours, "transformers": theirs, "floor_step_ms": floor_ms,
-                     "step_speedup": theirs["step_ms"] / ours["step_ms"],
-                     "total_speedup": theirs["total_s"] / ours["total_s"]})
+        row = {"model": name, "transformers": run_worker(args, "transformers", folder)}
+        for system in ours:
+            row[system] = run_worker(args, system, folder)
+            row[f"{system}_step_speedup"] = row["transformers"]["step_ms"] / row[system]["step_ms"]
+            row[f"{system}_total_speedup"] = row["transformers"]["total_s"] / row[system]["total_s"]
+        row["floor_step_ms"] = row["fastgen"]["decoder_bytes"] / bandwidth * 1e3
+        rows.append(row)
     print(f"\nmachine: {machine}; device {args.device}, {args.dtype}, batch {args.batch}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}")
-    header = (f"{'model':<8}{'system':<14}{'step ms':>9}{'floor ms':>10}{'total s':>9}{'audio s/s':>11}"
+    header = (f"{'model':<8}{'system':<18}{'step ms':>9}{'floor ms':>10}{'total s':>9}{'audio s/s':>11}"
               f"{'peak MB':>9}{'step ×':>8}{'total ×':>9}")
     print(header)
     for row in rows:
-        for system in ("transformers", "fastgen"):
+        for system in ["transformers"] + ours:
             r = row[system]
-            ratio = (f"{row['step_speedup']:>8.2f}{row['total_speedup']:>9.2f}" if system == "fastgen" else "")
-            print(f"{row['model']:<8}{system:<14}{r['step_ms']:>9.2f}{row['floor_step_ms']:>10.2f}"
+            ratio = (f"{row[f'{system}_step_speedup']:>8.2f}{row[f'{system}_total_speedup']:>9.2f}"
+                     if system != "transformers" else "")
+            print(f"{row['model']:<8}{system:<18}{r['step_ms']:>9.2f}{row['floor_step_ms']:>10.2f}"
                   f"{r['total_s']:>9.2f}{r['audio_s_per_s']:>11.2f}{r['peak_bytes'] / 2**20:>9.0f}{ratio}")
     write_result("e2e", args.device, machine, args.out, {
         "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,

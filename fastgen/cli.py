@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda)")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     gen.add_argument("--max-slots", type=int, help="concurrent requests (default: from the memory budget)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step (CPU: several times faster on small models after a "
+                          "one-off compile of tens of seconds; needs a C++ compiler)")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
     return parser
 
@@ -84,6 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
     options = {"backend": args.backend}
     if args.max_slots is not None:
         options["max_slots"] = args.max_slots
+    if args.compile:
+        options["compile_step"] = True
     model = fastgen.MusicGen.from_pretrained(model_path, device=device, dtype=args.dtype,
                                              allow_pickle=args.allow_pickle, **options)
 

@@ -159,6 +159,7 @@ class EngineConfig:
     backend: str = "auto"                 # "torch", "triton", or "auto" (triton on CUDA, torch on CPU)
     enforce_eager: bool = False           # disable CUDA graphs (debugging)
     overlap_stages: bool | None = None    # T5 and EnCodec on a worker thread (own CUDA stream); None: on CUDA
+    compile_step: bool = False            # torch backend: torch.compile the decode step (see ModelRunner)
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -171,3 +172,5 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if not isinstance(self.compile_step, bool):
+            raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")

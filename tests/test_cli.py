@@ -260,3 +260,13 @@ def test_audio_prompt_is_continued(capsys, tmp_path, tiny_stereo_dir):
     code, _, stderr = run(capsys, "x", *gen_args(tiny_stereo_dir, tmp_path / "o2", "--audio-prompt",
                                                  str(tmp_path / "missing.wav")))
     assert code == 2 and "fastgen: error:" in stderr
+
+
+def test_compile_gives_the_same_files(capsys, tmp_path, tiny_mono_dir):
+    outputs = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        code, _, stderr = run(capsys, "lofi", "jazz", "--greedy", *extra, *gen_args(tiny_mono_dir, out, duration="0.3"))
+        assert code == 0, stderr
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]

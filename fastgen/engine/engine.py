@@ -47,9 +47,13 @@ class Engine:
             raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
                              "interpreter, for testing); use backend='torch' or 'auto' on a CPU")
         self.ops = get_ops(backend)
+        if config.compile_step and backend != "torch":
+            raise ValueError(f"compile_step applies to the torch backend (the CPU default), not {backend!r}: the "
+                             "Triton kernels are compiled already and run as CUDA graphs")
         num_slots = self._plan_slots()
         self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
-                                  max_frames=self.max_frames, max_text_tokens=config.max_text_tokens)
+                                  max_frames=self.max_frames, max_text_tokens=config.max_text_tokens,
+                                  compile_step=config.compile_step)
         self.scheduler = Scheduler(num_slots)
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs()

@@ -58,7 +58,7 @@ class BatchPlan:
 
 class ModelRunner:
     def __init__(self, decoder: MusicgenDecoder, text_encoder: TextEncoder, codec: AudioCodec, ops: Ops, *,
-                 num_slots: int, max_frames: int, max_text_tokens: int) -> None:
+                 num_slots: int, max_frames: int, max_text_tokens: int, compile_step: bool = False) -> None:
         self.decoder, self.text_encoder, self.codec, self.ops = decoder, text_encoder, codec, ops
         config = decoder.config
         self.config = config
@@ -69,15 +69,48 @@ class ModelRunner:
         self.max_frames = max_frames
         self.max_positions = max_frames + config.channel_codebooks
         self.max_text_tokens = max_text_tokens
-        self.cache = KVCache.allocate(config, self.total_slots, self.max_positions, max_text_tokens,
+        spare = int(compile_step)  # the compiled step's read spans must never equal a cache length (see _compile_step)
+        self.cache = KVCache.allocate(config, self.total_slots, self.max_positions + spare, max_text_tokens + spare,
                                       decoder.dtype, self.device)
         self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
         self.graphs: DecodeGraphs | None = None
+        self.compiled = compile_step
+        self.eager_step = self.decode_step  # the step where no CUDA graph replays it: decode_step, or compiled
+        if compile_step:
+            self._compile_step()
 
     def capture_graphs(self) -> None:
         """Capture the decode step as CUDA graphs, one per batch bucket up to the slot count."""
         self.graphs = DecodeGraphs(self, self.num_slots)
         self.graphs.capture()
+
+    def _compile_step(self) -> None:
+        """Run the step through torch.compile from now on, and compile it before serving.
+
+        Eagerly on a CPU, a small model's step costs what its ~190 operator calls cost (a few µs each); inductor
+        turns it into a handful of fused C++ loops called from a C++ wrapper instead of Python. One graph must serve
+        every batch, or a recompile (seconds) would stall serving and, past dynamo's limit, the step would silently
+        fall back to eager. So sampler hints are not used, the batch size is marked dynamic, and warm-up calls with
+        different read spans make dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the
+        cache length, hence one spare cache position); a batch of one, always specialised, gets a graph of its own.
+        Three compiles at start-up (the first, with fixed spans, is only a stepping stone): tens of seconds the first
+        time, then inductor's on-disk cache serves later processes."""
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        self.eager_step = torch.compile(self.decode_step, fullgraph=True, options=options)
+        text_spans = (2, self.max_text_tokens) if self.max_text_tokens > 2 else (self.max_text_tokens,) * 2
+        calls = [(self._compiled_slot_ids([self.dummy_slot] * batch), kv_span, text_span)  # (made as plan() makes
+                 for batch, kv_span, text_span in ((2, 3, text_spans[0]),  # them: not inference tensors)
+                                                   (2, self.max_positions, text_spans[1]),
+                                                   (1, self.max_positions, text_spans[1]))]
+        with torch.inference_mode():
+            for slot_ids, kv_span, text_span in calls:
+                self.eager_step(slot_ids, SamplerHints(), kv_span, text_span)
+
+    def _compiled_slot_ids(self, slots: list[int]) -> torch.Tensor:
+        slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        if len(slots) > 1:  # one graph for every batch of two or more (a batch of one has its own)
+            torch._dynamo.mark_dynamic(slot_ids, 0)
+        return slot_ids
 
     # ---------------------------------------------------------------------------------------------- admission
     @torch.inference_mode()
@@ -175,6 +208,9 @@ class ModelRunner:
         params = [r.resolved for r in requests]
         sampling = [p for p in params if p.temperature > 0]
         text_span = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
+        if self.compiled:  # one graph for every batch (see _compile_step)
+            return BatchPlan(self._compiled_slot_ids(slots), SamplerHints(), min(max(text_span, 2),
+                                                                                 self.max_text_tokens))
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
         st = self.state
         rows = RowParams.gather(slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
@@ -197,7 +233,7 @@ class ModelRunner:
         if plan.bucket is not None:
             self.graphs.replay(plan.bucket)
         else:
-            self.decode_step(plan.slot_ids, plan.hints, self.kv_span(requests), plan.text_span)
+            self.eager_step(plan.slot_ids, plan.hints, self.kv_span(requests), plan.text_span)
 
     def decode_step(self, slot_ids: torch.Tensor, hints: SamplerHints, kv_span: int | None,
                     text_span: int | None) -> None:

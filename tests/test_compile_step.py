@@ -1,0 +1,58 @@
+"""compile_step: the torch backend's decode step through torch.compile (inductor, C++ wrapper on a CPU) gives the
+same codes as the eager step, across a workload whose batch size, read spans and sampling settings change."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fastgen
+from fastgen.engine.request import RequestStatus
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="inductor's CPU code generation needs a C++ compiler")
+
+
+def make_engine(folder, compile_step: bool) -> fastgen.Engine:
+    return fastgen.Engine.from_pretrained(folder, max_slots=3, backend="torch", compile_step=compile_step)
+
+
+def run_workload(engine: fastgen.Engine):
+    requests = []
+    for i in range(5):  # joins and retirements change the batch size; 70 positions cross a 64-position read span
+        params = fastgen.SamplingParams(max_new_tokens=[70, 20, 30, 12, 25][i], guidance_scale=[3.0, 1.0, 2.0][i % 3],
+                                        do_sample=i != 1, top_k=[0, 0, 8, 250, 0][i], top_p=[1.0, 1.0, 1.0, 1.0, 0.9][i],
+                                        temperature=0.9, seed=i)
+        requests.append(engine.add_request(None if i == 3 else f"prompt {i}", params))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.status == RequestStatus.FINISHED for r in requests), [r.error for r in requests]
+    return [r.output.codes for r in requests]
+
+
+def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
+    eager = run_workload(make_engine(tiny_mono_dir, compile_step=False))
+    torch._dynamo.reset()
+    counters.clear()
+    engine = make_engine(tiny_mono_dir, compile_step=True)  # compiles here, before serving
+    assert counters["stats"]["unique_graphs"] == 3  # see ModelRunner._compile_step
+    # the graphs made at start-up serve batches of 1 to 3 requests with growing read spans: any recompile while
+    # serving (seconds each; past dynamo's limit the step would silently run eagerly) raises here
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = run_workload(engine)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compile_step_with_the_triton_backend_is_refused(tiny_mono_dir):
+    with pytest.raises(ValueError, match="compile_step applies to the torch backend"):
+        fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=1, backend="triton", compile_step=True)
+
+
+def test_compile_step_must_be_a_bool():
+    with pytest.raises(ValueError, match="compile_step must be True or False"):
+        fastgen.EngineConfig(compile_step="yes")
