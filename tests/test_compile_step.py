@@ -34,10 +34,12 @@ def run_workload(engine: fastgen.Engine):
     return [r.output.codes for r in requests]
 
 
-def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
+def test_compiled_step_matches_the_eager_step(tiny_mono_dir, monkeypatch):
     eager = run_workload(make_engine(tiny_mono_dir, compile_step=False))
     torch._dynamo.reset()
     counters.clear()
+    # as if other compiled engines had used up dynamo's per-function graph limit: start-up must still compile
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     engine = make_engine(tiny_mono_dir, compile_step=True)  # compiles here, before serving
     assert counters["stats"]["unique_graphs"] == 3  # see ModelRunner._compile_step
     # the graphs made at start-up serve batches of 1 to 3 requests with growing read spans: any recompile while
@@ -56,3 +58,14 @@ def test_compile_step_with_the_triton_backend_is_refused(tiny_mono_dir):
 def test_compile_step_must_be_a_bool():
     with pytest.raises(ValueError, match="compile_step must be True or False"):
         fastgen.EngineConfig(compile_step="yes")
+
+
+def test_a_failing_compile_is_a_clear_error(tiny_mono_dir, monkeypatch):
+    def broken_compile(fn, **options):
+        def run(*args, **kwargs):
+            raise OSError("C++ compiler not found\n(long inductor traceback)")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(RuntimeError, match=r"compile_step=True: torch.compile could not compile the decode step "
+                                           r"\(OSError: C\+\+ compiler not found\); use compile_step=False"):
+        make_engine(tiny_mono_dir, compile_step=True)

@@ -102,9 +102,17 @@ class ModelRunner:
                  for batch, kv_span, text_span in ((2, 3, text_spans[0]),  # them: not inference tensors)
                                                    (2, self.max_positions, text_spans[1]),
                                                    (1, self.max_positions, text_spans[1]))]
-        with torch.inference_mode():
-            for slot_ids, kv_span, text_span in calls:
-                self.eager_step(slot_ids, SamplerHints(), kv_span, text_span)
+        # dynamo counts graphs per function, and each compiled engine in the process adds three to decode_step's:
+        # lift its recompile limit while compiling, or a third engine would silently run its step eagerly
+        limit = max(torch._dynamo.config.recompile_limit, 64)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit), torch.inference_mode():
+                for slot_ids, kv_span, text_span in calls:
+                    self.eager_step(slot_ids, SamplerHints(), kv_span, text_span)
+        except Exception as exc:  # most often: no working C++ compiler for inductor's CPU code
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RuntimeError(f"compile_step=True: torch.compile could not compile the decode step "
+                               f"({type(exc).__name__}: {reason[:300]}); use compile_step=False") from exc
 
     def _compiled_slot_ids(self, slots: list[int]) -> torch.Tensor:
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
