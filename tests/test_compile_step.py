@@ -34,13 +34,13 @@ def run_workload(engine: fastgen.Engine):
     return [r.output.codes for r in requests]
 
 
-def test_compiled_step_matches_the_eager_step(tiny_mono_dir, monkeypatch):
+def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
     eager = run_workload(make_engine(tiny_mono_dir, compile_step=False))
     torch._dynamo.reset()
     counters.clear()
     # as if other compiled engines had used up dynamo's per-function graph limit: start-up must still compile
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    engine = make_engine(tiny_mono_dir, compile_step=True)  # compiles here, before serving
+    with torch._dynamo.config.patch(recompile_limit=1):  # (not monkeypatch: its undo would delete the setting)
+        engine = make_engine(tiny_mono_dir, compile_step=True)  # compiles here, before serving
     assert counters["stats"]["unique_graphs"] == 3  # see ModelRunner._compile_step
     # the graphs made at start-up serve batches of 1 to 3 requests with growing read spans: any recompile while
     # serving (seconds each; past dynamo's limit the step would silently run eagerly) raises here
