@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -262,6 +263,8 @@ def test_audio_prompt_is_continued(capsys, tmp_path, tiny_stereo_dir):
     assert code == 2 and "fastgen: error:" in stderr
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code generation needs a C++ compiler")
 def test_compile_gives_the_same_files(capsys, tmp_path, tiny_mono_dir):
     outputs = []
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
