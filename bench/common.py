@@ -96,3 +96,25 @@ def write_result(kind: str, device: str, machine: str, out: Path | None, fields:
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return out
+
+
+# fastgen variants a benchmark can run beside the default engine, by system name
+def fastgen_systems(compile_step: bool, steps_per_call: int) -> list[str]:
+    return (["fastgen"] + (["fastgen-compiled"] if compile_step else [])
+            + ([f"fastgen-steps{steps_per_call}"] if steps_per_call > 1 else []))
+
+
+def fastgen_options(system: str) -> dict:
+    """EngineConfig options of a system named by fastgen_systems."""
+    if system == "fastgen-compiled":
+        return {"compile_step": True}
+    if system.startswith("fastgen-steps"):
+        return {"steps_per_call": int(system.removeprefix("fastgen-steps"))}
+    return {}
+
+
+def add_variant_arguments(parser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="also run fastgen with compile_step=True (torch backend: CPU, or CUDA without graphs)")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="also run fastgen with this many decode steps per call (one CUDA-graph replay)")

@@ -8,6 +8,7 @@ peak memory is its own.
 
     python bench/e2e.py                                  # tiny + musicgen-small (random weights), CPU fp32
     python bench/e2e.py --models tiny --compile           # adds fastgen with compile_step=True
+    python bench/e2e.py --steps-per-call 4                # adds fastgen with 4 decode steps per call
     python bench/e2e.py --models small --device cuda --dtype bfloat16
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, peak_memory, timed, write_result  # noqa: E402
+from common import (PROMPTS, add_variant_arguments, checkpoint, copy_bandwidth, fastgen_options,  # noqa: E402
+                    fastgen_systems, machine_name, peak_memory, timed, write_result)
 
 # ------------------------------------------------------------------------------------------------------------ worker
 def worker(args: argparse.Namespace) -> dict:
@@ -45,7 +47,7 @@ def worker(args: argparse.Namespace) -> dict:
         import fastgen
         model = fastgen.MusicGen.from_pretrained(args.model_dir, device=device, dtype=dtype,
                                                  max_slots=max(args.batch, 1), max_duration_s=args.max_duration,
-                                                 compile_step=args.worker == "fastgen-compiled")
+                                                 **fastgen_options(args.worker))
         codec = model.engine.runner.codec
         codec.decode = timing_codec(codec.decode)
 
@@ -70,7 +72,7 @@ def worker(args: argparse.Namespace) -> dict:
                             if n.startswith(("decoder.", "enc_to_dec_proj")))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    generate(2 * args.steps)  # warm-up (for fastgen-compiled: compiles the step for every read span the runs use)
+    generate(2 * args.steps)  # warm-up
     short, long = args.steps, 2 * args.steps
 
     def best(steps: int) -> tuple[float, float]:
@@ -121,9 +123,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-duration", type=float, default=10.0, help="fastgen slot size in seconds")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--compile", action="store_true",
-                        help="also run fastgen with compile_step=True (torch backend: CPU, or CUDA without graphs)")
-    parser.add_argument("--worker", choices=["fastgen", "fastgen-compiled", "transformers"], help=argparse.SUPPRESS)
+    add_variant_arguments(parser)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dtype is None:
@@ -138,7 +139,7 @@ def main() -> None:
         return
     machine = machine_name(args.device)
     bandwidth = copy_bandwidth(args.device)
-    ours = ["fastgen"] + (["fastgen-compiled"] if args.compile else [])
+    ours = fastgen_systems(args.compile, args.steps_per_call)
     rows = []
     for name in args.models.split(","):
         folder = checkpoint(name, args.dtype)

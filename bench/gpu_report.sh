@@ -57,11 +57,11 @@ step pytest python -m pytest -q tests
 step kernels python bench/kernels.py $QUICK --out "$RESULTS/kernels-$GPU.json"
 step aot python -m fastgen.kernels._aot --json "$RESULTS/aot-$GPU.json"
 if [ -f bench/e2e.py ]; then
-    step e2e python bench/e2e.py --device cuda --dtype bfloat16 --models tiny,small
+    step e2e python bench/e2e.py --device cuda --dtype bfloat16 --models tiny,small --steps-per-call 4
 fi
 if [ -f bench/throughput.py ]; then
     step throughput python bench/throughput.py --device cuda --model small --requests 256 --seconds 10 \
-        --tf-batches 32,128,256
+        --tf-batches 32,128,256 --steps-per-call 4
     step throughput-poisson python bench/throughput.py --device cuda --model small --requests 128 --seconds 10 \
         --arrival poisson --rate 20 --tf-batches 32 --out "$RESULTS/throughput-poisson-$GPU.json"
 fi

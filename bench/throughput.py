@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, machine_name, peak_memory, write_result  # noqa: E402
+from common import (PROMPTS, add_variant_arguments, checkpoint, fastgen_options, fastgen_systems,  # noqa: E402
+                    machine_name, peak_memory, write_result)
 
 FRAME_RATE = 50
 
@@ -40,20 +41,17 @@ def summarize(latency: list[float], first_step: list[float], wall: float, audio_
 
 
 # ------------------------------------------------------------------------------------------------------------ workers
-def run_fastgen(args, folder, times, compile_step: bool) -> dict:
+def run_fastgen(args, folder, times, system: str) -> dict:
     import torch
 
     import fastgen
     engine = fastgen.AsyncEngine.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype),
                                                  max_duration_s=args.seconds, max_slots=args.slots or None,
-                                                 compile_step=compile_step)
+                                                 **fastgen_options(system))
     params = [fastgen.SamplingParams(duration=args.seconds, seed=i, guidance_scale=3.0, top_k=250)
               for i in range(args.requests)]
     warm = engine.submit(PROMPTS[0], fastgen.SamplingParams(max_new_tokens=8, seed=0))
     warm.result()
-    if compile_step:  # compile outside the timed run: a full batch over the whole length makes every size symbolic
-        warm = [engine.submit(PROMPTS[i % len(PROMPTS)], params[i]) for i in range(min(args.requests, 8))]
-        [h.result() for h in warm]
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     handles, submitted = [], []
@@ -76,7 +74,7 @@ def run_fastgen(args, folder, times, compile_step: bool) -> dict:
     latency = [o.timings["total_s"] for o in outputs]
     first_step = [o.timings["queue_s"] for o in outputs]
     audio_s = sum(o.duration for o in outputs)
-    return {"system": "fastgen-compiled" if compile_step else "fastgen", "slots": engine.engine.num_slots,
+    return {"system": system, "slots": engine.engine.num_slots,
             **summarize(latency, first_step, wall, audio_s, peak_memory(args.device))}
 
 
@@ -133,7 +131,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=0, help="fastgen slots (0: from the memory budget)")
     parser.add_argument("--tf-batches", default=None, help="comma list (default: 1,8,32,64 GPU; 1,8 CPU)")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--compile", action="store_true", help="also run fastgen with compile_step=True")
+    add_variant_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
@@ -144,7 +142,7 @@ def main() -> None:
     folder = checkpoint(args.model, args.dtype)
     times = arrivals(args)
     if args.worker:
-        result = (run_fastgen(args, folder, times, args.worker == "fastgen-compiled")
+        result = (run_fastgen(args, folder, times, args.worker)
                   if args.worker.startswith("fastgen") else run_transformers(args, folder, times, int(args.worker)))
         print(json.dumps(result))
         return
@@ -154,7 +152,7 @@ def main() -> None:
         print("bench/throughput.py: --device cuda given but no GPU is available")
         return
     rows = []
-    ours = ["fastgen"] + (["fastgen-compiled"] if args.compile else [])
+    ours = fastgen_systems(args.compile, args.steps_per_call)
     for worker in ours + args.tf_batches.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", worker]
         done = subprocess.run(cmd, capture_output=True, text=True)

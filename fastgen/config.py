@@ -13,6 +13,9 @@ SUPPORTED_ACTIVATIONS = ("gelu", "relu", "silu", "gelu_new")
 # MusicGen was trained on 30 s windows: positions past that are out of distribution (transformers documents the
 # same limit: "MusicGen cannot generate more than 30 seconds of audio").
 TRAINED_DURATION_S = 30.0
+# A multi-step call runs a request that finishes inside it on, past its end, for up to this many − 1 positions (on
+# pad tokens; discarded): caches and the position table carry that margin.
+MAX_STEPS_PER_CALL = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ class EngineConfig:
     enforce_eager: bool = False           # disable CUDA graphs (debugging)
     overlap_stages: bool | None = None    # T5 and EnCodec on a worker thread (own CUDA stream); None: on CUDA
     compile_step: bool = False            # torch backend: torch.compile the decode step (see ModelRunner)
+    steps_per_call: int = 1               # decode steps per graph replay / engine step (see Engine.step)
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -172,5 +176,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:
+            raise ValueError(f"steps_per_call must be an integer in [1, {MAX_STEPS_PER_CALL}], "
+                             f"got {self.steps_per_call!r}")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")

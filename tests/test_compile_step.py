@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
                                 reason="inductor's CPU code generation needs a C++ compiler")
 
 
-def make_engine(folder, compile_step: bool) -> fastgen.Engine:
-    return fastgen.Engine.from_pretrained(folder, max_slots=3, backend="torch", compile_step=compile_step)
+def make_engine(folder, compile_step: bool, steps_per_call: int = 1) -> fastgen.Engine:
+    return fastgen.Engine.from_pretrained(folder, max_slots=3, backend="torch", compile_step=compile_step,
+                                          steps_per_call=steps_per_call)
 
 
 def run_workload(engine: fastgen.Engine):
@@ -40,7 +41,8 @@ def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
     counters.clear()
     # as if other compiled engines had used up dynamo's per-function graph limit: start-up must still compile
     with torch._dynamo.config.patch(recompile_limit=1):  # (not monkeypatch: its undo would delete the setting)
-        engine = make_engine(tiny_mono_dir, compile_step=True)  # compiles here, before serving
+        # compiles here, before serving; two steps per call as well: their codes are those of one step per call
+        engine = make_engine(tiny_mono_dir, compile_step=True, steps_per_call=2)
     assert counters["stats"]["unique_graphs"] == 3  # see ModelRunner._compile_step
     # the graphs made at start-up serve batches of 1 to 3 requests with growing read spans: any recompile while
     # serving (seconds each; past dynamo's limit the step would silently run eagerly) raises here
@@ -69,3 +71,22 @@ def test_a_failing_compile_is_a_clear_error(tiny_mono_dir, monkeypatch):
     with pytest.raises(RuntimeError, match=r"compile_step=True: torch.compile could not compile the decode step "
                                            r"\(OSError: C\+\+ compiler not found\); use compile_step=False"):
         make_engine(tiny_mono_dir, compile_step=True)
+
+
+@pytest.mark.parametrize("construction", ["from_pretrained", "around_an_engine"])
+def test_async_engine_serves_the_compiled_step_without_recompiling(tiny_mono_dir, construction):
+    """The async loop thread runs torch with its own intra-op thread count, which dynamo guards on: the step is
+    compiled for it before serving (up front by from_pretrained; by the loop thread for an Engine built elsewhere)."""
+    if construction == "from_pretrained":
+        engine = fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", compile_step=True)
+    else:
+        with torch.compiler.set_stance("default"):
+            engine = fastgen.AsyncEngine(make_engine(tiny_mono_dir, compile_step=True), cpu_threads=1)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            handles = [engine.submit(f"p{i}", fastgen.SamplingParams(max_new_tokens=8 + 4 * i, seed=i))
+                       for i in range(3)]
+            outputs = [h.result(timeout=120) for h in handles]
+    finally:
+        engine.shutdown_sync()
+    assert [o.codes.shape[1] for o in outputs] == [5, 9, 13]

@@ -185,3 +185,43 @@ def test_abort_while_text_is_encoding_ahead(tiny_mono_dir):
         assert not engine.has_unfinished()
     finally:
         engine.close()
+
+
+def test_several_steps_per_call_change_nothing(tiny_mono_dir):
+    """steps_per_call > 1 (one graph replay per call on CUDA): requests finish inside a call (their slot runs on to
+    the call's end on pad tokens, past the trained position range for a full-length request) and join between
+    calls, and every request's codes are those of one step per call."""
+    rng = np.random.default_rng(3)
+    audio = (0.3 * rng.standard_normal((1, 640 * 5))).astype(np.float32)
+    results, calls = {}, {}
+    for steps_per_call in (1, 4):
+        engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=3, backend="torch",
+                                                steps_per_call=steps_per_call)
+        full_length = engine.max_frames + engine.model.config.decoder.num_codebooks - 1  # max_new_tokens
+        requests = [
+            engine.add_request("full length", fastgen.SamplingParams(max_new_tokens=full_length, seed=1)),
+            engine.add_request(None, fastgen.SamplingParams(max_new_tokens=13, do_sample=False)),
+            engine.add_request("blues", fastgen.SamplingParams(max_new_tokens=22, top_k=5, top_p=0.9, seed=2,
+                                                               guidance_scale=2.0), (audio, 32000)),
+        ]
+        for _ in range(5):
+            engine.step()
+        requests += [engine.add_request(f"late {i}", fastgen.SamplingParams(max_new_tokens=9 + 5 * i, seed=10 + i))
+                     for i in range(3)]
+        steps = 5
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        assert all(r.status == RequestStatus.FINISHED for r in requests), [r.error for r in requests]
+        assert requests[0].output.codes.shape[1] == engine.max_frames
+        results[steps_per_call] = [r.output.codes for r in requests]
+        calls[steps_per_call] = steps
+    for one, several in zip(results[1], results[4]):
+        np.testing.assert_array_equal(one, several)
+    assert calls[4] < calls[1] / 3
+
+
+def test_steps_per_call_is_validated():
+    for bad in (0, 17, 2.0):
+        with pytest.raises(ValueError, match=r"steps_per_call must be an integer in \[1, 16\]"):
+            fastgen.EngineConfig(steps_per_call=bad)

@@ -6,6 +6,7 @@ loop thread: submissions and aborts reach it through queues."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -101,6 +102,18 @@ class RequestHandle:
             return self._terminal().output  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _intra_op_threads(count: int | None):
+    """torch's intra-op thread count of this thread set to ``count`` (None: unchanged) for the block."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -117,14 +130,23 @@ class AsyncEngine:
         self._stopping = False
         self._progress_every: dict[str, int] = {}
         engine.listeners.append(self._on_event)
+        self._ready = threading.Event()
+        self._start_error: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="fastgen-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()  # the loop thread may first compile the step for its thread count
+        if self._start_error is not None:
+            raise self._start_error
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, device="cpu", dtype=None, allow_pickle=False,
+    def from_pretrained(cls, name_or_path, *, device="cpu", dtype=None, allow_pickle=False, cpu_threads: int = 1,
                         **engine_options: Any) -> "AsyncEngine":
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        return cls(Engine(model, EngineConfig(**engine_options)))
+        config = EngineConfig(**engine_options)
+        # built with the loop thread's thread count, so a compiled step (compile_step) is compiled for it once
+        with _intra_op_threads(cpu_threads if model.decoder.device.type == "cpu" else None):
+            engine = Engine(model, config)
+        return cls(engine, cpu_threads)
 
     # ---------------------------------------------------------------------------------------- caller side
     def submit(self, prompt: str | None, params: SamplingParams | None = None,
@@ -167,6 +189,13 @@ class AsyncEngine:
             # which made a CPU step ~5× slower than the same step from the main thread; one intra-op thread avoids
             # them (the setting is per thread: the caller's threads keep theirs)
             torch.set_num_threads(self.cpu_threads)
+        try:
+            self.engine.runner.ensure_compiled()  # no-op unless compiled for another thread count
+        except Exception as exc:  # reported by __init__; the loop never starts
+            self._start_error = exc
+            return
+        finally:
+            self._ready.set()
         stop = False
         while not stop:
             stop = self._drain_inbox()

@@ -53,7 +53,7 @@ class Engine:
         num_slots = self._plan_slots()
         self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
                                   max_frames=self.max_frames, max_text_tokens=config.max_text_tokens,
-                                  compile_step=config.compile_step)
+                                  compile_step=config.compile_step, steps_per_call=config.steps_per_call)
         self.scheduler = Scheduler(num_slots)
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs()
@@ -73,8 +73,8 @@ class Engine:
     def _plan_slots(self) -> int:
         """As many slots as the KV-cache budget holds, each sized for the longest request allowed."""
         dec = self.model.decoder
-        per_slot = KVCache.bytes_per_slot(dec.config, self.max_frames + dec.config.channel_codebooks,
-                                          self.config.max_text_tokens, dec.dtype)
+        positions = self.max_frames + dec.config.channel_codebooks + self.config.steps_per_call - 1
+        per_slot = KVCache.bytes_per_slot(dec.config, positions, self.config.max_text_tokens, dec.dtype)
         budget = self.config.kv_cache_memory_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -169,7 +169,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def step(self) -> list[Request]:
-        """Admit what fits, advance every running request by one position, retire what finished. Returns the
+        """Admit what fits, advance every running request by ``steps_per_call`` positions (one graph replay on CUDA;
+        admissions, aborts and retirements happen between calls), retire what finished. Returns the
         requests that ended since the last step (finished or failed), outputs attached."""
         ended = self._collect_stages(block=not self.scheduler.running and not self.scheduler.has_ready())
         ended += self._admit()
@@ -182,7 +183,7 @@ class Engine:
                 if request.first_step_time is None:
                     request.first_step_time = now
             self.runner.step(self._plan, running)
-            done = self.scheduler.advance()
+            done = self.scheduler.advance(self.config.steps_per_call)
             if self.listeners:
                 for request in running:
                     self._emit(request, "progress", (request.steps_done, request.steps_total))

@@ -1,5 +1,6 @@
 """CUDA graphs for the decode step: one graph per batch-size bucket, captured at start-up into one shared memory pool,
-replayed with the batch padded up to its bucket (padding rows point at the runner's dummy slot).
+replayed with the batch padded up to its bucket (padding rows point at the runner's dummy slot). A graph holds the
+runner's ``steps_per_call`` consecutive steps.
 
 The step reads everything from device tensors indexed by slot, so a graph stays valid while requests come and go:
 only the static slot-id buffer changes, and only when the batch's membership does."""
@@ -41,7 +42,7 @@ class DecodeGraphs:
         from fastgen.kernels.decode_attention import reserve_decode_scratch
         runner = self.runner
         reserve_decode_scratch(2 * self.buckets[-1], runner.config.num_heads,
-                               max(runner.max_positions, runner.max_text_tokens), runner.device,
+                               max(runner.cache_positions, runner.max_text_tokens), runner.device,
                                runner.config.head_dim)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -61,7 +62,8 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _step(self, bucket: int) -> None:
-        self.runner.decode_step(self.slot_ids[:bucket], self.hints, None, None)
+        for _ in range(self.runner.steps_per_call):  # one replay, several steps: one launch, one host round
+            self.runner.decode_step(self.slot_ids[:bucket], self.hints, None, None)
 
     def set_batch(self, slots: list[int]) -> int:
         """Load the batch's slots into the static buffer (padding with the dummy slot); returns the bucket."""

@@ -58,7 +58,8 @@ class BatchPlan:
 
 class ModelRunner:
     def __init__(self, decoder: MusicgenDecoder, text_encoder: TextEncoder, codec: AudioCodec, ops: Ops, *,
-                 num_slots: int, max_frames: int, max_text_tokens: int, compile_step: bool = False) -> None:
+                 num_slots: int, max_frames: int, max_text_tokens: int, compile_step: bool = False,
+                 steps_per_call: int = 1) -> None:
         self.decoder, self.text_encoder, self.codec, self.ops = decoder, text_encoder, codec, ops
         config = decoder.config
         self.config = config
@@ -68,10 +69,13 @@ class ModelRunner:
         self.total_slots = num_slots + 1
         self.max_frames = max_frames
         self.max_positions = max_frames + config.channel_codebooks
+        self.steps_per_call = steps_per_call
+        # a request finishing inside a multi-step call runs on to the call's end: its slot needs the extra positions
+        self.cache_positions = self.max_positions + steps_per_call - 1
         self.max_text_tokens = max_text_tokens
         spare = int(compile_step)  # the compiled step's read spans must never equal a cache length (see _compile_step)
-        self.cache = KVCache.allocate(config, self.total_slots, self.max_positions + spare, max_text_tokens + spare,
-                                      decoder.dtype, self.device)
+        self.cache = KVCache.allocate(config, self.total_slots, self.cache_positions + spare,
+                                      max_text_tokens + spare, decoder.dtype, self.device)
         self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
         self.graphs: DecodeGraphs | None = None
         self.compiled = compile_step
@@ -94,14 +98,23 @@ class ModelRunner:
         different read spans make dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the
         cache length, hence one spare cache position); a batch of one, always specialised, gets a graph of its own.
         Three compiles at start-up (the first, with fixed spans, is only a stepping stone): tens of seconds the first
-        time, then inductor's on-disk cache serves later processes."""
+        time, then inductor's on-disk cache serves later processes. Dynamo also guards on the intra-op thread
+        count: see ensure_compiled."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
         self.eager_step = torch.compile(self.decode_step, fullgraph=True, options=options)
+        self.compiled_for_threads: set[int] = set()
+        self.ensure_compiled()
+
+    def ensure_compiled(self) -> None:
+        """Compile the step for this thread's intra-op thread count, if not done yet: dynamo guards on it, so a loop
+        thread running with another count than the constructing thread (AsyncEngine on a CPU) needs its own graphs."""
+        if not self.compiled or torch.get_num_threads() in self.compiled_for_threads:
+            return
         text_spans = (2, self.max_text_tokens) if self.max_text_tokens > 2 else (self.max_text_tokens,) * 2
         calls = [(self._compiled_slot_ids([self.dummy_slot] * batch), kv_span, text_span)  # (made as plan() makes
                  for batch, kv_span, text_span in ((2, 3, text_spans[0]),  # them: not inference tensors)
-                                                   (2, self.max_positions, text_spans[1]),
-                                                   (1, self.max_positions, text_spans[1]))]
+                                                   (2, self.cache_positions, text_spans[1]),
+                                                   (1, self.cache_positions, text_spans[1]))]
         # dynamo counts graphs per function, and each compiled engine in the process adds three to decode_step's:
         # lift its recompile limit while compiling, or a third engine would silently run its step eagerly
         limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -113,6 +126,7 @@ class ModelRunner:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise RuntimeError(f"compile_step=True: torch.compile could not compile the decode step "
                                f"({type(exc).__name__}: {reason[:300]}); use compile_step=False") from exc
+        self.compiled_for_threads.add(torch.get_num_threads())
 
     def _compiled_slot_ids(self, slots: list[int]) -> torch.Tensor:
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
@@ -230,18 +244,21 @@ class ModelRunner:
         return BatchPlan(slot_ids, hints, text_span)
 
     def kv_span(self, requests: list[Request]) -> int:
-        """How much of the self-attention cache the torch backend reads: the longest row, rounded up."""
-        longest = max(r.position for r in requests) + 1
-        return min(self.max_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
+        """How much of the self-attention cache the torch backend reads in a call: the longest row after the call's
+        steps, rounded up."""
+        longest = max(r.position for r in requests) + self.steps_per_call
+        return min(self.cache_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
 
     @torch.inference_mode()
     def step(self, plan: "BatchPlan", requests: list[Request]) -> None:
-        """Advance every slot of the batch by one position: a graph replay, or the same step run eagerly (which
-        reads the cache only up to the batch's longest row)."""
+        """Advance every slot of the batch by ``steps_per_call`` positions: one graph replay, or the same steps run
+        eagerly (reading the cache only up to the batch's longest row)."""
         if plan.bucket is not None:
             self.graphs.replay(plan.bucket)
-        else:
-            self.eager_step(plan.slot_ids, plan.hints, self.kv_span(requests), plan.text_span)
+            return
+        kv_span = self.kv_span(requests)
+        for _ in range(self.steps_per_call):
+            self.eager_step(plan.slot_ids, plan.hints, kv_span, plan.text_span)
 
     def decode_step(self, slot_ids: torch.Tensor, hints: SamplerHints, kv_span: int | None,
                     text_span: int | None) -> None:

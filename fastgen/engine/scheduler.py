@@ -48,11 +48,13 @@ class Scheduler:
     def running_slots(self) -> list[int]:
         return sorted(self.running)
 
-    def advance(self) -> list[Request]:
-        """Account one decode step for every running request; return those whose last step this was."""
+    def advance(self, steps: int = 1) -> list[Request]:
+        """Account ``steps`` decode steps for every running request; return those whose last step was among them
+        (a request that finishes inside a multi-step call ran on to the call's end on pad tokens; nothing of that
+        counts)."""
         done = []
         for request in self.running.values():
-            request.steps_done += 1
+            request.steps_done = min(request.steps_done + steps, request.steps_total)
             if request.steps_done >= request.steps_total:
                 done.append(request)
         return done

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastgen.config import DecoderConfig
+from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
 from fastgen.model.ops import Ops
 
@@ -97,7 +97,9 @@ class MusicgenDecoder:
         self.embed = torch.stack([w.take(f"{prefix}embed_tokens.{k}.weight", (c.vocab_size + 1, c.hidden_size))
                                   for k in range(c.num_codebooks)])
         w.skip(f"{prefix}embed_positions.weights")  # older exports carry the sinusoid table; we recompute it
-        self.sinusoid = sinusoidal_table(c.max_position_embeddings, c.hidden_size).to(device=device, dtype=dtype)
+        # rows past the trained range feed only the discarded overrun steps of multi-step calls
+        self.sinusoid = sinusoidal_table(c.max_position_embeddings + MAX_STEPS_PER_CALL, c.hidden_size).to(
+            device=device, dtype=dtype)
         d, f = c.hidden_size, c.ffn_dim
         self.layers: list[LayerWeights] = []
         for i in range(c.num_layers):
