@@ -27,7 +27,9 @@ def run_workload(engine: fastgen.Engine):
         params = fastgen.SamplingParams(max_new_tokens=[70, 20, 30, 12, 25][i], guidance_scale=[3.0, 1.0, 2.0][i % 3],
                                         do_sample=i != 1, top_k=[0, 0, 8, 250, 0][i], top_p=[1.0, 1.0, 1.0, 1.0, 0.9][i],
                                         temperature=0.9, seed=i)
-        requests.append(engine.add_request(None if i == 3 else f"prompt {i}", params))
+        # request 2's long prompt reads more text than self-attention cache at first, and less later on
+        prompt = None if i == 3 else " ".join(["a much longer prompt"] * 5) if i == 2 else f"prompt {i}"
+        requests.append(engine.add_request(prompt, params))
         engine.step()
     while engine.has_unfinished():
         engine.step()

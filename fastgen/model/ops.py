@@ -52,11 +52,13 @@ class TorchOps:
         ctx = StepContext(rows, position, text_length, kv_span=kv_span, text_span=text_span)
         # a large negative bias, not -inf: a row with no text (null condition) then averages its zero K/V rows
         # instead of producing NaN, and padding keys get exactly zero weight whenever one real key exists
+        # (two aranges, not one of max(kv_span, text_span): under torch.compile that max would guard the order of
+        # the two spans and recompile when it flips)
         low = torch.finfo(dtype).min
-        span = torch.arange(max(kv_span, text_span), device=rows.device)
-        ctx.self_bias = torch.where(span[:kv_span] <= position.view(-1, 1), 0.0, low).to(dtype).view(-1, 1, 1, kv_span)
-        ctx.cross_bias = torch.where(span[:text_span] < text_length.view(-1, 1), 0.0, low).to(dtype).view(
-            -1, 1, 1, text_span)
+        self_keys = torch.arange(kv_span, device=rows.device)
+        text_keys = torch.arange(text_span, device=rows.device)
+        ctx.self_bias = torch.where(self_keys <= position.view(-1, 1), 0.0, low).to(dtype).view(-1, 1, 1, kv_span)
+        ctx.cross_bias = torch.where(text_keys < text_length.view(-1, 1), 0.0, low).to(dtype).view(-1, 1, 1, text_span)
         return ctx
 
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
