@@ -227,12 +227,12 @@ class ModelRunner:
         if self.graphs is not None:  # the captured step reads everything from device state: only slot ids change
             bucket = self.graphs.set_batch(slots)
             return BatchPlan(self.graphs.slot_ids[:bucket], self.graphs.hints, 0, bucket)
-        params = [r.resolved for r in requests]
-        sampling = [p for p in params if p.temperature > 0]
         text_span = max([len(r.text_ids) for r in requests if r.text_ids is not None] or [1])
         if self.compiled:  # one graph for every batch (see _compile_step)
             return BatchPlan(self._compiled_slot_ids(slots), SamplerHints(), min(max(text_span, 2),
                                                                                  self.max_text_tokens))
+        params = [r.resolved for r in requests]
+        sampling = [p for p in params if p.temperature > 0]
         slot_ids = torch.tensor(slots, dtype=torch.int64, device=self.device)
         st = self.state
         rows = RowParams.gather(slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
