@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ SUPPORTED_ACTIVATIONS = ("gelu", "relu", "silu", "gelu_new")
 # MusicGen was trained on 30 s windows: positions past that are out of distribution (transformers documents the
 # same limit: "MusicGen cannot generate more than 30 seconds of audio").
 TRAINED_DURATION_S = 30.0
+# Requests longer than the window slide over it (fastgen/engine/longform.py): an engine accepts up to max_duration_s,
+# by default this, at most the absolute bound (a sane cap on one request's work and host-side codes).
+DEFAULT_MAX_DURATION_S = 300.0
+MAX_REQUEST_DURATION_S = 3600.0
 # A multi-step call runs a request that finishes inside it on, past its end, for up to this many − 1 positions (on
 # pad tokens; discarded): caches and the position table carry that margin.
 MAX_STEPS_PER_CALL = 16
@@ -77,7 +82,8 @@ class ModelConfig:
 
     @property
     def max_frames(self) -> int:
-        """Frames (prompt + new) one request may span: the trained 30 s, and the positional table's size."""
+        """Frames one window may span (a longer request slides over windows): the trained 30 s, and the positional
+        table's size."""
         trained = int(TRAINED_DURATION_S * self.frame_rate)
         by_positions = self.decoder.max_position_embeddings - self.decoder.channel_codebooks
         return min(trained, by_positions)
@@ -153,10 +159,12 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Knobs of the runtime. Slots are CFG pairs of KV-cache rows, each able to hold one request of up to
-    ``max_duration_s`` seconds (prompt included)."""
+    """Knobs of the runtime. Slots are CFG pairs of KV-cache rows, each holding one window of one request: the trained
+    30 s (or ``window_s``), or ``max_duration_s`` when that is shorter. Requests up to ``max_duration_s`` seconds
+    (prompt included) are accepted; longer than the window, they slide over it (see fastgen/engine/longform.py)."""
     max_slots: int | None = None          # None: as many as the memory budget allows (capped at 256)
-    max_duration_s: float | None = None   # None: the trained limit (30 s)
+    max_duration_s: float | None = None   # longest request, prompt included; None: DEFAULT_MAX_DURATION_S (300 s)
+    window_s: float | None = None         # the sliding window (and slot span); None: the trained 30 s
     max_text_tokens: int = 256
     kv_cache_memory_bytes: int | None = None  # None: a share of free device memory (CUDA) or 2 GiB (CPU)
     backend: str = "auto"                 # "torch", "triton", or "auto" (triton on CUDA, torch on CPU)
@@ -168,8 +176,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
             raise ValueError(f"max_slots must be a positive integer or None, got {self.max_slots!r}")
-        if self.max_duration_s is not None and not (0 < self.max_duration_s <= TRAINED_DURATION_S):
-            raise ValueError(f"max_duration_s must be in (0, {TRAINED_DURATION_S}], got {self.max_duration_s!r}")
+        if self.max_duration_s is not None and not (_is_seconds(self.max_duration_s)
+                                                    and 0 < self.max_duration_s <= MAX_REQUEST_DURATION_S):
+            raise ValueError(f"max_duration_s must be a number of seconds in (0, {MAX_REQUEST_DURATION_S:g}], "
+                             f"got {self.max_duration_s!r}")
+        if self.window_s is not None and not (_is_seconds(self.window_s) and 0 < self.window_s <= TRAINED_DURATION_S):
+            raise ValueError(f"window_s must be a number of seconds in (0, {TRAINED_DURATION_S:g}], got {self.window_s!r}")
         if not isinstance(self.max_text_tokens, int) or not 1 <= self.max_text_tokens <= 4096:
             raise ValueError(f"max_text_tokens must be an integer in [1, 4096], got {self.max_text_tokens!r}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
@@ -181,3 +193,7 @@ class EngineConfig:
                              f"got {self.steps_per_call!r}")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")
+
+
+def _is_seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

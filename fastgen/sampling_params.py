@@ -30,6 +30,8 @@ class SamplingParams:
     top_p: float | None = None           # 0 or 1 = off (0 as in audiocraft)
     do_sample: bool | None = None        # False = greedy
     seed: int | None = None              # None = a fresh random seed, reported in the output
+    extend_stride: float | None = None   # long-form: seconds each window after the first adds (None: 18 s; see
+                                         # fastgen/engine/longform.py); the engine checks it against its window
 
     def __post_init__(self) -> None:
         if self.duration is not None:
@@ -58,6 +60,9 @@ class SamplingParams:
         if self.seed is not None:
             _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= SEED_MAX,
                    f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        if self.extend_stride is not None:
+            _check(_is_number(self.extend_stride) and self.extend_stride > 0,
+                   f"extend_stride must be a positive number of seconds (below the window), got {self.extend_stride!r}")
 
     def with_defaults(self, defaults: "SamplingParams") -> "SamplingParams":
         """Fill None fields from ``defaults`` (the checkpoint's generation config)."""

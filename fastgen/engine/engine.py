@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from fastgen.audio import prepare_audio_prompt
-from fastgen.config import EngineConfig
+from fastgen.config import DEFAULT_MAX_DURATION_S, EngineConfig
+from fastgen.engine import longform
 from fastgen.engine.stage_worker import StageWorker
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
@@ -37,9 +38,13 @@ class Engine:
         self.device = model.decoder.device
         mc = model.config
         self.frame_rate, self.sample_rate = mc.frame_rate, mc.sample_rate
-        self.max_frames = mc.max_frames
-        if config.max_duration_s is not None:
-            self.max_frames = min(self.max_frames, round(config.max_duration_s * mc.frame_rate))
+        # long-form: requests up to max_frames slide over windows of window_frames; a slot holds one window, or the
+        # longest request when that is shorter
+        self.window_frames = mc.max_frames
+        if config.window_s is not None:
+            self.window_frames = min(self.window_frames, round(config.window_s * mc.frame_rate))
+        self.max_frames = round((config.max_duration_s or DEFAULT_MAX_DURATION_S) * mc.frame_rate)
+        self.slot_frames = min(self.window_frames, self.max_frames)
         backend = config.backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -52,8 +57,9 @@ class Engine:
                              "Triton kernels are compiled already and run as CUDA graphs")
         num_slots = self._plan_slots()
         self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
-                                  max_frames=self.max_frames, max_text_tokens=config.max_text_tokens,
-                                  compile_step=config.compile_step, steps_per_call=config.steps_per_call)
+                                  max_frames=self.slot_frames, max_text_tokens=config.max_text_tokens,
+                                  compile_step=config.compile_step, steps_per_call=config.steps_per_call,
+                                  max_request_frames=self.max_frames)
         self.scheduler = Scheduler(num_slots)
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs()
@@ -71,9 +77,9 @@ class Engine:
         return cls(model, EngineConfig(**engine_options))
 
     def _plan_slots(self) -> int:
-        """As many slots as the KV-cache budget holds, each sized for the longest request allowed."""
+        """As many slots as the KV-cache budget holds, each sized for one window (or the longest request allowed)."""
         dec = self.model.decoder
-        positions = self.max_frames + dec.config.channel_codebooks + self.config.steps_per_call - 1
+        positions = self.slot_frames + dec.config.channel_codebooks + self.config.steps_per_call - 1
         per_slot = KVCache.bytes_per_slot(dec.config, positions, self.config.max_text_tokens, dec.dtype)
         budget = self.config.kv_cache_memory_bytes
         if budget is None:
@@ -86,7 +92,7 @@ class Engine:
         cap = self.config.max_slots or MAX_SLOTS
         if fits < 1:
             raise ValueError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) cannot hold one slot of "
-                             f"{per_slot / 2**30:.2f} GiB; lower max_duration_s or max_text_tokens, or raise "
+                             f"{per_slot / 2**30:.2f} GiB; lower window_s, max_duration_s or max_text_tokens, or raise "
                              "kv_cache_memory_bytes")
         return int(min(cap, fits))
 
@@ -97,8 +103,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ requests
     def make_request(self, prompt: str | None, params: SamplingParams | None = None,
                      audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
-                     name: str = "prompt") -> Request:
-        """Validate and build a request (raises RequestError naming the bad parameter); does not queue it."""
+                     name: str = "prompt", codes_prompt: Any = None) -> Request:
+        """Validate and build a request (raises RequestError naming the bad parameter); does not queue it.
+        ``codes_prompt`` (int [num_codebooks, frames], GenerationOutput.codes' layout) is continued like an audio
+        prompt, without EnCodec."""
         if prompt is not None and not isinstance(prompt, str):
             raise RequestError(f"{name} must be a string or None (unconditional), got {type(prompt).__name__}")
         if params is None:
@@ -127,18 +135,28 @@ class Engine:
                 raise RequestError(str(exc)) from None
             hop = self.sample_rate // self.frame_rate
             prompt_frames = -(-audio.shape[-1] // hop)
+        prompt_codes = None
+        if codes_prompt is not None:
+            if audio is not None:
+                raise RequestError("give either audio_prompt or codes_prompt, not both")
+            prompt_codes = longform.as_codes(codes_prompt, dec.num_codebooks, dec.vocab_size, "codes_prompt")
+            prompt_frames = prompt_codes.shape[1]
+        stride = longform.stride_frames(params.extend_stride, self.window_frames, self.frame_rate)
         total = prompt_frames + resolved.new_frames
         if total > self.max_frames:
             raise RequestError(
                 f"the request spans {total / self.frame_rate:.2f} s ({prompt_frames} prompt + "
                 f"{resolved.new_frames} new frames), over the limit of {self.max_frames / self.frame_rate:.2f} s "
-                f"({self.max_frames} frames) of this engine; shorten duration or the audio prompt")
+                f"({self.max_frames} frames) of this engine (EngineConfig.max_duration_s); shorten duration or the "
+                f"audio prompt")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(rid, prompt, params, resolved, text_ids, audio, prompt_frames, dec.channel_codebooks)
+        return Request(rid, prompt, params, resolved, text_ids, audio, prompt_frames, dec.channel_codebooks,
+                       window_frames=self.window_frames, stride_frames=stride, prompt_codes=prompt_codes)
 
     def add_request(self, prompt: str | None, params: SamplingParams | None = None,
-                    audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None) -> Request:
-        request = self.make_request(prompt, params, audio_prompt, request_id)
+                    audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
+                    codes_prompt: Any = None) -> Request:
+        request = self.make_request(prompt, params, audio_prompt, request_id, codes_prompt=codes_prompt)
         self.enqueue(request)
         return request
 
@@ -183,7 +201,9 @@ class Engine:
                 if request.first_step_time is None:
                     request.first_step_time = now
             self.runner.step(self._plan, running)
-            done = self.scheduler.advance(self.config.steps_per_call)
+            done, window_ends = self.scheduler.advance(self.config.steps_per_call)
+            if window_ends:
+                ended += self._next_windows(window_ends)
             if self.listeners:
                 for request in running:
                     self._emit(request, "progress", (request.steps_done, request.steps_total))
@@ -214,6 +234,18 @@ class Engine:
         for request in admitted:
             self._emit(request, "started", None)
         return []
+
+    def _next_windows(self, requests: list[Request]) -> list[Request]:
+        """Long-form: re-prefill the slots of requests whose window ended with their last kept frames (between two
+        calls, eagerly; a captured graph reads everything from slot state and just continues)."""
+        failed = []
+        for request in requests:
+            try:
+                self.runner.reprefill(request)
+            except Exception as exc:  # one request's failure stays its own
+                failed += self.fail([request], exc)
+        self._plan_version = -1  # the eager plan holds per-slot rows (frames, seeds) gathered from slot state
+        return failed
 
     def _retire(self, done: list[Request]) -> list[Request]:
         """Free the slots of requests whose last step this was and hand their codes to EnCodec (on a side thread

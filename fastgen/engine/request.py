@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.engine.longform import Window, plan_windows
 from fastgen.sampling_params import ResolvedParams, SamplingParams
 
 
@@ -35,10 +36,15 @@ class Request:
     audio_prompt: np.ndarray | None  # [channels, samples] at the model's rate and channel count
     prompt_frames: int              # audio prompt frames (estimated at submission, exact after encoding)
     channel_codebooks: int
+    window_frames: int = 0          # long-form (fastgen/engine/longform.py): the engine's window; 0 = the request's
+    stride_frames: int = 0          # frames each window after the first adds
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     steps_done: int = 0
-    prompt_codes: torch.Tensor | None = None  # [K, P] once encoded
+    prompt_codes: torch.Tensor | None = None  # [K, P] once encoded (given as such: a codes prompt)
+    windows: tuple[Window, ...] = ()  # planned by plan(); one unless the request is longer than the window
+    window_index: int = 0
+    done_codes: list[torch.Tensor] = field(default_factory=list)  # [K, f] CPU: frames that left the slot, in order
     text_pending: bool = False      # T5 running ahead on the stage worker; not admitted until it is done
     text_states: torch.Tensor | None = None  # [T, D] prefetched decoder-width text states
     text_ready: Any = None          # CUDA event the states are ready after (threaded stage worker on CUDA)
@@ -48,19 +54,33 @@ class Request:
     first_step_time: float | None = None
     finish_time: float | None = None
 
+    def __post_init__(self) -> None:
+        self.plan()
+
+    def plan(self) -> None:
+        """(Re)plan the windows, e.g. once the audio prompt's exact length is known."""
+        self.windows = plan_windows(self.total_frames, self.prompt_frames, self.window_frames or self.total_frames,
+                                    self.stride_frames, self.channel_codebooks)
+
     @property
     def total_frames(self) -> int:
         return self.prompt_frames + self.resolved.new_frames
 
     @property
+    def window(self) -> Window:
+        return self.windows[self.window_index]
+
+    @property
     def steps_total(self) -> int:
-        """Decode steps: every delayed position after the prompt's, up to the last codebook's last frame."""
-        return self.total_frames + self.channel_codebooks - 1 - self.prompt_frames
+        """Decode steps over all windows: in each, every delayed position after its prompt's, up to the last
+        codebook's last frame."""
+        return self.windows[-1].last_step
 
     @property
     def position(self) -> int:
-        """Delayed-sequence position of the next input token (host mirror of the device counter)."""
-        return self.prompt_frames + self.steps_done
+        """Delayed-sequence position of the next input token in the current window (host mirror of the device
+        counter)."""
+        return self.window.prompt_frames + self.steps_done - self.window.first_step
 
 
 @dataclass

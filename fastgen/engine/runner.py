@@ -15,7 +15,8 @@ from fastgen.engine.request import Request
 from fastgen.errors import RequestError
 from fastgen.model.codec import AudioCodec, TextEncoder
 from fastgen.model.decoder import KVCache, MusicgenDecoder
-from fastgen.kernels.sampling import RowParams, seed_key
+from fastgen.engine.longform import window_stream_seed
+from fastgen.kernels.sampling import RowParams
 from fastgen.model.ops import Ops, SamplerHints
 
 KV_BOUND_GRANULE = 64  # the torch backend reads the cache up to the batch's longest row, rounded up to this
@@ -59,7 +60,7 @@ class BatchPlan:
 class ModelRunner:
     def __init__(self, decoder: MusicgenDecoder, text_encoder: TextEncoder, codec: AudioCodec, ops: Ops, *,
                  num_slots: int, max_frames: int, max_text_tokens: int, compile_step: bool = False,
-                 steps_per_call: int = 1) -> None:
+                 steps_per_call: int = 1, max_request_frames: int | None = None) -> None:
         self.decoder, self.text_encoder, self.codec, self.ops = decoder, text_encoder, codec, ops
         config = decoder.config
         self.config = config
@@ -67,7 +68,8 @@ class ModelRunner:
         self.num_slots = num_slots
         self.dummy_slot = num_slots
         self.total_slots = num_slots + 1
-        self.max_frames = max_frames
+        self.max_frames = max_frames  # one slot: a window of a long-form request
+        self.max_request_frames = max_request_frames or max_frames
         self.max_positions = max_frames + config.channel_codebooks
         self.steps_per_call = steps_per_call
         # a request finishing inside a multi-step call runs on to the call's end: its slot needs the extra positions
@@ -184,23 +186,38 @@ class ModelRunner:
         st.temperature[slot] = p.temperature
         st.top_k[slot] = p.top_k
         st.top_p[slot] = p.top_p
-        st.seed[slot] = seed_key(p.seed)  # the kernels' 32-bit stream seed
         st.nonfinite[slot] = 0
         codebooks = self.config.num_codebooks
-        prompt_frames = 0
         if request.audio_prompt is not None:
             codes = self.codec.encode(request.audio_prompt)
             if codes.shape[0] != codebooks:
                 raise RuntimeError(f"EnCodec produced {codes.shape[0]} codebooks, the decoder expects {codebooks}")
             request.prompt_codes = codes
-            prompt_frames = codes.shape[1]
-            request.prompt_frames = prompt_frames
-            if request.total_frames > self.max_frames:  # the submission-time estimate was short
-                raise RequestError(f"the audio prompt encodes to {prompt_frames} frames; with the requested "
-                                   f"length that exceeds the {self.max_frames}-frame limit")
-            st.codes[slot, :, :prompt_frames] = codes.to(self.device)
+            request.prompt_frames = codes.shape[1]
+            if request.total_frames > self.max_request_frames:  # the submission-time estimate was short
+                raise RequestError(f"the audio prompt encodes to {codes.shape[1]} frames; with the requested "
+                                   f"length that exceeds the {self.max_request_frames}-frame limit")
+            request.plan()  # the exact length may move the window boundaries
+        request.window_index, request.done_codes = 0, []
+        prompt = None
+        if request.prompt_codes is not None:
+            offset = request.window.offset  # > 0: a prompt longer than the window, whose first frames are final
+            if offset:
+                request.done_codes.append(request.prompt_codes[:, :offset])
+            prompt = request.prompt_codes[:, offset:].to(self.device)
+        self._load_window(request, prompt)
+
+    def _load_window(self, request: Request, prompt: torch.Tensor | None) -> None:
+        """Start the slot's current window from ``prompt`` codes [K, p] on the device (None: from BOS): the codes
+        buffer, the self-attention cache at positions 0..p−1 (SDPA prefill; cross-attention K/V are not touched), the
+        first input token, the window's frame counts and its random stream."""
+        st, slot, window = self.state, request.slot, request.window
+        prompt_frames = 0 if prompt is None else prompt.shape[1]
+        assert prompt_frames == window.prompt_frames, (prompt_frames, window)
+        if prompt is not None:
+            st.codes[slot, :, :prompt_frames] = prompt
             rows = torch.tensor([slot, self.total_slots + slot], device=self.device)
-            delayed = self._delayed_prompt(codes.to(self.device), prompt_frames + 1)  # positions 0..P
+            delayed = self._delayed_prompt(prompt, prompt_frames + 1)  # positions 0..P
             text_length = torch.stack([st.text_length[slot], torch.zeros_like(st.text_length[slot])])
             self.decoder.prefill(self.cache, rows, delayed[:, :prompt_frames], text_length)
             st.tokens[slot] = delayed[:, prompt_frames]
@@ -208,7 +225,22 @@ class ModelRunner:
             st.tokens[slot] = self.config.pad_token_id  # BOS: every codebook starts on the special id
         st.position[slot] = prompt_frames
         st.prompt_frames[slot] = prompt_frames
-        st.num_frames[slot] = request.total_frames
+        st.num_frames[slot] = window.frames
+        st.seed[slot] = window_stream_seed(request.resolved.seed, request.window_index)  # kernels' 32-bit seed
+
+    @torch.inference_mode()
+    def reprefill(self, request: Request) -> None:
+        """Long-form: the request's window is done. The frames before its last window − stride leave the slot for the
+        request's host-side codes; the kept ones are prefilled in place as the next window's prompt (positions from
+        0, the same text: its cross-attention K/V stay). The slot's other state is rewritten, so a captured graph
+        replays it like any other slot."""
+        window, following = request.window, request.windows[request.window_index + 1]
+        codes = self.state.codes[request.slot, :, :window.frames]
+        leaving = following.offset - window.offset
+        request.done_codes.append(codes[:, :leaving].to("cpu", copy=True))
+        kept = codes[:, leaving:].clone()  # the buffer is rewritten from frame 0
+        request.window_index += 1
+        self._load_window(request, kept)
 
     def _delayed_prompt(self, codes: torch.Tensor, positions: int) -> torch.Tensor:
         """Prompt codes [K, P] → delayed tokens [K, positions]: position t of codebook k holds frame t − 1 − c."""
@@ -282,7 +314,9 @@ class ModelRunner:
     def finish(self, request: Request) -> tuple[torch.Tensor, bool]:
         """(codes [K, frames] on the CPU, whether any logit of the request was non-finite)."""
         slot = request.slot
-        codes = self.state.codes[slot, :, :request.total_frames].to("cpu", copy=True)  # the slot is reused
+        codes = self.state.codes[slot, :, :request.window.frames].to("cpu", copy=True)  # the slot is reused
+        if request.done_codes:  # long-form: the windows' frames that left the slot come first
+            codes = torch.cat(request.done_codes + [codes], dim=1)
         bad = bool(self.state.nonfinite[slot].item())
         if bad:  # keep NaNs in this slot's cache from leaking into the next request through masked reads
             self.cache.clear_rows(torch.tensor([slot, self.total_slots + slot], device=self.device))

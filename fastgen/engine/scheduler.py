@@ -48,16 +48,19 @@ class Scheduler:
     def running_slots(self) -> list[int]:
         return sorted(self.running)
 
-    def advance(self, steps: int = 1) -> list[Request]:
-        """Account ``steps`` decode steps for every running request; return those whose last step was among them
-        (a request that finishes inside a multi-step call ran on to the call's end on pad tokens; nothing of that
-        counts)."""
-        done = []
+    def advance(self, steps: int = 1) -> tuple[list[Request], list[Request]]:
+        """Account ``steps`` decode steps for every running request; return (those whose last step was among them,
+        those whose current window ended among them: long-form requests due for the next window). A request whose
+        window ends inside a multi-step call ran on to the call's end on pad tokens; nothing of that counts."""
+        done, window_ends = [], []
         for request in self.running.values():
-            request.steps_done = min(request.steps_done + steps, request.steps_total)
+            window_end = request.window.last_step
+            request.steps_done = min(request.steps_done + steps, window_end)
             if request.steps_done >= request.steps_total:
                 done.append(request)
-        return done
+            elif request.steps_done >= window_end:
+                window_ends.append(request)
+        return done, window_ends
 
     def release(self, request: Request, status: RequestStatus) -> None:
         """Free the request's slot (if it has one) at once; it is reused by the next admission."""
