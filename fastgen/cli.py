@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from fastgen.config import DEFAULT_MAX_DURATION_S, MAX_REQUEST_DURATION_S
 from fastgen.errors import FastgenError
 
 BUILTIN_DIR = Path.home() / ".cache" / "fastgen" / "builtin-tiny-random"
@@ -25,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
     gen.add_argument("--format", choices=["wav", "flac", "ogg"], default="wav")
-    gen.add_argument("--duration", type=float, help="seconds of audio per prompt")
+    gen.add_argument("--duration", type=float, help="seconds of audio per prompt (past the model's 30 s window it "
+                     "slides, up to 3600 s)")
+    gen.add_argument("--extend-stride", type=float,
+                     help="long-form: seconds each window after the first adds (default 18 of a 30 s window)")
     gen.add_argument("--audio-prompt", type=Path, help="an audio file every prompt continues (any rate and channels)")
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--temperature", type=float)
@@ -89,6 +93,9 @@ def _generate(args: argparse.Namespace) -> int:
         options["max_slots"] = args.max_slots
     if args.compile:
         options["compile_step"] = True
+    longest = (args.duration or 0.0) + _seconds(audio_prompt)
+    if longest > DEFAULT_MAX_DURATION_S:  # asked for on the command line: raise the engine's limit to it
+        options["max_duration_s"] = min(longest, MAX_REQUEST_DURATION_S)  # past the bound, the engine refuses
     model = fastgen.MusicGen.from_pretrained(model_path, device=device, dtype=args.dtype,
                                              allow_pickle=args.allow_pickle, **options)
 
@@ -98,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"skipping {len(prompts) - len(todo)} prompt(s) whose output exists", file=sys.stderr)
     params = [fastgen.SamplingParams(
         duration=args.duration, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, do_sample=False if args.greedy else None,
+        top_p=args.top_p, do_sample=False if args.greedy else None, extend_stride=args.extend_stride,
         seed=None if args.seed is None else args.seed + i) for i in todo]
     start = time.perf_counter()
     outputs = model.generate([prompts[i] for i in todo], params, audio_prompts=audio_prompt,
@@ -114,6 +121,13 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"wrote {len(outputs)} file(s), {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
               f"({audio_seconds / elapsed:.2f}× real time) to {args.out}/", file=sys.stderr)
     return 0
+
+
+def _seconds(audio_prompt) -> float:
+    if audio_prompt is None:
+        return 0.0
+    waveform, sample_rate = audio_prompt
+    return waveform.shape[-1] / sample_rate
 
 
 def _build_builtin() -> None:
