@@ -104,8 +104,8 @@ BAD_REQUESTS = {
                                 ["audio_prompt", "channels"]),
     "audio-sample-rate-zero": (dict(prompts=["a"], audio_prompts=[(wave(), 0)]), ["sample rate", "positive"]),
     "audio-strings": (dict(prompts=["a"], audio_prompts=[(np.array(["x", "y"]), 32000)]), ["audio_prompt"]),
-    "too-long": (dict(prompts=["a"], params=SamplingParams(duration=40.0)), ["40.00 s", "limit"]),
-    "too-long-with-audio-prompt": (dict(prompts=["a"], params=SamplingParams(duration=10.0),
+    "too-long": (dict(prompts=["a"], params=SamplingParams(duration=400.0)), ["400.00 s", "limit"]),
+    "too-long-with-audio-prompt": (dict(prompts=["a"], params=SamplingParams(duration=299.5),
                                         audio_prompts=[(wave(n=32000), 32000)]), ["limit", "audio prompt"]),
     "max-new-tokens-below-codebooks": (dict(prompts=["a"], params=SamplingParams(max_new_tokens=2)),
                                        ["max_new_tokens", "≥ 4"]),
@@ -140,7 +140,7 @@ def test_one_bad_prompt_refuses_the_whole_batch(idle_model):
 def test_engine_add_request_refusal_queues_nothing(idle_model):
     engine = idle_model.engine
     for bad in [dict(prompt=7), dict(prompt="a", params="fast"),
-                dict(prompt="a", params=SamplingParams(duration=60.0)), dict(prompt="a", audio_prompt=[1, 2])]:
+                dict(prompt="a", params=SamplingParams(duration=600.0)), dict(prompt="a", audio_prompt=[1, 2])]:
         with pytest.raises(RequestError):
             engine.add_request(**bad)
         assert not engine.has_unfinished()

@@ -96,7 +96,7 @@ def test_over_capacity_queues_and_impossible_is_refused(tiny_mono_dir):
     assert sum(r.status == RequestStatus.RUNNING for r in requests) == 2
     assert sum(r.status == RequestStatus.WAITING for r in requests) == 3
     with pytest.raises(fastgen.RequestError, match="over the limit"):
-        engine.add_request("too long", fastgen.SamplingParams(duration=60.0))
+        engine.add_request("too long", fastgen.SamplingParams(duration=600.0))
     run_all(engine)
     assert all(r.status == RequestStatus.FINISHED for r in requests)
 
@@ -197,7 +197,7 @@ def test_several_steps_per_call_change_nothing(tiny_mono_dir):
     for steps_per_call in (1, 4):
         engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=3, backend="torch",
                                                 steps_per_call=steps_per_call)
-        full_length = engine.max_frames + engine.model.config.decoder.num_codebooks - 1  # max_new_tokens
+        full_length = engine.window_frames + engine.model.config.decoder.num_codebooks - 1  # max_new_tokens
         requests = [
             engine.add_request("full length", fastgen.SamplingParams(max_new_tokens=full_length, seed=1)),
             engine.add_request(None, fastgen.SamplingParams(max_new_tokens=13, do_sample=False)),
@@ -213,7 +213,7 @@ def test_several_steps_per_call_change_nothing(tiny_mono_dir):
             engine.step()
             steps += 1
         assert all(r.status == RequestStatus.FINISHED for r in requests), [r.error for r in requests]
-        assert requests[0].output.codes.shape[1] == engine.max_frames
+        assert requests[0].output.codes.shape[1] == engine.window_frames
         results[steps_per_call] = [r.output.codes for r in requests]
         calls[steps_per_call] = steps
     for one, several in zip(results[1], results[4]):
