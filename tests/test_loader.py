@@ -169,8 +169,10 @@ def test_generation_config_supplies_defaults(tiny_mono_dir, tmp_path):
 def test_without_generation_config_builtin_defaults(tiny_mono_dir, tmp_path):
     folder = copy_checkpoint(tiny_mono_dir, tmp_path / "ckpt")
     (folder / "generation_config.json").unlink()
-    r = load(folder).engine.make_request("lofi", None).resolved
-    assert (r.new_frames, r.guidance_scale, r.top_k) == (10 * 50, 3.0, 250)
+    request = load(folder).engine.make_request("lofi", None)
+    r = request.resolved
+    assert (r.new_frames, r.guidance_scale, request.params.top_k) == (10 * 50, 3.0, 250)
+    assert r.top_k == 0  # 250 ≥ the tiny model's 64-token vocabulary: the filter keeps everything, so it is off
 
 
 # ---------------------------------------------------------------------------------------------------- errors
