@@ -149,7 +149,7 @@ def test_argparse_errors_exit_2(capsys, argv):
 @pytest.mark.parametrize("extra,named", [
     (["--duration", "-1"], "duration"),
     (["--duration", "nan"], "duration"),
-    (["--duration", "4000"], "limit"),
+    (["--duration", "4000"], "3600"),
     (["--temperature", "0"], "temperature"),
     (["--top-k", "-1"], "top_k"),
     (["--top-p", "2"], "top_p"),
