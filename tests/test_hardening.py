@@ -113,7 +113,7 @@ HOSTILE = {
     "rate-2**62": ((np.zeros(3200, np.float32), 2**62), "sample rate"),
     "rate-1-hz": ((np.zeros(10_000, np.float32), 1), "sample rate"),
     "rate-1-hz-40k": ((np.zeros(40_000, np.float32), 1), "sample rate"),
-    "too-long-after-resampling": ((np.zeros(40_000 * 4, np.float32), 1000), "limit"),
+    "too-long-after-resampling": ((np.zeros(1000 * 400, np.float32), 1000), "limit"),  # 400 s: past 300 s
     "one-sample-at-96k": ((np.zeros(1, np.float32), 96_000), "codec frame"),
 }
 
