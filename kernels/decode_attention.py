@@ -146,24 +146,23 @@ def _decode_attention_split_kernel(
         m = tl.where(holds_new, tl.sum(k_new.to(tl.float32) * q, axis=0), -float("inf"))
         denom = tl.where(holds_new, 1.0, 0.0)
         acc = v_new.to(tl.float32)  # zero where the split does not hold the new key
-    # A fixed trip count with a branch, not range(start, cached_end, BLOCK_N): Triton 3.6's interpreter cannot take
-    # loop bounds from loaded values under NumPy >= 2.4 (int() of a 1-element array); compiled, the skipped tiles
-    # cost one compare each.
-    for tile in range(SPLIT // BLOCK_N):
-        first = start + tile * BLOCK_N
-        if first < cached_end:
-            keys = first + tl.arange(0, BLOCK_N)
-            valid = keys < cached_end
-            offsets = base + keys.to(tl.int64)[:, None] * stride_kv_l + dims[None, :]
-            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)  # issued with K: both tiles in flight
-            scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(scores - m_new)
-            denom = denom * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            m = m_new
+    # A while loop, not range(start, cached_end, BLOCK_N): Triton 3.6's interpreter cannot take a range bound from
+    # a loaded value under NumPy >= 2.4 (int() of a 1-element array), while a loop condition works there.
+    first = start
+    while first < cached_end:
+        keys = first + tl.arange(0, BLOCK_N)
+        valid = keys < cached_end
+        offsets = base + keys.to(tl.int64)[:, None] * stride_kv_l + dims[None, :]
+        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)  # issued with K: both tiles in flight at once
+        scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new)
+        denom = denom * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m = m_new
+        first += BLOCK_N
 
     partial = acc / tl.maximum(denom, 1.0)  # denom ≥ 1 (its largest term is exp2(0)) unless the row is empty: 0 / 1
     if DIRECT:
