@@ -13,6 +13,7 @@ import torch
 
 from fastgen.audio import prepare_audio_prompt
 from fastgen.config import EngineConfig
+from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.stage_worker import StageWorker
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
@@ -55,8 +56,8 @@ class Engine:
                                   max_frames=self.max_frames, max_text_tokens=config.max_text_tokens,
                                   compile_step=config.compile_step, steps_per_call=config.steps_per_call)
         self.scheduler = Scheduler(num_slots)
-        if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
-            self.runner.capture_graphs()
+        if self.ops.name == "triton" and not config.enforce_eager and DecodeGraphs.supported(self.device):
+            self.runner.capture_graphs()  # CUDA; on a CPU only under fastgen.engine.graph_standin.cpu_graphs()
         threaded = config.overlap_stages if config.overlap_stages is not None else self.device.type == "cuda"
         self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio},
                                   self.device, threaded)
