@@ -164,6 +164,7 @@ class EngineConfig:
     overlap_stages: bool | None = None    # T5 and EnCodec on a worker thread (own CUDA stream); None: on CUDA
     compile_step: bool = False            # torch backend: torch.compile the decode step (see ModelRunner)
     steps_per_call: int = 1               # decode steps per graph replay / engine step (see Engine.step)
+    max_waiting: int | None = None        # requests queued beyond the running ones; more raise QueueFull
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -174,6 +175,8 @@ class EngineConfig:
             raise ValueError(f"max_text_tokens must be an integer in [1, 4096], got {self.max_text_tokens!r}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes!r}")
+        if self.max_waiting is not None and (not isinstance(self.max_waiting, int) or self.max_waiting < 0):
+            raise ValueError(f"max_waiting must be an integer ≥ 0 or None, got {self.max_waiting!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
         if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:

@@ -19,3 +19,7 @@ class RequestFailed(FastgenError):
 
 class RequestAborted(FastgenError):
     """The request was aborted by the caller before it finished."""
+
+
+class QueueFull(RequestError):
+    """The engine's waiting queue is full (EngineConfig.max_waiting): retry later."""

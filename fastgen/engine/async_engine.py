@@ -12,12 +12,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+import numpy as np
 import torch
 
 from fastgen.config import EngineConfig
 from fastgen.engine.engine import Engine
 from fastgen.engine.request import GenerationOutput, Request
-from fastgen.errors import FastgenError, RequestAborted, RequestFailed
+from fastgen.engine.streaming import StreamConfig
+from fastgen.errors import FastgenError, QueueFull, RequestAborted, RequestFailed
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.sampling_params import SamplingParams
 
@@ -27,12 +29,13 @@ TERMINAL = ("finished", "failed", "aborted")
 
 @dataclass(frozen=True)
 class RequestEvent:
-    kind: str                       # queued, started, progress, finished, failed, aborted
+    kind: str                       # queued, started, progress, audio (streamed chunk), finished, failed, aborted
     request_id: str
     frames_done: int = 0            # progress: decode steps done / total
     frames_total: int = 0
     output: GenerationOutput | None = None
     error: BaseException | None = None
+    audio: np.ndarray | None = None  # audio: float32 [channels, samples], the next piece of the stream
 
 
 class RequestHandle:
@@ -92,6 +95,22 @@ class RequestHandle:
                 if event.kind in TERMINAL:
                     return
 
+    async def stream_audio(self, config: StreamConfig | None = None) -> AsyncIterator[np.ndarray]:
+        """The request's audio while it is generated: float32 [channels, samples] chunks whose concatenation is
+        its whole clip (see fastgen/engine/streaming.py; a small first chunk, then about ``interval_s`` each).
+        Raises RequestAborted / RequestFailed as awaiting would. Called again, it yields the same chunks; on a
+        request that ended without streaming, the whole audio as one chunk."""
+        self._engine._send("stream", (self.request_id, config))
+        streamed = False
+        async for event in self:
+            if event.kind == "audio":
+                streamed = True
+                yield event.audio
+        with self._changed:
+            output = self._terminal().output
+        if not streamed:
+            yield output.audio
+
     def __await__(self):
         return self._wait().__await__()
 
@@ -129,6 +148,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._progress_every: dict[str, int] = {}
+        self._queued: set[str] = set()  # submitted, not yet started or ended (for max_waiting)
         engine.listeners.append(self._on_event)
         self._ready = threading.Event()
         self._start_error: Exception | None = None
@@ -154,19 +174,26 @@ class AsyncEngine:
         """Validate and queue a request; returns at once. Raises RequestError for bad input."""
         if self._stopping:
             raise FastgenError("the engine is shut down")
+        limit = self.engine.config.max_waiting
         with self._submit_lock:
+            if limit is not None and len(self._queued) >= limit:
+                raise QueueFull(f"the waiting queue is full (max_waiting={limit}); retry later")
             if request_id is not None and request_id in self._handles:
                 raise FastgenError(f"request_id {request_id!r} is already in use")
             request = self.engine.make_request(prompt, params, audio_prompt, request_id)
             handle = RequestHandle(request.request_id, self)
             self._handles[request.request_id] = handle
+            self._queued.add(request.request_id)
         self._inbox.put(("submit", request))
         self._wake.set()
         return handle
 
     def abort(self, request_id: str) -> None:
         """Abort a request: its slot is freed before the next decode step; awaiting it raises RequestAborted."""
-        self._inbox.put(("abort", request_id))
+        self._send("abort", request_id)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
         self._wake.set()
 
     async def shutdown(self) -> None:
@@ -226,6 +253,8 @@ class AsyncEngine:
                 return True
             if kind == "submit":
                 self.engine.enqueue(payload)
+            elif kind == "stream":
+                self.engine.stream(*payload)
             elif kind == "abort":
                 # a request's submit always precedes its abort in the inbox; one not found has finished or is
                 # already in EnCodec, and ends normally
@@ -242,6 +271,13 @@ class AsyncEngine:
                 return
             handle._push(RequestEvent(kind, request.request_id, done, total))
             return
+        if kind == "audio":
+            handle._push(RequestEvent(kind, request.request_id, request.steps_done, request.steps_total,
+                                      audio=payload))
+            return
+        if kind == "started" or kind in TERMINAL:
+            with self._submit_lock:
+                self._queued.discard(request.request_id)
         if kind == "finished":
             event = RequestEvent(kind, request.request_id, request.steps_done, request.steps_total, output=payload)
         elif kind in ("failed", "aborted"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -14,16 +14,17 @@ import torch
 from fastgen.audio import prepare_audio_prompt
 from fastgen.config import EngineConfig
 from fastgen.engine.stage_worker import StageWorker
+from fastgen.engine.streaming import AudioStreamer, StreamConfig
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
-from fastgen.errors import RequestAborted, RequestError, RequestFailed
+from fastgen.errors import QueueFull, RequestAborted, RequestError, RequestFailed
 from fastgen.model.decoder import KVCache
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.model.ops import get_ops
 from fastgen.sampling_params import ResolvedParams, SamplingParams
 
-# event kinds passed to listeners: queued, started, progress, finished, failed, aborted
+# event kinds passed to listeners: queued, started, progress, audio (a streamed chunk), finished, failed, aborted
 Listener = Callable[[Request, str, Any], None]
 CPU_CACHE_BUDGET = 2 << 30
 CUDA_CACHE_SHARE = 0.75  # of the memory free after loading the weights; the rest: graphs, EnCodec, T5
@@ -58,8 +59,11 @@ class Engine:
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.runner.capture_graphs()
         threaded = config.overlap_stages if config.overlap_stages is not None else self.device.type == "cuda"
-        self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio},
-                                  self.device, threaded)
+        self.streamer = AudioStreamer(lambda r, start, end: self.runner.state.codes[r.slot, :, start:end],
+                                      self.runner.decode_audio, mc.sample_rate // mc.frame_rate, mc.frame_rate,
+                                      mc.decoder.channel_codebooks)
+        self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio,
+                                   "stream": self.streamer.decode}, self.device, threaded)
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
         self._ids = itertools.count()
@@ -143,6 +147,8 @@ class Engine:
         return request
 
     def enqueue(self, request: Request) -> None:
+        if self.config.max_waiting is not None and len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"the waiting queue is full (max_waiting={self.config.max_waiting}); retry later")
         self.scheduler.add(request)
         if self.stages.threaded and request.text_ids is not None:  # T5 runs ahead while the decoder steps
             request.text_pending = True
@@ -155,10 +161,42 @@ class Engine:
         if request is None:
             return False
         self.scheduler.release(request, RequestStatus.ABORTED)
+        self.streamer.drop(request)
         request.error = RequestAborted(f"request {request_id} was aborted")
         request.finish_time = time.perf_counter()
         self._emit(request, "aborted", request.error)
         return True
+
+    def stream(self, request_id: str, config: StreamConfig | None = None) -> bool:
+        """Stream a waiting or running request's audio as it is generated: "audio" events carry float32 [channels,
+        samples] chunks, the last one before "finished" (see fastgen/engine/streaming.py). False if the request is
+        not waiting or running (or streams already)."""
+        request = self.scheduler.find(request_id)
+        return request is not None and self.streamer.start(request, config)
+
+    def stream_audio(self, request: Request, config: StreamConfig | None = None) -> Iterator[np.ndarray]:
+        """The synchronous engine's stream: steps the engine (all requests advance) and yields ``request``'s chunks
+        as they are decoded; raises its error if it fails or is aborted. A request that already finished yields
+        its whole audio at once."""
+        chunks: list[np.ndarray] = []
+
+        def listen(r: Request, kind: str, payload: Any) -> None:
+            if r is request and kind == "audio":
+                chunks.append(payload)
+        self.listeners.append(listen)
+        try:
+            streaming = self.stream(request.request_id, config)
+            while not request.status.done and self.has_unfinished():
+                self.step()
+                yield from chunks
+                chunks.clear()
+            yield from chunks
+        finally:
+            self.listeners.remove(listen)
+        if request.status != RequestStatus.FINISHED:
+            raise request.error or RequestFailed(f"request {request.request_id} ended as {request.status.value}")
+        if not streaming:
+            yield request.output.audio
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.stages.pending > 0
@@ -184,6 +222,9 @@ class Engine:
                     request.first_step_time = now
             self.runner.step(self._plan, running)
             done = self.scheduler.advance(self.config.steps_per_call)
+            windows = self.streamer.due([r for r in running if r.steps_done < r.steps_total])
+            if windows:
+                self.stages.submit("stream", [w.request for w in windows], windows)
             if self.listeners:
                 for request in running:
                     self._emit(request, "progress", (request.steps_done, request.steps_total))
@@ -232,6 +273,9 @@ class Engine:
             else:
                 finished.append(request)
                 codes.append(request_codes)
+        windows = [w for w in (self.streamer.final(r, c) for r, c in zip(finished, codes)) if w is not None]
+        if windows:  # the stage worker runs jobs in order: the last chunk comes before the output
+            self.stages.submit("stream", [w.request for w in windows], windows)
         if finished:
             self.stages.submit("decode", finished, codes)
         return failed
@@ -250,10 +294,15 @@ class Engine:
                 else:
                     request.text_states, request.text_ready = job.result[0], job.ready
                 continue
+            if job.kind == "stream":
+                ended += self._stream_chunks(job)
+                continue
             if job.error is not None:
-                ended += self.fail(job.requests, job.error, release=False)
+                ended += self.fail([r for r in job.requests if not r.status.done], job.error, release=False)
                 continue
             for request, request_codes, wave in zip(job.requests, job.inputs, job.result):
+                if request.status.done:  # failed in a streamed chunk's decode
+                    continue
                 request.status = RequestStatus.FINISHED
                 request.finish_time = time.perf_counter()
                 request.output = self._output(request, request_codes, wave)
@@ -261,11 +310,23 @@ class Engine:
                 ended.append(request)
         return ended
 
+    def _stream_chunks(self, job) -> list[Request]:
+        live = [r for r in job.requests if not r.status.done]  # aborted or failed meanwhile: nothing more to send
+        if job.error is not None:
+            for request in live:
+                self.fail([request], job.error, release=request.status == RequestStatus.RUNNING)
+            return live
+        for request, chunk in zip(job.requests, job.result):
+            if not request.status.done:
+                self._emit(request, "audio", chunk)
+        return []
+
     def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
         """End ``requests`` with RequestFailed (freeing their slots); the engine goes on serving the rest."""
         for request in requests:
             if release:
                 self.scheduler.release(request, RequestStatus.FAILED)
+            self.streamer.drop(request)
             request.status = RequestStatus.FAILED
             request.error = exc if isinstance(exc, RequestFailed) else RequestFailed(
                 f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
