@@ -95,12 +95,17 @@ class RequestHandle:
                 if event.kind in TERMINAL:
                     return
 
+    def stream(self, config: StreamConfig | None = None) -> None:
+        """Turn streaming on: "audio" events (``async for event in handle``) then carry the chunks that
+        stream_audio yields. A no-op once the request is in EnCodec or done."""
+        self._engine._send("stream", (self.request_id, config))
+
     async def stream_audio(self, config: StreamConfig | None = None) -> AsyncIterator[np.ndarray]:
         """The request's audio while it is generated: float32 [channels, samples] chunks whose concatenation is
         its whole clip (see fastgen/engine/streaming.py; a small first chunk, then about ``interval_s`` each).
         Raises RequestAborted / RequestFailed as awaiting would. Called again, it yields the same chunks; on a
         request that ended without streaming, the whole audio as one chunk."""
-        self._engine._send("stream", (self.request_id, config))
+        self.stream(config)
         streamed = False
         async for event in self:
             if event.kind == "audio":
