@@ -7,10 +7,20 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 import fastgen
 from fastgen.engine.async_engine import AsyncEngine
 from fastgen.engine.streaming import StreamConfig
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops are too small for OpenMP: a second thread only adds contention on a loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 GREEDY = fastgen.SamplingParams(max_new_tokens=80, do_sample=False, guidance_scale=3.0)
 HOP = 640
