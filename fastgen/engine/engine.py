@@ -185,7 +185,8 @@ class Engine:
                 chunks.append(payload)
         self.listeners.append(listen)
         try:
-            streaming = self.stream(request.request_id, config)
+            self.stream(request.request_id, config)
+            streaming = self.streamer.streaming(request)  # (chunks emitted before this call are not repeated)
             while not request.status.done and self.has_unfinished():
                 self.step()
                 yield from chunks

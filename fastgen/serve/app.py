@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fastgen import AsyncEngine, QueueFull, RequestAborted, RequestError, RequestFailed, SamplingParams
+from fastgen import AsyncEngine, FastgenError, QueueFull, RequestAborted, RequestError, RequestFailed, SamplingParams
 from fastgen.engine.streaming import StreamConfig
 from fastgen.serve import encoding
 from fastgen.serve.metrics import ServerMetrics
@@ -140,7 +140,13 @@ class _Server:
                 encoding._soundfile()  # fail before generating, not after
             audio = None
             if audio_bytes is not None:
-                audio = await run_in_threadpool(encoding.decode_upload, audio_bytes)
+                try:
+                    audio = await run_in_threadpool(encoding.decode_upload, audio_bytes)
+                except RequestError:
+                    raise
+                except Exception as exc:  # whatever a malformed file makes a decoder raise is the client's error
+                    raise RequestError(f"audio_prompt: not a readable audio file ({type(exc).__name__}: {exc})")
+
             accepted = time.perf_counter()
             handle = await run_in_threadpool(self.engine.submit, body.prompt, params, audio)
         except QueueFull as exc:
@@ -149,6 +155,8 @@ class _Server:
         except RequestError as exc:
             message = str(exc)
             return self.rejected("invalid", _error(422, message, _field_of(message)))
+        except FastgenError as exc:  # the engine is shutting down
+            return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "1"})
         self.metrics.queue_depth.inc()
         if body.stream:
             handle.stream(self.settings.stream)
