@@ -36,39 +36,41 @@ def stream_alone(folder, prompt, params, config=SMALL, **options):
     engine = fastgen.Engine.from_pretrained(folder, **{"max_slots": 1, "backend": "torch", **options})
     request = engine.add_request(prompt, params)
     chunks = list(engine.stream_audio(request, config))
-    return chunks, request.output
+    one_shot = engine.runner.decode_audio([torch.from_numpy(request.output.codes)])[0]
+    return chunks, request.output, one_shot
 
 
 @pytest.mark.parametrize("layout", ["mono", "stereo"])
 def test_stream_matches_one_shot_decode(tiny_mono_dir, tiny_stereo_dir, layout):
     folder = tiny_mono_dir if layout == "mono" else tiny_stereo_dir
-    chunks, out = stream_alone(folder, "a stream", GREEDY)
+    chunks, out, one_shot = stream_alone(folder, "a stream", GREEDY)
     stream = np.concatenate(chunks, axis=-1)
-    assert stream.dtype == np.float32 and stream.shape == out.audio.shape  # the last chunk decodes to the end
+    assert np.array_equal(out.audio, stream)  # a streamed request's output is its stream
+    assert stream.dtype == np.float32 and stream.shape == one_shot.shape  # the last chunk decodes to the end
     assert len(chunks) >= 4
     frames = out.codes.shape[-1]
     # first chunk 5 frames, then 15-frame chunks, the rest in the last one
     assert [c.shape[-1] for c in chunks[:-1]] == [5 * HOP] + [15 * HOP] * (len(chunks) - 2)
     assert sum(c.shape[-1] for c in chunks) == frames * HOP
-    print(f"{layout}: seam SNR {snr_db(out.audio, stream):.1f} dB, max error {np.abs(stream - out.audio).max():.2e}")
-    assert snr_db(out.audio, stream) > 60  # 84 dB measured; the README states the musicgen-size codec figure
-    assert np.abs(stream - out.audio).max() < 1e-3
+    print(f"{layout}: seam SNR {snr_db(one_shot, stream):.1f} dB, max error {np.abs(stream - one_shot).max():.2e}")
+    assert snr_db(one_shot, stream) > 60  # 84 dB measured; the README states the musicgen-size codec figure
+    assert np.abs(stream - one_shot).max() < 1e-3
 
 
 def test_no_left_context_no_lookahead_is_worse(tiny_mono_dir):
     """The measured knobs matter: without context or look-ahead the seams are clearly wrong (so the tolerance in
     the test above is a real bound, not slack)."""
-    good, out = stream_alone(tiny_mono_dir, "a stream", GREEDY)
+    good, _, one_shot = stream_alone(tiny_mono_dir, "a stream", GREEDY)
     bare = StreamConfig(first_chunk_s=0.1, interval_s=0.3, left_context_frames=0, lookahead_frames=0,
                         crossfade_frames=0)
-    bad, _ = stream_alone(tiny_mono_dir, "a stream", GREEDY, bare)
-    good_snr = snr_db(out.audio, np.concatenate(good, -1))
-    bad_snr = snr_db(out.audio, np.concatenate(bad, -1))
+    bad, _, _ = stream_alone(tiny_mono_dir, "a stream", GREEDY, bare)
+    good_snr = snr_db(one_shot, np.concatenate(good, -1))
+    bad_snr = snr_db(one_shot, np.concatenate(bad, -1))
     assert good_snr > bad_snr + 6
 
 
 def test_chunking_independent_of_batch_mates_and_batched_codec_calls(tiny_mono_dir):
-    alone, _ = stream_alone(tiny_mono_dir, "the one", GREEDY, max_slots=1)
+    alone, _, _ = stream_alone(tiny_mono_dir, "the one", GREEDY, max_slots=1)
     engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=4, backend="torch")
     mates = [engine.add_request("mate", fastgen.SamplingParams(max_new_tokens=80, seed=5)),
              engine.add_request(None, fastgen.SamplingParams(max_new_tokens=33, seed=6))]
@@ -89,7 +91,7 @@ def test_chunking_independent_of_batch_mates_and_batched_codec_calls(tiny_mono_d
     pair = [engine.add_request(p, GREEDY) for p in ("left", "right")]
     engine.stream(pair[0].request_id, SMALL)
     streamed = list(engine.stream_audio(pair[1], SMALL))
-    assert engine.stages.completed["stream"] == len(streamed)
+    assert engine.stages.completed["stream"] == len(streamed) and engine.stages.completed["decode"] == 0
 
 
 def test_first_chunk_arrives_early(tiny_mono_dir):
@@ -125,7 +127,9 @@ def test_async_stream_audio_threaded_stage_worker_and_abort(tiny_stereo_dir):
         chunks, out, again, got, whole, plain_out = asyncio.run(main())
         assert all(c.shape[0] == 2 and c.dtype == np.float32 for c in chunks) and len(chunks) >= 4
         stream = np.concatenate(chunks, axis=-1)
-        assert stream.shape == out.audio.shape and snr_db(out.audio, stream) > 30
+        assert np.array_equal(stream, out.audio)
+        one_shot = engine.engine.runner.decode_audio([torch.from_numpy(out.codes)])[0]
+        assert stream.shape == one_shot.shape and snr_db(one_shot, stream) > 60
         assert len(again) == len(chunks) and all(np.array_equal(a, c) for a, c in zip(again, chunks))
         assert len(whole) == 1 and np.array_equal(whole[0], plain_out.audio)
         assert 1 <= got <= 2

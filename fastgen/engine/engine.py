@@ -274,11 +274,13 @@ class Engine:
             else:
                 finished.append(request)
                 codes.append(request_codes)
+        # a streamed request ends with its last window (its output audio is the stream); the others decode whole
         windows = [w for w in (self.streamer.final(r, c) for r, c in zip(finished, codes)) if w is not None]
-        if windows:  # the stage worker runs jobs in order: the last chunk comes before the output
+        if windows:
             self.stages.submit("stream", [w.request for w in windows], windows)
-        if finished:
-            self.stages.submit("decode", finished, codes)
+        whole = [(r, c) for r, c in zip(finished, codes) if not any(w.request is r for w in windows)]
+        if whole:
+            self.stages.submit("decode", [r for r, _ in whole], [c for _, c in whole])
         return failed
 
     def _collect_stages(self, block: bool = False) -> list[Request]:
@@ -302,14 +304,15 @@ class Engine:
                 ended += self.fail([r for r in job.requests if not r.status.done], job.error, release=False)
                 continue
             for request, request_codes, wave in zip(job.requests, job.inputs, job.result):
-                if request.status.done:  # failed in a streamed chunk's decode
-                    continue
-                request.status = RequestStatus.FINISHED
-                request.finish_time = time.perf_counter()
-                request.output = self._output(request, request_codes, wave)
-                self._emit(request, "finished", request.output)
-                ended.append(request)
+                ended += self._finish(request, request_codes, wave)
         return ended
+
+    def _finish(self, request: Request, codes: torch.Tensor, audio: np.ndarray) -> list[Request]:
+        request.status = RequestStatus.FINISHED
+        request.finish_time = time.perf_counter()
+        request.output = self._output(request, codes, audio)
+        self._emit(request, "finished", request.output)
+        return [request]
 
     def _stream_chunks(self, job) -> list[Request]:
         live = [r for r in job.requests if not r.status.done]  # aborted or failed meanwhile: nothing more to send
@@ -317,10 +320,15 @@ class Engine:
             for request in live:
                 self.fail([request], job.error, release=request.status == RequestStatus.RUNNING)
             return live
-        for request, chunk in zip(job.requests, job.result):
-            if not request.status.done:
-                self._emit(request, "audio", chunk)
-        return []
+        ended = []
+        for window, chunk in zip(job.inputs, job.result):
+            request = window.request
+            if request.status.done:
+                continue
+            self._emit(request, "audio", chunk)
+            if window.emit_to is None:  # the last window: the stream's concatenation is the output's audio
+                ended += self._finish(request, window.all_codes, window.state.whole())
+        return ended
 
     def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
         """End ``requests`` with RequestFailed (freeing their slots); the engine goes on serving the rest."""

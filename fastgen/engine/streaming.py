@@ -10,8 +10,9 @@ frames before a point is wrong near its right edge and slightly off near its lef
 - and blends its first ``crossfade_frames`` linearly with the previous window's decode of the same frames.
 
 The last chunk decodes up to the request's last frame, so the concatenated stream has exactly the length of the
-one-shot decode of the same codes (its agreement with that decode is measured in tests/test_streaming.py and stated
-in the README). Windows of requests that reach a chunk boundary in the same engine step are decoded in one EnCodec
+one-shot decode of the same codes; it is also the request's output audio (there is no second, whole-clip decode). Its
+agreement with the one-shot decode is measured in tests/test_streaming.py and bench/serve.py and stated in the
+README. Windows of requests that reach a chunk boundary in the same engine step are decoded in one EnCodec
 call when their lengths are equal (padding would change EnCodec's output), on the stage worker like the final decode.
 
 Everything here is keyed on the request's own codes and progress, never on its batch-mates: the chunking of a request
@@ -55,6 +56,11 @@ class _StreamState:
     emitted: int = 0                 # frames handed to a window so far (planned on the loop thread)
     chunks: int = 0
     tail: np.ndarray | None = None   # the last window's decode of the next crossfade frames (worker side)
+    pieces: list[np.ndarray] = field(default_factory=list)  # the chunks cut so far (worker side)
+
+    def whole(self) -> np.ndarray:
+        """The stream so far as one clip (after the last window: the request's audio)."""
+        return np.concatenate(self.pieces, axis=-1)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class Window:
     emit_to: int | None
     state: _StreamState
     fade: int = 0                    # crossfade frames kept after the chunk for the next window to blend into
+    all_codes: Any = None            # the last window: all of the request's codes [K, total_frames] (for its output)
     ready: Any = None                # CUDA event the codes are ready after (copied on the loop's stream)
 
 
@@ -136,7 +143,7 @@ class AudioStreamer:
             return None
         config, state = entry
         start = max(0, state.emitted - config.left_context_frames)
-        return Window(request, codes[:, start:], start, state.emitted, None, state)
+        return Window(request, codes[:, start:], start, state.emitted, None, state, all_codes=codes)
 
     @torch.inference_mode()
     def decode(self, windows: list[Window]) -> list[np.ndarray]:
@@ -162,4 +169,5 @@ class AudioStreamer:
         state.tail = None
         if end is not None and window.fade:
             state.tail = np.array(wave[:, end:end + window.fade * hop], dtype=np.float32)
+        state.pieces.append(chunk)
         return chunk
