@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-queue", type=int, default=None,
-                        help="requests waiting beyond the running ones; more get 503 + Retry-After")
+                        help="requests waiting beyond the running ones (default 256); more get 503 + Retry-After")
     parser.add_argument("--api-key", default=None,
                         help=f"require this key (Authorization: Bearer KEY); default: ${API_KEY_ENV} if set")
     parser.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM: seconds in-flight requests get")
@@ -74,8 +74,8 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"fastgen serve needs the serve extra (pip install 'fastgen[serve]'): {exc}", file=sys.stderr)
         return 2
-    if args.max_queue is not None and args.max_queue < 0:
-        raise ValueError(f"--max-queue must be ≥ 0, got {args.max_queue}")
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ValueError(f"--max-queue must be ≥ 1, got {args.max_queue}")
     if args.ray:
         from fastgen.serve.ray_serve import run_ray
         return run_ray(args)
