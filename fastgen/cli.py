@@ -47,12 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the decode step (CPU: several times faster on small models after a "
                           "one-off compile of tens of seconds; needs a C++ compiler)")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands) -> None:
+    from fastgen.serve.server import add_arguments  # argparse only: FastAPI is imported when serving
+    add_arguments(commands.add_parser("serve", help="serve generation over HTTP (needs fastgen[serve])"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         return _generate(args)
     except (FastgenError, ValueError, OSError) as exc:  # OSError: unreadable --prompts-file, unwritable --out
         print(f"fastgen: error: {exc}", file=sys.stderr)
@@ -128,6 +136,16 @@ def _seconds(audio_prompt) -> float:
         return 0.0
     waveform, sample_rate = audio_prompt
     return waveform.shape[-1] / sample_rate
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fastgen.serve.server import main as serve_main
+    if args.model is None:
+        print(NOISE_WARNING, file=sys.stderr)
+        if not (BUILTIN_DIR / "config.json").is_file():
+            _build_builtin()
+        args.model = str(BUILTIN_DIR)
+    return serve_main(args)
 
 
 def _build_builtin() -> None:
