@@ -144,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     from fastgen.model.musicgen import normalize_device
     device = normalize_device(args.device)
-    steps = 4 if args.dry_run else 16
+    steps = 6 if args.dry_run else 16
     result = {"machine": machine_name(str(device)), "device": str(device), "torch": torch.__version__,
               "steps": steps, "checks": []}
     with tempfile.TemporaryDirectory() as scratch:
