@@ -124,8 +124,8 @@ class MusicgenDecoder:
         # Logits leave the head in fp32: guidance 3 scales their rounding by 3, and bf16 logits near 10 are only
         # good to ±0.03. On CUDA cuBLAS writes fp32 straight from bf16/fp16 inputs; elsewhere the head is kept in
         # fp32 (a few percent of the decoder's bytes).
-        self.head_out_dtype = dtype != torch.float32 and _mm_out_dtype_works(device, dtype)
-        if dtype != torch.float32 and not self.head_out_dtype:
+        self.head_writes_fp32 = dtype != torch.float32 and _mm_out_dtype_works(device, dtype)
+        if dtype != torch.float32 and not self.head_writes_fp32:
             self.lm_heads = self.lm_heads.float()
         self.text_proj: tuple[torch.Tensor, torch.Tensor] | None = None
         if text_hidden_size != d:
@@ -176,7 +176,7 @@ class MusicgenDecoder:
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
-        if self.head_out_dtype:
+        if self.head_writes_fp32:
             return torch.mm(hidden, self.lm_heads.t(), out_dtype=torch.float32)
         return F.linear(hidden.float(), self.lm_heads)
 
