@@ -297,5 +297,16 @@ class ModelRunner:
         return [(codes[i, :, :r.total_frames].contiguous(), bool(bad)) for i, (r, bad) in
                 enumerate(zip(requests, flags))]
 
+    @torch.inference_mode()
+    def scrub_slot(self, slot: int, always: bool = False) -> bool:
+        """The cleanup every other way out of a slot shares (failure, abort): zero the slot's cache rows if its
+        request met non-finite logits (or ``always``: an abort or failure may leave NaNs no logit showed yet), so
+        they cannot leak into the slot's next request through masked reads. Returns whether logits were
+        non-finite. (finish does the same for all the requests finishing in a step at once.)"""
+        bad = bool(self.state.nonfinite[slot].item())
+        if bad or always:
+            self.cache.clear_rows(torch.tensor([slot, self.total_slots + slot], device=self.device))
+        return bad
+
     def decode_audio(self, codes: list[torch.Tensor]):
         return self.codec.decode(codes)
