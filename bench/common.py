@@ -118,3 +118,23 @@ def add_variant_arguments(parser) -> None:
                         help="also run fastgen with compile_step=True (torch backend: CPU, or CUDA without graphs)")
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="also run fastgen with this many decode steps per call (one CUDA-graph replay)")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader (or a timeout) never sees half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def append_json_line(path: Path | None, row: dict) -> None:
+    """One JSON line per finished system, flushed at once (a later timeout keeps the rows before it)."""
+    if path is None:
+        return
+    import json
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -10,6 +10,8 @@ peak memory is its own.
     python bench/e2e.py --models tiny --compile           # adds fastgen with compile_step=True
     python bench/e2e.py --steps-per-call 4                # adds fastgen with 4 decode steps per call
     python bench/e2e.py --models small --device cuda --dtype bfloat16
+    python bench/e2e.py --models small --device cuda --systems fastgen,transformers --jsonl e2e.jsonl
+                                                          # a JSON line per system as it finishes (gpu_report.sh)
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (PROMPTS, add_variant_arguments, checkpoint, copy_bandwidth, fastgen_options,  # noqa: E402
-                    fastgen_systems, machine_name, peak_memory, timed, write_result)
+from common import (PROMPTS, add_variant_arguments, append_json_line, checkpoint, copy_bandwidth,  # noqa: E402
+                    fastgen_options, fastgen_systems, machine_name, peak_memory, timed, write_result)
 
 # ------------------------------------------------------------------------------------------------------------ worker
 def worker(args: argparse.Namespace) -> dict:
@@ -123,6 +125,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-duration", type=float, default=10.0, help="fastgen slot size in seconds")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--systems", default=None,
+                        help="comma list of the systems to run, in this order (default: transformers, then every "
+                             "fastgen variant asked for)")
+    parser.add_argument("--jsonl", type=Path, default=None,
+                        help="append one JSON line per system as it finishes (a timeout keeps finished rows)")
     add_variant_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -140,22 +147,28 @@ def main() -> None:
     machine = machine_name(args.device)
     bandwidth = copy_bandwidth(args.device)
     ours = fastgen_systems(args.compile, args.steps_per_call)
+    systems = args.systems.split(",") if args.systems else ["transformers"] + ours
+    ours = [s for s in systems if s != "transformers"]
     rows = []
     for name in args.models.split(","):
         folder = checkpoint(name, args.dtype)
-        row = {"model": name, "transformers": run_worker(args, "transformers", folder)}
-        for system in ours:
+        row = {"model": name}
+        for system in systems:
             try:
                 row[system] = run_worker(args, system, folder)
-            except RuntimeError as exc:  # a variant failing must not cost the report its other rows
-                if system == "fastgen":
-                    raise
+            except RuntimeError as exc:  # one system failing must not cost the report its other rows
                 print(exc, file=sys.stderr)
                 row["failed"] = row.get("failed", []) + [system]
                 continue
-            row[f"{system}_step_speedup"] = row["transformers"]["step_ms"] / row[system]["step_ms"]
-            row[f"{system}_total_speedup"] = row["transformers"]["total_s"] / row[system]["total_s"]
-        row["floor_step_ms"] = row["fastgen"]["decoder_bytes"] / bandwidth * 1e3
+            floor_ms = row[system]["decoder_bytes"] / bandwidth * 1e3
+            append_json_line(args.jsonl, {"model": name, "machine": machine, "device": args.device,
+                                          "dtype": args.dtype, "batch": args.batch, **row[system],
+                                          "floor_step_ms": floor_ms})
+            row.setdefault("floor_step_ms", floor_ms)
+        if "transformers" in row:
+            for system in (s for s in ours if s in row):
+                row[f"{system}_step_speedup"] = row["transformers"]["step_ms"] / row[system]["step_ms"]
+                row[f"{system}_total_speedup"] = row["transformers"]["total_s"] / row[system]["total_s"]
         rows.append(row)
     print(f"\nmachine: {machine}; device {args.device}, {args.dtype}, batch {args.batch}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}")
@@ -163,15 +176,16 @@ def main() -> None:
               f"{'peak MB':>9}{'step ×':>8}{'total ×':>9}")
     print(header)
     for row in rows:
-        for system in [name for name in ["transformers"] + ours if name in row]:
+        for system in [name for name in systems if name in row]:
             r = row[system]
             ratio = (f"{row[f'{system}_step_speedup']:>8.2f}{row[f'{system}_total_speedup']:>9.2f}"
-                     if system != "transformers" else "")
+                     if f"{system}_step_speedup" in row else "")
             print(f"{row['model']:<8}{system:<18}{r['step_ms']:>9.2f}{row['floor_step_ms']:>10.2f}"
                   f"{r['total_s']:>9.2f}{r['audio_s_per_s']:>11.2f}{r['peak_bytes'] / 2**20:>9.0f}{ratio}")
-    write_result("e2e", args.device, machine, args.out, {
-        "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
-        "copy_bandwidth_Bps": bandwidth, "rows": rows})
+    if args.out or not args.jsonl:  # (with --jsonl alone the lines are the result: nothing lands in bench/results/)
+        write_result("e2e", args.device, machine, args.out, {
+            "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+            "copy_bandwidth_Bps": bandwidth, "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -306,11 +306,12 @@ def test_one_encodec_fault_fails_only_its_request(model):
     poisoned: set[int] = set()
     finish, decode = engine.runner.finish, engine.stages._work_fns["decode"]
 
-    def marking_finish(request):
-        codes, bad = finish(request)
-        if request.request_id == "bad":
-            poisoned.add(id(codes))
-        return codes, bad
+    def marking_finish(requests):  # (one call for all the requests finishing in a step)
+        results = finish(requests)
+        for request, (codes, _) in zip(requests, results):
+            if request.request_id == "bad":
+                poisoned.add(id(codes))
+        return results
 
     def faulty_decode(codes):
         if any(id(c) in poisoned for c in codes):

@@ -77,6 +77,7 @@ class Engine:
                                    "stream": self.streamer.decode}, self.device, threaded)
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
+        self._text_backlog: list[Request] = []  # queued prompts whose T5 batch goes to the stage worker next step
         self._ids = itertools.count()
         self._active: dict[str, Request] = {}  # request_id → request, from enqueue until it ends (any way)
         self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads at once
@@ -234,7 +235,7 @@ class Engine:
         self.scheduler.add(request)
         if self.stages.threaded and request.text_ids is not None:  # T5 runs ahead while the decoder steps
             request.text_pending = True
-            self.stages.submit("encode", [request], [request.text_ids])
+            self._text_backlog.append(request)
         self._emit(request, "queued", None)
 
     def abort(self, request_id: str) -> bool:
@@ -309,6 +310,7 @@ class Engine:
         """Admit what fits, advance every running request by ``steps_per_call`` positions (one graph replay on CUDA;
         admissions, aborts and retirements happen between calls), retire what finished. Returns the
         requests that ended since the last step (finished or failed), outputs attached."""
+        self._submit_text()
         ended = self._collect_stages(block=not self.scheduler.running and not self.scheduler.has_ready())
         ended += self._admit()
         if self.scheduler.running:
@@ -362,8 +364,7 @@ class Engine:
             return []
         finished, codes = [], []
         failed: list[Request] = []
-        for request in done:
-            request_codes, nonfinite = self.runner.finish(request)  # scrubs a slot that met non-finite logits
+        for request, (request_codes, nonfinite) in zip(done, self.runner.finish(done)):  # (scrubs bad slots)
             self.scheduler.release(request, RequestStatus.DECODING)
             if nonfinite:
                 failed += self.fail([request], RequestFailed(
@@ -381,19 +382,32 @@ class Engine:
             self.stages.submit("decode", [r for r, _ in whole], [c for _, c in whole])
         return failed
 
+    def _submit_text(self) -> None:
+        """The prompts queued since the last step go to the stage worker as one T5 batch (one call per request
+        would serialise hundreds of small T5 calls ahead of the last admission)."""
+        backlog = [r for r in self._text_backlog if r.status == RequestStatus.WAITING]
+        self._text_backlog = []
+        if backlog:
+            self.stages.submit("encode", backlog, [r.text_ids for r in backlog])
+
     def _collect_stages(self, block: bool = False) -> list[Request]:
         """Take in the stage worker's finished jobs: prefetched text states, and audio of finished requests."""
         ended: list[Request] = []
         for job in self.stages.collect(block=block):
             if job.kind == "encode":
-                (request,) = job.requests
-                request.text_pending = False
-                if request.status != RequestStatus.WAITING:  # aborted meanwhile
+                waiting = [r for r in job.requests if r.status == RequestStatus.WAITING]  # not aborted meanwhile
+                if job.error is not None and len(waiting) > 1:  # isolate: encode them one by one
+                    for request in waiting:
+                        self.stages.submit("encode", [request], [request.text_ids])
                     continue
-                if job.error is not None:
-                    ended += self.fail([request], job.error)
-                else:
-                    request.text_states, request.text_ready = job.result[0], job.ready
+                for request, states in zip(job.requests, job.result or [None] * len(job.requests)):
+                    request.text_pending = False
+                    if request.status != RequestStatus.WAITING:
+                        continue
+                    if job.error is not None:
+                        ended += self.fail([request], job.error)
+                    else:
+                        request.text_states, request.text_ready = states, job.ready
                 continue
             if job.kind == "stream":
                 ended += self._stream_chunks(job)

@@ -121,6 +121,12 @@ class MusicgenDecoder:
         self.final_norm = (w.take(f"{prefix}layer_norm.weight", (d,)), w.take(f"{prefix}layer_norm.bias", (d,)))
         self.lm_heads = torch.cat([w.take(f"decoder.lm_heads.{k}.weight", (c.vocab_size, d))
                                    for k in range(c.num_codebooks)])
+        # Logits leave the head in fp32: guidance 3 scales their rounding by 3, and bf16 logits near 10 are only
+        # good to ±0.03. On CUDA cuBLAS writes fp32 straight from bf16/fp16 inputs; elsewhere the head is kept in
+        # fp32 (a few percent of the decoder's bytes).
+        self.head_writes_fp32 = dtype != torch.float32 and _mm_out_dtype_works(device, dtype)
+        if dtype != torch.float32 and not self.head_writes_fp32:
+            self.lm_heads = self.lm_heads.float()
         self.text_proj: tuple[torch.Tensor, torch.Tensor] | None = None
         if text_hidden_size != d:
             self.text_proj = (w.take("enc_to_dec_proj.weight", (d, text_hidden_size)),
@@ -166,7 +172,13 @@ class MusicgenDecoder:
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
             hidden = torch.addmm(hidden, self.activation(F.linear(x, layer.fc1)), layer.fc2_t)
         hidden = F.layer_norm(hidden, (d,), *self.final_norm, LAYER_NORM_EPS)
-        return F.linear(hidden, self.lm_heads).view(num_rows, c.num_codebooks, c.vocab_size)
+        return self.head_logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
+        if self.head_writes_fp32:
+            return torch.mm(hidden, self.lm_heads.t(), out_dtype=torch.float32)
+        return F.linear(hidden.float(), self.lm_heads)
 
     def prefill(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, text_length: torch.Tensor) -> None:
         """Fill the self-attention cache of ``rows`` [n] with delayed prompt tokens [K, P] at positions 0..P-1
@@ -200,6 +212,17 @@ class MusicgenDecoder:
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
             hidden = hidden + self.activation(F.linear(x, layer.fc1)) @ layer.fc2_t
+
+
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=torch.float32) runs for ``dtype`` inputs here (CUDA, torch ≥ 2.8)."""
+    if device.type != "cuda":
+        return False
+    try:
+        probe = torch.ones(2, 8, device=device, dtype=dtype)
+        return torch.mm(probe, probe.t(), out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 class _WeightReader:

@@ -16,6 +16,21 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def normalize_device(device: str | torch.device) -> torch.device:
+    """The device every tensor and cache of the model is keyed by: ``cuda`` becomes ``cuda:<current index>`` once,
+    here, because torch.device("cuda") and torch.device("cuda:0") compare unequal (and hash apart)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device is {str(device)!r} but no CUDA device is available")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"device is {str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist "
+                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
 def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -40,9 +55,7 @@ class MusicgenModel:
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> "MusicgenModel":
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device is 'cuda' but no CUDA device is available")
+        device = normalize_device(device)
         dtype = parse_dtype(dtype, device)
         parts = load_parts(name_or_path, allow_pickle=allow_pickle)
         config = parts.config
