@@ -56,7 +56,7 @@ class JobItem:
     @classmethod
     def from_row(cls, row: dict[str, Any], where: str = "row") -> "JobItem":
         """The inverse of to_row; validates like a manifest line (num_samples not allowed: one row, one output)."""
-        row = {k: _plain(v) for k, v in row.items() if _plain(v) is not None}
+        row = {k: _plain(v) for k, v in row.items() if _plain(v) is not None or k == "prompt"}
         if "name" not in row:
             raise ManifestError(f"{where}: field 'name' is required in a dataset row (the output's file stem)")
         (item,) = _expand(row, where, base=Path("."), index=0, next_seed=None, allow_samples=False)
