@@ -139,9 +139,10 @@ class Progress:
     """Audio seconds generated: a tqdm bar on a terminal (clips done/total, audio-s per wall-s, ETA); otherwise
     one line every ``interval_s`` on ``stream``; a summary at the end."""
 
-    def __init__(self, clips: int, audio_seconds: float, stream: TextIO = sys.stderr, tty: bool | None = None,
+    def __init__(self, clips: int, audio_seconds: float, stream: TextIO | None = None, tty: bool | None = None,
                  interval_s: float = 5.0) -> None:
         self.clips, self.audio_seconds = clips, audio_seconds
+        stream = stream or sys.stderr
         self.out, self.interval_s = stream, interval_s
         self.start = self._last = time.perf_counter()
         self.done = 0

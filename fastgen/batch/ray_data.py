@@ -63,7 +63,7 @@ class GenerateBatch:
 
 
 def run_on_ray(items: list[JobItem], spec: JobSpec, model_name: str, *, workers: int, device: str,
-               log: TextIO = sys.stderr, records: TextIO = sys.stdout, batch_size: int | None = None) -> JobResult:
+               log: TextIO | None = None, records: TextIO | None = None, batch_size: int | None = None) -> JobResult:
     """Run validated items (the lock on spec.out is held by the caller) on ``workers`` engines."""
     dataset = ray.data.from_items([_full_row(item) for item in items])
     return _run_dataset(dataset, spec, model_name, workers=workers, device=device, log=log, records=records,
@@ -81,6 +81,7 @@ def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *,
                  log: TextIO, records: TextIO, batch_size: int | None = None) -> JobResult:
     import time
     import logging
+    log, records = log or sys.stderr, records or sys.stdout
     if not ray.is_initialized():
         ray.init(log_to_driver=False)  # RAY_ADDRESS joins a running cluster; otherwise a local one
     context = ray.data.DataContext.get_current()

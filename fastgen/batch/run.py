@@ -65,11 +65,21 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def run_job(spec: JobSpec, log: TextIO = sys.stderr, records: TextIO = sys.stdout) -> int:
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what MusicGen.from_pretrained accepts
+
+
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = None) -> int:
     """Run the job; returns the exit status (0 done, 1 some outputs failed, 128 + signal when interrupted)."""
     from fastgen.api import MusicGen
+    log, records = log or sys.stderr, records or sys.stdout
     with _signals() as stop:
         device = check_device(spec.device)
+        check_dtype(spec.dtype)
         check_out_dir(spec.out)
         info = MusicGen.inspect(spec.model, spec.engine_options.get("max_duration_s"))
         check_limits(spec.items, info)
