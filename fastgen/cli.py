@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signum", 2)
-        print(f"fastgen: interrupted before any output was written ({exc or 'SIGINT'})", file=sys.stderr)
+        print(f"fastgen: interrupted ({exc or 'SIGINT'}); outputs finished so far are recorded in "
+              f"{args.out / 'results.jsonl'}: rerun with --skip-existing to resume", file=sys.stderr)
         return 128 + signum
 
 

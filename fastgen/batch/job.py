@@ -16,7 +16,8 @@ from fastgen.batch.manifest import JobItem
 from fastgen.batch.writer import OutputFolder
 from fastgen.errors import RequestFailed
 
-GRACE_S = 10.0  # after a stop request, running requests get this long to finish before they are abandoned
+GRACE_S = 10.0
+BAR_REFRESH_S = 0.2  # after a stop request, running requests get this long to finish before they are abandoned
 
 
 class Abandoned(Exception):
@@ -144,7 +145,8 @@ class Progress:
         self.clips, self.audio_seconds = clips, audio_seconds
         stream = stream or sys.stderr
         self.out, self.interval_s = stream, interval_s
-        self.start = self._last = time.perf_counter()
+        self.start = time.perf_counter()
+        self._last = float("-inf")  # the first update prints
         self.done = 0
         self.bar = None
         if tty if tty is not None else stream.isatty():
@@ -155,6 +157,11 @@ class Progress:
             self.bar.set_postfix_str(f"clips 0/{clips}")
 
     def update(self, stream: GenerationStream) -> None:
+        """Called after every engine step: cheap unless a refresh is due."""
+        now = time.perf_counter()
+        if now - self._last < (BAR_REFRESH_S if self.bar is not None else self.interval_s):
+            return
+        self._last = now
         self.done = stream.done
         seconds = stream.audio_seconds_done
         if self.bar is not None:
@@ -163,10 +170,6 @@ class Progress:
             self.bar.set_postfix_str(f"clips {stream.done}/{self.clips}", refresh=False)
             self.bar.refresh()
             return
-        now = time.perf_counter()
-        if now - self._last < self.interval_s:
-            return
-        self._last = now
         rate = seconds / max(now - self.start, 1e-9)
         left = max(0.0, stream.audio_seconds_total - seconds)
         eta = f"{left / rate:.0f} s" if rate > 0 else "?"
