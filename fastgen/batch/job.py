@@ -6,7 +6,9 @@ import dataclasses
 import functools
 import hashlib
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
@@ -14,10 +16,11 @@ from typing import Any, Callable, Sequence, TextIO
 from fastgen.api import GenerationStream, MusicGen
 from fastgen.batch.manifest import JobItem
 from fastgen.batch.writer import OutputFolder
-from fastgen.errors import RequestFailed
 
 GRACE_S = 10.0
-BAR_REFRESH_S = 0.2  # after a stop request, running requests get this long to finish before they are abandoned
+BAR_REFRESH_S = 0.2
+WRITER_THREADS = 4
+MAX_PENDING_WRITES = 32  # finished outputs waiting for the disk, at most  # after a stop request, running requests get this long to finish before they are abandoned
 
 
 class Abandoned(Exception):
@@ -104,6 +107,7 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
     stream = model.generate_iter([item.prompt for item in items], [item.params for item in items], audio,
                                  on_error="yield", on_step=step)
     finished: set[int] = set()
+    writers = _Writers(folder, result, on_written)
     try:
         with stream:
             for index, output in stream:
@@ -114,26 +118,54 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
                     if on_failed is not None:
                         on_failed(item, output)
                     continue
-                record = result_record(item, output, model.defaults, model_name)
-                record = folder.write(item.name, output.audio, output.sample_rate, record)
-                result.written.append(record)
-                result.audio_seconds += output.duration
-                if on_written is not None:
-                    on_written(record)
+                writers.submit(item.name, output, result_record(item, output, model.defaults, model_name))
                 if stopping and stop is not None and stop.count > 1:
                     raise Abandoned
     except Abandoned:
         pass
+    finally:
+        writers.close()  # every finished output is written (and recorded) before we return, even when stopping
     result.left = [item.name for i, item in enumerate(items) if i not in finished]
     result.wall_s = time.perf_counter() - start
     return result
 
 
-def failed_error(result: JobResult) -> RequestFailed | None:
-    if not result.failed:
-        return None
-    name, error = next(iter(result.failed.items()))
-    return RequestFailed(f"{len(result.failed)} output(s) failed, e.g. {name}: {error}")
+class _Writers:
+    """Files are encoded, fsynced and recorded on a few threads while the engine keeps stepping (soundfile and
+    fsync release the GIL; fsync latency would otherwise stall decoding). Pending outputs are bounded, so a slow
+    disk holds the generator back instead of filling memory."""
+
+    def __init__(self, folder: OutputFolder, result: JobResult,
+                 on_written: Callable[[dict[str, Any]], None] | None) -> None:
+        self.folder, self.result, self.on_written = folder, result, on_written
+        self.pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="fastgen-writer")
+        self.slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+
+    def submit(self, name: str, output: Any, record: dict[str, Any]) -> None:
+        if self.errors:
+            raise self.errors[0]
+        self.slots.acquire()
+        self.pool.submit(self._write, name, output, record)
+
+    def _write(self, name: str, output: Any, record: dict[str, Any]) -> None:
+        try:
+            record = self.folder.write(name, output.audio, output.sample_rate, record)
+            with self.lock:
+                self.result.written.append(record)
+                self.result.audio_seconds += output.duration
+                if self.on_written is not None:
+                    self.on_written(record)
+        except BaseException as exc:  # raised in the job's thread (next submit, or close)
+            self.errors.append(exc)
+        finally:
+            self.slots.release()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.errors:
+            raise self.errors[0]
 
 
 class Progress:
