@@ -49,7 +49,7 @@ class JobItem:
     def to_row(self) -> dict[str, Any]:
         """A flat JSON-friendly dict (a manifest line for exactly this output): Ray dataset rows, results."""
         row = {"name": self.name, "prompt": self.prompt,
-               "audio_prompt": str(self.audio_prompt) if self.audio_prompt is not None else None}
+               "audio_prompt": str(self.audio_prompt.resolve()) if self.audio_prompt is not None else None}
         row.update({k: v for k, v in dataclasses.asdict(self.params).items() if v is not None})
         return row
 

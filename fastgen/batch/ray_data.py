@@ -93,12 +93,14 @@ def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *,
     batch_size = batch_size or options.get("max_slots") or DEFAULT_BATCH
     print(f"running on Ray Data: {workers} worker(s), one engine each on {'a GPU' if gpu else 'the CPU'}, "
           f"batches of {batch_size}", file=log, flush=True)
+    # workers run in their own folders: hand them absolute paths (a hub id stays as it is)
+    model = str(Path(spec.model).resolve()) if Path(spec.model).exists() else str(spec.model)
     start = time.perf_counter()
     outputs = dataset.map_batches(
         GenerateBatch, batch_format="pyarrow", batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if gpu else 0, num_cpus=1 if gpu else CPU_PER_WORKER,
-        fn_constructor_kwargs=dict(model=str(spec.model), out=str(spec.out), extension=spec.extension,
+        fn_constructor_kwargs=dict(model=model, out=str(Path(spec.out).resolve()), extension=spec.extension,
                                    model_name=model_name, device="cuda" if gpu else "cpu", dtype=spec.dtype,
                                    allow_pickle=spec.allow_pickle, engine_options=options, threads=threads))
     result = JobResult()
