@@ -53,7 +53,7 @@ def result_record(item: JobItem, output: Any, defaults: Any, model_name: str) ->
     """Everything needed to know what a file is and to make it again."""
     params = dataclasses.replace(item.params.with_defaults(defaults), seed=output.seed)
     return {"name": item.name, "prompt": item.prompt,
-            "audio_prompt": str(item.audio_prompt) if item.audio_prompt is not None else None,
+            "audio_prompt": str(item.audio_prompt.resolve()) if item.audio_prompt is not None else None,
             "seed": output.seed, "params": dataclasses.asdict(params), "seconds": round(output.duration, 4),
             "sample_rate": output.sample_rate, "channels": int(output.audio.shape[0]),
             "codes_sha256": hashlib.sha256(output.codes.tobytes()).hexdigest(), "model": model_name,
