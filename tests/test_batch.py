@@ -167,3 +167,9 @@ def test_killed_holder_never_leaves_a_stale_lock(tmp_path):
             pass
     finally:
         holder.kill()
+
+
+def test_core_and_cli_never_import_ray():
+    code = ("import sys, fastgen, fastgen.cli, fastgen.batch.run, fastgen.batch.job; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
