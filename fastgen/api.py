@@ -24,8 +24,10 @@ class MusicGen:
                         **engine_options: Any) -> "MusicGen":
         """Load a MusicGen checkpoint folder (config.json, safetensors weights, tokenizer, generation_config.json)
         or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …)."""
-        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        return cls(Engine(model, EngineConfig(**engine_options)))
+        config = EngineConfig(**engine_options)  # validated before any loading
+        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   quantization=config.quantization)
+        return cls(Engine(model, config))
 
     @property
     def sample_rate(self) -> int:

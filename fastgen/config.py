@@ -164,6 +164,7 @@ class EngineConfig:
     overlap_stages: bool | None = None    # T5 and EnCodec on a worker thread (own CUDA stream); None: on CUDA
     compile_step: bool = False            # torch backend: torch.compile the decode step (see ModelRunner)
     steps_per_call: int = 1               # decode steps per graph replay / engine step (see Engine.step)
+    quantization: str | None = None       # "int8": weight-only int8 decoder projections (from_pretrained loads so)
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -179,5 +180,7 @@ class EngineConfig:
         if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:
             raise ValueError(f"steps_per_call must be an integer in [1, {MAX_STEPS_PER_CALL}], "
                              f"got {self.steps_per_call!r}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")

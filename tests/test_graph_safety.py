@@ -34,7 +34,7 @@ class GraphSafetyMode(TorchDispatchMode):
 
 
 def running_engine(folder, backend: str, prompts, params) -> fastgen.Engine:
-    engine = fastgen.Engine.from_pretrained(folder, max_slots=4, backend=backend)
+    engine = fastgen.Engine.from_pretrained(folder, max_slots=4, backend=backend, dtype=torch.float32)
     for prompt, p in zip(prompts, params):
         engine.add_request(prompt, p)
     engine.step()  # admit + first step

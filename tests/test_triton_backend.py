@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import fastgen
 
@@ -28,7 +29,8 @@ def test_triton_backend_matches_torch_backend(tiny_mono_dir, tiny_stereo_dir, la
     prompts, params, audio = batch(2 if layout == "stereo" else 1)
     outputs = {}
     for backend in ("torch", "triton"):
-        model = fastgen.MusicGen.from_pretrained(folder, max_slots=3, backend=backend, max_duration_s=2.0)
+        model = fastgen.MusicGen.from_pretrained(folder, max_slots=3, backend=backend, max_duration_s=2.0,
+                                                 dtype=torch.float32)  # the interpreter has no bf16
         outputs[backend] = model.generate(prompts, params, audio_prompts=audio)
     for i, (ours, ref) in enumerate(zip(outputs["triton"], outputs["torch"])):
         np.testing.assert_array_equal(ours.codes, ref.codes, err_msg=f"item {i}")
