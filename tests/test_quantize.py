@@ -110,3 +110,14 @@ def test_quantization_errors_are_clear(tiny_mono_dir):
     dense = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="loaded without it"):
         fastgen.Engine(dense, fastgen.EngineConfig(quantization="int8"))
+
+
+def test_cli_quantize_flag(tmp_path, tiny_mono_dir, capsys):
+    from fastgen.cli import main
+    out = tmp_path / "out"
+    code = main(["generate", "lofi", "--model", str(tiny_mono_dir), "--out", str(out), "--duration", "0.2",
+                 "--device", "cpu", "--max-slots", "1", "--quantize", "int8", "--seed", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert [f.name for f in out.iterdir()] == ["000_lofi.wav"]
+    with pytest.raises(SystemExit):
+        main(["generate", "lofi", "--quantize", "int4"])
