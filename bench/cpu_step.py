@@ -72,6 +72,15 @@ def worker(args: argparse.Namespace) -> dict:
                                     for k, v in chosen_paths().items()})}
 
 
+def print_row(row: dict, bandwidth: float) -> None:
+    variant = row["dtype"] + ("+" + row["quantization"] if row["quantization"] else "")
+    for position, r in row["positions"].items():
+        r["floor_ms"] = (row["weight_bytes"] + r["kv_bytes"]) / bandwidth * 1e3
+        print(f"{row['model']:<7}{variant:<16}{row['threads']:>4}{position:>6}{r['step_ms']:>9.2f}"
+              f"{r['linears_ms']:>9.2f}{r['rest_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['step_ms'] / r['floor_ms']:>8.2f}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="small")
@@ -90,6 +99,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     machine, bandwidth = machine_name("cpu"), copy_bandwidth("cpu")
+    print(f"machine: {machine}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (measured now)")
+    print(f"{'model':<7}{'variant':<16}{'thr':>4}{'pos':>6}{'step ms':>9}{'linears':>9}{'rest':>8}{'floor':>8}"
+          f"{'× floor':>8}", flush=True)
     rows = []
     for name in args.models.split(","):
         folder = checkpoint(name, "float32")
@@ -103,18 +115,10 @@ def main() -> None:
                                           text=True)
                     if done.returncode != 0:
                         raise RuntimeError(done.stderr[-3000:])
-                    result = json.loads(done.stdout.strip().splitlines()[-1])
-                    rows.append({"model": name, "dtype": dtype, "quantization": quantize or None, **result})
-    print(f"\nmachine: {machine}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (measured now)")
-    print(f"{'model':<7}{'variant':<16}{'thr':>4}{'pos':>6}{'step ms':>9}{'linears':>9}{'rest':>8}{'floor':>8}"
-          f"{'× floor':>8}")
-    for row in rows:
-        variant = row["dtype"] + ("+" + row["quantization"] if row["quantization"] else "")
-        for position, r in row["positions"].items():
-            floor = (row["weight_bytes"] + r["kv_bytes"]) / bandwidth * 1e3
-            r["floor_ms"] = floor
-            print(f"{row['model']:<7}{variant:<16}{row['threads']:>4}{position:>6}{r['step_ms']:>9.2f}"
-                  f"{r['linears_ms']:>9.2f}{r['rest_ms']:>8.2f}{floor:>8.2f}{r['step_ms'] / floor:>8.2f}")
+                    row = {"model": name, "dtype": dtype, "quantization": quantize or None,
+                           **json.loads(done.stdout.strip().splitlines()[-1])}
+                    rows.append(row)
+                    print_row(row, bandwidth)
     write_result("cpu-step", "cpu", machine, args.out, {"copy_bandwidth_Bps": bandwidth, "rows": rows})
 
 
