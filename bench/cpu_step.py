@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> dict:
                for i, linear in enumerate(decoder.linears())]
     results = {}
     with torch.inference_mode():
-        for position in [p for p in args.positions if p < engine.max_frames]:
+        for position in [p for p in args.positions if p < runner.cache_positions]:
             kv_span = min(runner.cache_positions, -(-(position + 1) // 64) * 64)  # as ModelRunner.kv_span rounds
 
             def step() -> None:
