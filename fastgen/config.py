@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ TRAINED_DURATION_S = 30.0
 # A multi-step call runs a request that finishes inside it on, past its end, for up to this many − 1 positions (on
 # pad tokens; discarded): caches and the position table carry that margin.
 MAX_STEPS_PER_CALL = 16
+# Upper bounds on a checkpoint's sizes, far above any MusicGen (large: 48 layers, width 2048, 8 codebooks), checked
+# before anything is allocated: a corrupt config.json (num_hidden_layers 1e9) must fail at once, not hang the loader.
+DECODER_SIZE_LIMITS = {"vocab_size": 1 << 16, "hidden_size": 1 << 14, "num_layers": 256, "num_heads": 256,
+                       "ffn_dim": 1 << 17, "num_codebooks": 32, "max_position_embeddings": 1 << 16}
+SUBCONFIG_INT_LIMIT = 1 << 17  # any integer size in the T5 / EnCodec sections (T5 v1.1 XXL's d_ff is 10240)
+SUBCONFIG_LAYER_LIMIT = 256   # layer counts there (num_layers, num_residual_layers, num_lstm_layers …)
+DEFAULT_MAX_WAITING = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +40,10 @@ class DecoderConfig:
     pad_token_id: int
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "num_codebooks",
-                     "max_position_embeddings"):
+        for name, limit in DECODER_SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise CheckpointError(f"decoder config: {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise CheckpointError(f"decoder config: {name} must be an integer in [1, {limit}], got {value!r}")
         if self.hidden_size % self.num_heads:
             raise CheckpointError(
                 f"decoder config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -95,7 +102,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Accepts the transformers 4.x and 5.x serialisations of MusicgenConfig (same sub-config keys; 5.x drops
-        some defaults and renames torch_dtype → dtype, neither of which we read)."""
+        some defaults and renames torch_dtype → dtype, neither of which we read). Any malformed value is a
+        CheckpointError naming the file."""
+        try:
+            return cls._from_dict(raw, source)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+            raise CheckpointError(f"{source}: malformed value ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any], source: str) -> "ModelConfig":
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type") not in ("musicgen", None):
@@ -135,20 +152,46 @@ class ModelConfig:
         if dec.get("cross_attention_hidden_size") not in (None, sections["text_encoder"].get("d_model")):
             raise CheckpointError(f"{source}: decoder.cross_attention_hidden_size must equal the text encoder's "
                                   "d_model when set")
+        for key in ("text_encoder", "audio_encoder"):
+            _check_sizes(sections[key], f"{source}: {key}")
         audio = sections["audio_encoder"]
-        sample_rate = int(audio.get("sampling_rate", 24000))
+        sample_rate = _positive_int(audio.get("sampling_rate", 24000), f"{source}: audio_encoder.sampling_rate")
         hop = 1
-        for ratio in audio.get("upsampling_ratios", [8, 5, 4, 2]):
-            hop *= int(ratio)
-        if sample_rate % hop:
+        ratios = audio.get("upsampling_ratios", [8, 5, 4, 2])
+        if not isinstance(ratios, list) or not 1 <= len(ratios) <= 16:
+            raise CheckpointError(f"{source}: audio_encoder.upsampling_ratios must be a list of 1 to 16 integers, "
+                                  f"got {ratios!r}")
+        for ratio in ratios:
+            hop *= _positive_int(ratio, f"{source}: audio_encoder.upsampling_ratios")
+        if sample_rate % hop or sample_rate // hop < 1:
             raise CheckpointError(f"{source}: audio_encoder sampling_rate {sample_rate} is not a multiple of the "
                                   f"codec hop {hop}")
         if int(audio.get("codebook_size", 1024)) != vocab_size:
             raise CheckpointError(f"{source}: audio_encoder.codebook_size {audio.get('codebook_size')} must equal "
                                   f"decoder.vocab_size {vocab_size}")
-        text_hidden = sections["text_encoder"].get("d_model", 512)
+        text_hidden = _positive_int(sections["text_encoder"].get("d_model", 512), f"{source}: text_encoder.d_model")
         return cls(decoder=decoder, text_encoder=sections["text_encoder"], audio_encoder=audio,
                    text_hidden_size=int(text_hidden), sample_rate=sample_rate, frame_rate=sample_rate // hop)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= SUBCONFIG_INT_LIMIT:
+        raise CheckpointError(f"{name} must be an integer in [1, {SUBCONFIG_INT_LIMIT}], got {value!r}")
+    return value
+
+
+def _check_sizes(section: dict[str, Any], name: str) -> None:
+    """Every integer of a transformers sub-config (layer counts, widths, kernel sizes …) within a sane bound, so that
+    building the module from it cannot hang or exhaust memory; transformers validates the rest."""
+    for key, value in section.items():
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            limit = SUBCONFIG_LAYER_LIMIT if "layers" in key else SUBCONFIG_INT_LIMIT
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > limit \
+                    and not key.endswith("_token_id"):
+                raise CheckpointError(f"{name}.{key} is {item!r}, over the sane bound of {limit}")
+        if isinstance(value, list) and len(value) > 64:
+            raise CheckpointError(f"{name}.{key} is a list of {len(value)} items, over the sane bound of 64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +207,10 @@ class EngineConfig:
     overlap_stages: bool | None = None    # T5 and EnCodec on a worker thread (own CUDA stream); None: on CUDA
     compile_step: bool = False            # torch backend: torch.compile the decode step (see ModelRunner)
     steps_per_call: int = 1               # decode steps per graph replay / engine step (see Engine.step)
+    # requests accepted and not yet started, beyond which add_request / submit raise QueueFull (None: unbounded).
+    # Bounds what waiting requests hold (an audio prompt: up to a few MB each); MusicGen.generate is not bounded
+    # by it (its requests are the caller's list)
+    max_waiting: int | None = DEFAULT_MAX_WAITING
     quantization: str | None = None       # "int8": weight-only int8 decoder projections (from_pretrained loads so)
 
     def __post_init__(self) -> None:
@@ -173,8 +220,13 @@ class EngineConfig:
             raise ValueError(f"max_duration_s must be in (0, {TRAINED_DURATION_S}], got {self.max_duration_s!r}")
         if not isinstance(self.max_text_tokens, int) or not 1 <= self.max_text_tokens <= 4096:
             raise ValueError(f"max_text_tokens must be an integer in [1, 4096], got {self.max_text_tokens!r}")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes!r}")
+        budget = self.kv_cache_memory_bytes
+        if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                                       and math.isfinite(budget) and budget >= 1):
+            raise ValueError(f"kv_cache_memory_bytes must be a finite number of bytes ≥ 1 (or None), got {budget!r}")
+        if self.max_waiting is not None and (not isinstance(self.max_waiting, int) or isinstance(self.max_waiting, bool)
+                                             or self.max_waiting < 1):
+            raise ValueError(f"max_waiting must be a positive integer or None (unbounded), got {self.max_waiting!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
         if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:

@@ -169,8 +169,10 @@ def test_generation_config_supplies_defaults(tiny_mono_dir, tmp_path):
 def test_without_generation_config_builtin_defaults(tiny_mono_dir, tmp_path):
     folder = copy_checkpoint(tiny_mono_dir, tmp_path / "ckpt")
     (folder / "generation_config.json").unlink()
-    r = load(folder).engine.make_request("lofi", None).resolved
-    assert (r.new_frames, r.guidance_scale, r.top_k) == (10 * 50, 3.0, 250)
+    request = load(folder).engine.make_request("lofi", None)
+    r = request.resolved
+    assert (r.new_frames, r.guidance_scale, request.params.top_k) == (10 * 50, 3.0, 250)
+    assert r.top_k == 0  # 250 ≥ the tiny model's 64-token vocabulary: the filter keeps everything, so it is off
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -203,6 +205,19 @@ def _write(name, data: bytes):
 def _delete(name):
     def edit(folder):
         (folder / name).unlink()
+    return edit
+
+
+def _retype(key, dtype):
+    def edit(folder):
+        edit_weights(folder, lambda w: w.__setitem__(key, torch.zeros(w[key].shape).to(dtype)))
+    return edit
+
+
+def _delete_all(*names):
+    def edit(folder):
+        for name in names:
+            (folder / name).unlink()
     return edit
 
 
@@ -244,6 +259,15 @@ BROKEN = {
     "shape-t5": (_reshape(T5), T5),
     "shape-encodec": (_reshape("audio_encoder.encoder.layers.0.conv.parametrizations.weight.original1"),
                       "audio_encoder.encoder.layers.0.conv.parametrizations.weight.original1"),
+    # weights that are concatenated or stacked with others when loaded (issue 9, item 9)
+    "missing-embedding": (_drop("decoder.model.decoder.embed_tokens.2.weight"), "embed_tokens.2.weight"),
+    "missing-k-proj": (_drop("decoder.model.decoder.layers.0.self_attn.k_proj.weight"), "self_attn.k_proj"),
+    "missing-lm-head": (_drop("decoder.lm_heads.0.weight"), "decoder.lm_heads.0.weight"),
+    "int8-weight": (_retype(DEC, torch.int8), f"{DEC} has dtype I8"),
+    "bool-weight": (_retype(T5, torch.bool), f"{T5} has dtype BOOL"),
+    "complex-weight": (_retype(CODEC, torch.complex64), f"{CODEC} has dtype C64"),
+    "no-tokenizer": (_delete_all("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+                     "tokenizer"),
 }
 
 
@@ -259,6 +283,64 @@ def test_broken_checkpoint_names_the_problem(tiny_mono_dir, tmp_path, case):
         assert "shape" in str(info.value)
     if case == "truncated":
         assert "truncated" in str(info.value)
+    assert isinstance(info.value, OSError) and isinstance(info.value, ValueError)  # as transformers users catch it
+
+
+def _set(section, key, value):
+    def edit(config):
+        config[section][key] = value
+    return edit
+
+
+# (config.json edit, words of the message): each once ended in an untyped error, a hang or gigabytes of memory
+BAD_CONFIGS = {
+    "decoder-layers-1e9": (_set("decoder", "num_hidden_layers", 10**9), "num_layers"),
+    "decoder-codebooks-1e9": (_set("decoder", "num_codebooks", 10**9), "num_codebooks"),
+    "decoder-width-string": (_set("decoder", "hidden_size", "64"), "hidden_size"),
+    "decoder-heads-zero": (_set("decoder", "num_attention_heads", 0), "num_heads"),
+    "decoder-activation-number": (_set("decoder", "activation_function", 5), "activation"),
+    "codec-ratio-zero": (_set("audio_encoder", "upsampling_ratios", [8, 0, 4, 4]), "upsampling_ratios"),
+    "codec-ratios-string": (_set("audio_encoder", "upsampling_ratios", "8544"), "upsampling_ratios"),
+    "codec-rate-string": (_set("audio_encoder", "sampling_rate", "fast"), "sampling_rate"),
+    "codec-rate-null": (_set("audio_encoder", "sampling_rate", None), "sampling_rate"),
+    "codec-residual-layers-1e9": (_set("audio_encoder", "num_residual_layers", 10**9), "num_residual_layers"),
+    "codec-hidden-huge": (_set("audio_encoder", "hidden_size", 100_000), "audio_encoder"),
+    "codec-lstm-negative": (_set("audio_encoder", "num_lstm_layers", -1), "audio_encoder"),
+    "codec-kernel-zero": (_set("audio_encoder", "kernel_size", 0), "audio_encoder"),
+    "codec-codebook-dim-string": (_set("audio_encoder", "codebook_dim", "x"), "codebook_dim"),
+    "t5-width-string": (_set("text_encoder", "d_model", "wide"), "d_model"),
+    "t5-layers-1e9": (_set("text_encoder", "num_layers", 10**9), "num_layers"),
+    "t5-heads-zero": (_set("text_encoder", "num_heads", 0), "text_encoder"),
+    "t5-vocab-negative": (_set("text_encoder", "vocab_size", -5), "text_encoder"),
+    "t5-activation-unknown": (_set("text_encoder", "feed_forward_proj", "warp-drive"), "feed_forward_proj"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_corrupt_config_is_a_checkpoint_error_at_once(tiny_mono_dir, tmp_path, case):
+    edit, words = BAD_CONFIGS[case]
+    folder = copy_checkpoint(tiny_mono_dir, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=words):
+        load(folder)
+    assert time.perf_counter() - start < 30
+
+
+def test_shard_outside_the_folder_is_refused(tiny_mono_dir, tmp_path):
+    folder = copy_checkpoint(tiny_mono_dir, tmp_path / "ckpt")
+    names = split_into_shards(folder)
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(folder / names[0], outside)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in ("../outside.safetensors", str(outside)):
+        index["weight_map"] = {k: (shard if v == names[0] else v) for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="not a file name inside the checkpoint folder"):
+            load(folder)
 
 
 def test_missing_folder(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from fastgen.config import EngineConfig
 from fastgen.engine.engine import Engine
 from fastgen.engine.request import GenerationOutput, Request
-from fastgen.errors import FastgenError, RequestAborted, RequestFailed
+from fastgen.errors import EngineClosed, RequestAborted, RequestError, RequestFailed
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.sampling_params import SamplingParams
 
@@ -45,14 +45,22 @@ class RequestHandle:
         self._changed = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
-    # called by the loop thread
-    def _push(self, event: RequestEvent) -> None:
+    # called by the loop thread (and by abort, from the caller's)
+    def _push(self, event: RequestEvent) -> bool:
+        """Record an event and wake every waiter; False (and nothing recorded) once the handle has ended: the first
+        terminal event is final (an abort that took effect wins over a finish that raced it)."""
         with self._changed:
+            if self._events and self._events[-1].kind in TERMINAL:
+                return False
             self._events.append(event)
             waiters, self._waiters = self._waiters, []
             self._changed.notify_all()
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_resolve, future)
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # the waiter's event loop is closed (asyncio.run with wait_for timed out): gone
+                pass
+        return True
 
     @property
     def done(self) -> bool:
@@ -74,11 +82,17 @@ class RequestHandle:
     async def _next_change(self, seen: int) -> None:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        waiter = (loop, future)
         with self._changed:
             if len(self._events) > seen:
                 return
-            self._waiters.append((loop, future))
-        await future
+            self._waiters.append(waiter)
+        try:
+            await future
+        finally:  # cancelled (a timeout): leave no waiter behind for a loop that may close
+            with self._changed:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
 
     async def __aiter__(self) -> AsyncIterator[RequestEvent]:
         seen = 0
@@ -123,12 +137,15 @@ class AsyncEngine:
     def __init__(self, engine: Engine, cpu_threads: int = 1) -> None:
         self.engine = engine
         self.cpu_threads = cpu_threads
+        # request_id → handle, from submit until the engine ends the request; the ids of those not started yet
         self._handles: dict[str, RequestHandle] = {}
+        self._waiting: set[str] = set()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._submit_lock = threading.Lock()  # tokenizers are not safe to call from several threads at once
+        # guards the registry and orders submissions before the "stop" of a shutdown (never held for real work)
+        self._submit_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._progress_every: dict[str, int] = {}
+        self._died: BaseException | None = None
         engine.listeners.append(self._on_event)
         self._ready = threading.Event()
         self._start_error: Exception | None = None
@@ -152,36 +169,66 @@ class AsyncEngine:
     # ---------------------------------------------------------------------------------------- caller side
     def submit(self, prompt: str | None, params: SamplingParams | None = None,
                audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None) -> RequestHandle:
-        """Validate and queue a request; returns at once. Raises RequestError for bad input."""
-        if self._stopping:
-            raise FastgenError("the engine is shut down")
+        """Validate and queue a request; returns at once. Raises RequestError for bad input or a request_id in use,
+        QueueFull when ``max_waiting`` requests wait already, EngineClosed after shutdown."""
+        self._check_open()
+        self._check_free(request_id)  # fail fast, before any work (checked again, under the lock, below)
+        # validation and the work (bounded first) take no lock of ours: one caller's hostile request cannot stall
+        # the others (tokenising alone is serialised, inside make_request)
+        request = self.engine.make_request(prompt, params, audio_prompt, request_id)
         with self._submit_lock:
-            if request_id is not None and request_id in self._handles:
-                raise FastgenError(f"request_id {request_id!r} is already in use")
-            request = self.engine.make_request(prompt, params, audio_prompt, request_id)
+            self._check_open()
+            self._check_free(request_id)
+            if request_id is None and request.request_id in self._handles:  # the id a caller picked for its own
+                request.request_id = self.engine.new_request_id(taken=self._handles)
             handle = RequestHandle(request.request_id, self)
             self._handles[request.request_id] = handle
-        self._inbox.put(("submit", request))
+            self._waiting.add(request.request_id)
+            self._inbox.put(("submit", request))  # under the lock: a shutdown's "stop" comes after it
         self._wake.set()
         return handle
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request: its slot is freed before the next decode step; awaiting it raises RequestAborted."""
+    def _check_open(self) -> None:
+        if self._died is not None:
+            raise EngineClosed(f"the engine loop died ({type(self._died).__name__}: {self._died}); create a new "
+                               "engine")
+        if self._stopping:
+            raise EngineClosed("the engine is shut down")
+
+    def _check_free(self, request_id: str | None) -> None:
+        self.engine.check_capacity(len(self._waiting))
+        if request_id is not None and request_id in self._handles:
+            raise RequestError(f"request_id {request_id!r} is already in use by an unfinished request")
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request. True when it took effect: the handle has ended with RequestAborted (awaiting it raises
+        that), and the engine frees its slot before its next step (or drops its audio, if it is in EnCodec). False
+        when the request has ended already (finished, failed, aborted) or the id is unknown."""
+        with self._submit_lock:
+            handle = self._handles.get(request_id)
+        if handle is None:
+            return False
+        if not handle._push(RequestEvent("aborted", request_id, error=RequestAborted(
+                f"request {request_id} was aborted"))):
+            return False
         self._inbox.put(("abort", request_id))
         self._wake.set()
+        return True
 
     async def shutdown(self) -> None:
-        """Stop the loop; requests still queued or running end with RequestAborted."""
-        self._stopping = True
-        self._inbox.put(("stop", None))
-        self._wake.set()
+        """Stop the loop; requests still queued or running end with RequestAborted, those in EnCodec finish."""
+        self._begin_shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def shutdown_sync(self) -> None:
-        self._stopping = True
-        self._inbox.put(("stop", None))
-        self._wake.set()
+        self._begin_shutdown()
         self._thread.join()
+
+    def _begin_shutdown(self) -> None:
+        with self._submit_lock:  # every submit that got in put its request before this "stop"
+            self._stopping = True
+            self._inbox.put(("stop", None))
+        self._wake.set()
 
     # ---------------------------------------------------------------------------------------- loop thread
     def _loop(self) -> None:
@@ -197,11 +244,15 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
-        stop = False
-        while not stop:
-            stop = self._drain_inbox()
-            if stop:
-                break
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug of ours: end every request rather than leave them hanging
+            self._die(exc)
+        finally:
+            self.engine.close()
+
+    def _serve(self) -> None:
+        while not self._drain_inbox():
             if not self.engine.has_unfinished():
                 self._wake.wait()
                 self._wake.clear()
@@ -209,28 +260,43 @@ class AsyncEngine:
             try:
                 self.engine.step()
             except Exception as exc:  # a failure of the batch step: fail the running requests, keep serving
-                running = list(self.engine.scheduler.running.values())
-                self.engine.fail(running, exc)
+                self.engine.fail(list(self.engine.scheduler.running.values()), exc)
         for request in list(self.engine.scheduler.waiting) + list(self.engine.scheduler.running.values()):
             self.engine.abort(request.request_id)
         while self.engine.has_unfinished():  # requests already in EnCodec finish normally
             self.engine.step()
-        self.engine.close()
+        self._drain_inbox()  # aborts that came late: all no-ops now
 
     def _drain_inbox(self) -> bool:
+        """Hand every queued submission and abort to the engine, to the end of the inbox; whether a stop was among
+        them (the submissions before it are served or aborted, never dropped)."""
+        stop = False
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return False
+                return stop
             if kind == "stop":
-                return True
-            if kind == "submit":
-                self.engine.enqueue(payload)
+                stop = True
+            elif kind == "submit":
+                try:
+                    self.engine.enqueue(payload)
+                except Exception as exc:  # submit checked it; should this fail anyway, it fails alone
+                    self._on_event(payload, "failed", RequestFailed(f"request {payload.request_id} could not be "
+                                                                    f"queued: {type(exc).__name__}: {exc}"))
             elif kind == "abort":
-                # a request's submit always precedes its abort in the inbox; one not found has finished or is
-                # already in EnCodec, and ends normally
+                # a request's submit always precedes its abort in the inbox; the handle has ended already
                 self.engine.abort(payload)
+
+    def _die(self, exc: BaseException) -> None:
+        self._died = exc
+        with self._submit_lock:
+            self._stopping = True
+            handles, self._handles = list(self._handles.values()), {}
+            self._waiting.clear()
+        for handle in handles:
+            handle._push(RequestEvent("failed", handle.request_id, error=RequestFailed(
+                f"request {handle.request_id} failed: the engine loop died ({type(exc).__name__}: {exc})")))
 
     def _on_event(self, request: Request, kind: str, payload: Any) -> None:
         handle = self._handles.get(request.request_id)
@@ -250,7 +316,9 @@ class AsyncEngine:
             event = RequestEvent(kind, request.request_id, request.steps_done, request.steps_total, error=error)
         else:
             event = RequestEvent(kind, request.request_id, 0, request.steps_total)
-        handle._push(event)
-        if kind in TERMINAL:
+        if kind != "queued":
             with self._submit_lock:
-                self._handles.pop(request.request_id, None)
+                self._waiting.discard(request.request_id)
+                if kind in TERMINAL:
+                    self._handles.pop(request.request_id, None)
+        handle._push(event)

@@ -4,7 +4,10 @@ MusicGen.generate and the CLI run on it; the AsyncEngine drives it from a backgr
 from __future__ import annotations
 
 import itertools
+import logging
+import numbers
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -17,7 +20,7 @@ from fastgen.engine.stage_worker import StageWorker
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
-from fastgen.errors import RequestAborted, RequestError, RequestFailed
+from fastgen.errors import QueueFull, RequestAborted, RequestError, RequestFailed
 from fastgen.model.decoder import KVCache
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.model.ops import get_ops
@@ -28,6 +31,13 @@ Listener = Callable[[Request, str, Any], None]
 CPU_CACHE_BUDGET = 2 << 30
 CUDA_CACHE_SHARE = 0.75  # of the memory free after loading the weights; the rest: graphs, EnCodec, T5
 MAX_SLOTS = 256
+MAX_ID_CHARS = 256
+# a prompt's length in characters is bounded before tokenising (which is serialised): T5's sentencepiece tokens
+# average a few characters, so this leaves room for any prompt within max_text_tokens
+PROMPT_CHARS_PER_TOKEN = 32
+# audio prompt sample rates accepted (the resampler is given nothing else: 2**62 Hz would hang it)
+MIN_AUDIO_PROMPT_RATE, MAX_AUDIO_PROMPT_RATE = 1_000, 768_000
+logger = logging.getLogger("fastgen")
 
 
 class Engine:
@@ -66,6 +76,9 @@ class Engine:
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
         self._ids = itertools.count()
+        self._active: dict[str, Request] = {}  # request_id → request, from enqueue until it ends (any way)
+        self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads at once
+        self.hop = self.sample_rate // self.frame_rate  # audio samples per codec frame
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, device: str | torch.device = "cpu", dtype=None,
@@ -103,51 +116,121 @@ class Engine:
     def make_request(self, prompt: str | None, params: SamplingParams | None = None,
                      audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
                      name: str = "prompt") -> Request:
-        """Validate and build a request (raises RequestError naming the bad parameter); does not queue it."""
-        if prompt is not None and not isinstance(prompt, str):
-            raise RequestError(f"{name} must be a string or None (unconditional), got {type(prompt).__name__}")
+        """Validate and build a request (raises RequestError naming the bad parameter); does not queue it.
+
+        Safe from any thread, and every step is bounded before it runs: parameters and sizes are checked first, the
+        audio prompt is resampled only once its rate and resampled length are known to be in range, and the prompt
+        is tokenised (under a lock: tokenizers are not thread-safe) only once its length in characters is."""
+        self._check_prompt(prompt, name)
+        if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS):
+            raise RequestError(f"request_id must be a string of 1 to {MAX_ID_CHARS} characters, got "
+                               f"{type(request_id).__name__} {str(request_id)[:40]!r}")
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a fastgen.SamplingParams, got {type(params).__name__}")
         params = params.with_defaults(self.model.defaults)
         dec = self.model.config.decoder
-        resolved = ResolvedParams.resolve(params, frame_rate=self.frame_rate, channel_codebooks=dec.channel_codebooks)
-        text_ids = None
-        if prompt is not None:
-            text_ids = self.model.text_encoder.tokenize(prompt)
-            if len(text_ids) > self.config.max_text_tokens:
-                raise RequestError(f"{name} is {len(text_ids)} tokens long; at most max_text_tokens="
-                                   f"{self.config.max_text_tokens} are allowed")
+        resolved = ResolvedParams.resolve(params, frame_rate=self.frame_rate, channel_codebooks=dec.channel_codebooks,
+                                          vocab_size=dec.vocab_size)
         audio, prompt_frames = None, 0
         if audio_prompt is not None:
-            if not (isinstance(audio_prompt, tuple) and len(audio_prompt) == 2):
-                raise RequestError("audio_prompt must be a (waveform, sample_rate) tuple")
+            waveform, rate = self._check_audio_prompt(audio_prompt, resolved.new_frames)
             try:
-                audio = prepare_audio_prompt(audio_prompt[0], audio_prompt[1], target_sample_rate=self.sample_rate,
+                audio = prepare_audio_prompt(waveform, rate, target_sample_rate=self.sample_rate,
                                              channels=dec.audio_channels, name="audio_prompt")
             except RequestError:
                 raise
-            except (ValueError, TypeError) as exc:
-                raise RequestError(str(exc)) from None
-            hop = self.sample_rate // self.frame_rate
-            prompt_frames = -(-audio.shape[-1] // hop)
-        total = prompt_frames + resolved.new_frames
+            except (ValueError, TypeError, MemoryError) as exc:
+                raise RequestError(f"{type(exc).__name__}: {exc}" if isinstance(exc, MemoryError) else str(exc)) \
+                    from None
+            prompt_frames = -(-audio.shape[-1] // self.hop)
+        self._check_length(prompt_frames, resolved.new_frames)
+        text_ids = None
+        if prompt is not None:
+            with self._tokenizer_lock:
+                text_ids = self.model.text_encoder.tokenize(prompt)
+            if len(text_ids) > self.config.max_text_tokens:
+                raise RequestError(f"{name} is {len(text_ids)} tokens long; at most max_text_tokens="
+                                   f"{self.config.max_text_tokens} are allowed")
+        rid = request_id if request_id is not None else self.new_request_id()
+        return Request(rid, prompt, params, resolved, text_ids, audio, prompt_frames, dec.channel_codebooks)
+
+    def _check_prompt(self, prompt: Any, name: str) -> None:
+        if prompt is None:
+            return
+        if not isinstance(prompt, str):
+            raise RequestError(f"{name} must be a string or None (unconditional), got {type(prompt).__name__}")
+        limit = PROMPT_CHARS_PER_TOKEN * self.config.max_text_tokens
+        if len(prompt) > limit:  # tokenising is serialised: bound its cost before it runs
+            raise RequestError(f"{name} is {len(prompt)} characters long; at most {limit} are allowed "
+                               f"({PROMPT_CHARS_PER_TOKEN} × max_text_tokens={self.config.max_text_tokens})")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"{name} is not valid Unicode text: character {exc.start} is "
+                               f"{prompt[exc.start]!r} (a lone surrogate)") from None
+
+    def _check_audio_prompt(self, audio_prompt: Any, new_frames: int) -> tuple[Any, int]:
+        """The (waveform, sample_rate) pair with its rate in range and its length after resampling between one codec
+        frame and what the request may span, checked on the shape alone: nothing is converted or resampled yet."""
+        if not (isinstance(audio_prompt, tuple) and len(audio_prompt) == 2):
+            raise RequestError("audio_prompt must be a (waveform, sample_rate) tuple")
+        waveform, rate = audio_prompt
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or \
+                not MIN_AUDIO_PROMPT_RATE <= rate <= MAX_AUDIO_PROMPT_RATE:
+            raise RequestError(f"audio_prompt sample rate must be an integer number of Hz in "
+                               f"[{MIN_AUDIO_PROMPT_RATE}, {MAX_AUDIO_PROMPT_RATE}], got {str(rate)[:40]}")
+        try:
+            shape = tuple(waveform.shape) if hasattr(waveform, "shape") else np.shape(waveform)
+        except (ValueError, TypeError):  # ragged nested lists: prepare_audio_prompt names the problem
+            return waveform, int(rate)
+        if not shape or shape[-1] == 0:
+            return waveform, int(rate)  # prepare_audio_prompt: "empty"
+        samples = -(-int(shape[-1]) * self.sample_rate // int(rate))
+        if samples < self.hop:
+            raise RequestError(f"audio_prompt is {shape[-1] / rate * 1000:.2f} ms long; at least one codec frame "
+                               f"({self.hop / self.sample_rate * 1000:.0f} ms) is needed")
+        self._check_length(-(-samples // self.hop), new_frames)
+        return waveform, int(rate)
+
+    def _check_length(self, prompt_frames: int, new_frames: int) -> None:
+        total = prompt_frames + new_frames
         if total > self.max_frames:
             raise RequestError(
                 f"the request spans {total / self.frame_rate:.2f} s ({prompt_frames} prompt + "
-                f"{resolved.new_frames} new frames), over the limit of {self.max_frames / self.frame_rate:.2f} s "
+                f"{new_frames} new frames), over the limit of {self.max_frames / self.frame_rate:.2f} s "
                 f"({self.max_frames} frames) of this engine; shorten duration or the audio prompt")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(rid, prompt, params, resolved, text_ids, audio, prompt_frames, dec.channel_codebooks)
+
+    def new_request_id(self, taken: Any = ()) -> str:
+        """An automatic id, never one in use (a caller may have picked "req-7" for its own)."""
+        while True:
+            rid = f"req-{next(self._ids)}"
+            if rid not in self._active and rid not in taken:
+                return rid
 
     def add_request(self, prompt: str | None, params: SamplingParams | None = None,
                     audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None) -> Request:
+        """Validate and queue a request. Raises RequestError for bad input or a request_id in use, and QueueFull
+        (before any work) when ``max_waiting`` requests are waiting already."""
+        self.check_capacity(len(self.scheduler.waiting))
+        if request_id is not None and request_id in self._active:
+            raise RequestError(f"request_id {request_id!r} is already in use by an unfinished request")
         request = self.make_request(prompt, params, audio_prompt, request_id)
         self.enqueue(request)
         return request
 
+    def check_capacity(self, waiting: int) -> None:
+        """Raise QueueFull when ``waiting`` requests fill the waiting queue."""
+        bound = self.config.max_waiting
+        if bound is not None and waiting >= bound:
+            raise QueueFull(f"the waiting queue is full: {waiting} requests wait to start, max_waiting={bound}; "
+                            "retry later, or raise EngineConfig.max_waiting")
+
     def enqueue(self, request: Request) -> None:
+        if request.request_id in self._active:
+            raise RequestError(f"request_id {request.request_id!r} is already in use by an unfinished request")
+        self._active[request.request_id] = request
         self.scheduler.add(request)
         if self.stages.threaded and request.text_ids is not None:  # T5 runs ahead while the decoder steps
             request.text_pending = True
@@ -155,15 +238,31 @@ class Engine:
         self._emit(request, "queued", None)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a waiting or running request at once; its slot is free for the next step."""
-        request = self.scheduler.find(request_id)
+        """End an unfinished request with RequestAborted: a waiting or running one leaves its slot at once (free for
+        the next step); one in EnCodec has its audio dropped when it comes back. True when it took effect; False
+        when no such request is unfinished (unknown, or finished, failed or aborted already)."""
+        request = self._active.get(request_id)
         if request is None:
             return False
-        self.scheduler.release(request, RequestStatus.ABORTED)
-        request.error = RequestAborted(f"request {request_id} was aborted")
-        request.finish_time = time.perf_counter()
-        self._emit(request, "aborted", request.error)
+        self._leave_slot(request, RequestStatus.ABORTED)
+        self._end(request, RequestStatus.ABORTED, "aborted", RequestAborted(f"request {request_id} was aborted"))
         return True
+
+    def _leave_slot(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the waiting queue or its slot, with the slot's cleanup (shared by abort and
+        failure; a finished request's goes through runner.finish)."""
+        if request.status == RequestStatus.RUNNING and request.slot is not None:
+            self.runner.scrub_slot(request.slot, always=True)
+        if request.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
+            self.scheduler.release(request, status)
+
+    def _end(self, request: Request, status: RequestStatus, kind: str, payload: Any) -> None:
+        self._active.pop(request.request_id, None)
+        request.status = status
+        if isinstance(payload, Exception):
+            request.error = payload
+        request.finish_time = time.perf_counter()
+        self._emit(request, kind, payload)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.stages.pending > 0
@@ -228,7 +327,7 @@ class Engine:
         finished, codes = [], []
         failed: list[Request] = []
         for request in done:
-            request_codes, nonfinite = self.runner.finish(request)
+            request_codes, nonfinite = self.runner.finish(request)  # scrubs a slot that met non-finite logits
             self.scheduler.release(request, RequestStatus.DECODING)
             if nonfinite:
                 failed += self.fail([request], RequestFailed(
@@ -255,29 +354,44 @@ class Engine:
                 else:
                     request.text_states, request.text_ready = job.result[0], job.ready
                 continue
+            live = [(r, c, i) for i, (r, c) in enumerate(zip(job.requests, job.inputs))
+                    if r.status == RequestStatus.DECODING]  # not aborted while in EnCodec
             if job.error is not None:
-                ended += self.fail(job.requests, job.error, release=False)
+                if len(job.requests) > 1:  # isolate, as admission does: one by one, so a bad request fails alone
+                    for request, request_codes, _ in live:
+                        self.stages.submit("decode", [request], [request_codes])
+                else:
+                    ended += self.fail([r for r, _, _ in live], job.error)
                 continue
-            for request, request_codes, wave in zip(job.requests, job.inputs, job.result):
-                request.status = RequestStatus.FINISHED
+            for request, request_codes, i in live:
+                wave = job.result[i]
+                if not np.isfinite(wave).all():
+                    ended += self.fail([request], RequestFailed(
+                        f"request {request.request_id}: EnCodec produced non-finite audio (NaN/inf); check the "
+                        "audio_encoder weights"))
+                    continue
                 request.finish_time = time.perf_counter()
                 request.output = self._output(request, request_codes, wave)
-                self._emit(request, "finished", request.output)
+                self._end(request, RequestStatus.FINISHED, "finished", request.output)
                 ended.append(request)
         return ended
 
     def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
-        """End ``requests`` with RequestFailed (freeing their slots); the engine goes on serving the rest."""
+        """End ``requests`` with RequestFailed (freeing and cleaning their slots); the engine goes on serving the
+        rest. Requests that have ended already (aborted meanwhile) are left as they are."""
+        failed = []
         for request in requests:
+            if request.status.done:
+                continue
             if release:
-                self.scheduler.release(request, RequestStatus.FAILED)
-            request.status = RequestStatus.FAILED
-            request.error = exc if isinstance(exc, RequestFailed) else RequestFailed(
+                self._leave_slot(request, RequestStatus.FAILED)
+            error = exc if isinstance(exc, RequestFailed) else RequestFailed(
                 f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
-            request.error.__cause__ = exc if request.error is not exc else None
-            request.finish_time = time.perf_counter()
-            self._emit(request, "failed", request.error)
-        return requests
+            if error is not exc:
+                error.__cause__ = exc
+            self._end(request, RequestStatus.FAILED, "failed", error)
+            failed.append(request)
+        return failed
 
     def _output(self, request: Request, codes: torch.Tensor, audio: np.ndarray) -> GenerationOutput:
         timings = {"queue_s": (request.first_step_time or request.arrival_time) - request.arrival_time,
@@ -287,7 +401,10 @@ class Engine:
 
     def _emit(self, request: Request, kind: str, payload: Any) -> None:
         for listener in self.listeners:
-            listener(request, kind, payload)
+            try:
+                listener(request, kind, payload)
+            except Exception:  # a listener's bug must not leave the engine half-way through a state change
+                logger.exception("fastgen: listener %r failed on %s event of %s", listener, kind, request.request_id)
 
     # ------------------------------------------------------------------------------------------------ batch
     def run(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Request]:

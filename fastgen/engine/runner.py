@@ -284,10 +284,18 @@ class ModelRunner:
         """(codes [K, frames] on the CPU, whether any logit of the request was non-finite)."""
         slot = request.slot
         codes = self.state.codes[slot, :, :request.total_frames].to("cpu", copy=True)  # the slot is reused
+        return codes, self.scrub_slot(slot)
+
+    @torch.inference_mode()
+    def scrub_slot(self, slot: int, always: bool = False) -> bool:
+        """The cleanup every way out of a slot shares (finish, failure, abort): zero the slot's cache rows if its
+        request met non-finite logits (or ``always``: an abort or failure may leave NaNs no logit showed yet), so
+        they cannot leak into the slot's next request through masked reads. Returns whether logits were
+        non-finite."""
         bad = bool(self.state.nonfinite[slot].item())
-        if bad:  # keep NaNs in this slot's cache from leaking into the next request through masked reads
+        if bad or always:
             self.cache.clear_rows(torch.tensor([slot, self.total_slots + slot], device=self.device))
-        return codes, bad
+        return bad
 
     def decode_audio(self, codes: list[torch.Tensor]):
         return self.codec.decode(codes)

@@ -4,28 +4,47 @@ Both run in float32: they are a small share of the time, T5 is known to overflow
 the product users hear."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastgen.errors import CheckpointError
-from fastgen.model.loader import load_submodule, take_prefixed
+from fastgen.model.loader import check_weights, load_submodule, take_prefixed
 
 STAGE_DTYPE = torch.float32
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # T5's fast tokenizer, or its sentencepiece model
 DECODE_BATCH = 8  # clips per EnCodec call: its activations grow with batch × samples (30 s clips: ~1 GB each)
+
+
+@contextlib.contextmanager
+def _as_checkpoint_error(section: str):
+    """transformers' own config checks and module construction fail in many ways (division by zero, IndexError …)
+    on a malformed section: each becomes a CheckpointError naming the section."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"config.json: the {section} section cannot build its model "
+                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 class TextEncoder:
     def __init__(self, folder: Path, t5_config: dict, weights: dict[str, torch.Tensor], device: torch.device):
         from transformers import AutoTokenizer, T5Config, T5EncoderModel
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build a default tokenizer from nothing, turning most words into <unk>
+            raise CheckpointError(f"{folder}: the tokenizer is missing (expected {' or '.join(TOKENIZER_FILES)} "
+                                  "beside config.json)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception as exc:
             raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
-        config = T5Config.from_dict(t5_config)
-        with torch.device("meta"):  # no random init: every tensor comes from the checkpoint (assign=True)
-            model = T5EncoderModel(config)
+        with _as_checkpoint_error("text_encoder"), torch.device("meta"):
+            # no random init: every tensor comes from the checkpoint (assign=True)
+            model = T5EncoderModel(T5Config.from_dict(t5_config))
         own = take_prefixed(weights, "text_encoder.")
         # the input embedding is tied to `shared`: exports store it once under either name
         if "shared.weight" in own:
@@ -58,13 +77,18 @@ class AudioCodec:
     def __init__(self, encodec_config: dict, weights: dict[str, torch.Tensor], device: torch.device,
                  audio_channels: int):
         from transformers import EncodecConfig, EncodecModel
-        config = EncodecConfig.from_dict(encodec_config)
-        # built for real, not on the meta device: EnCodec keeps non-persistent buffers (conv strides, paddings)
-        # that a checkpoint does not carry
-        model = EncodecModel(config)
         own = take_prefixed(weights, "audio_encoder.")
+        with _as_checkpoint_error("audio_encoder"):
+            config = EncodecConfig.from_dict(encodec_config)
+            with torch.device("meta"):  # the checkpoint checked against the config before allocating anything
+                shapes = EncodecModel(config).state_dict()
         # codebook bookkeeping buffers are training state; older exports may omit them
-        optional = {k for k in model.state_dict() if k.endswith((".inited", ".cluster_size", ".embed_avg"))}
+        optional = {k for k in shapes if k.endswith((".inited", ".cluster_size", ".embed_avg"))}
+        check_weights(shapes, own, "audio_encoder", optional)
+        with _as_checkpoint_error("audio_encoder"):
+            # built for real, not on the meta device: EnCodec keeps non-persistent buffers (conv strides,
+            # paddings) that a checkpoint does not carry
+            model = EncodecModel(config)
         self.model = load_submodule(model, own, "audio_encoder", optional).to(device, STAGE_DTYPE).eval()
         self.device = device
         self.audio_channels = audio_channels

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ KNOWN_PREFIXES = ("decoder.", "enc_to_dec_proj.", "text_encoder.", "audio_encode
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 HUB_TIMEOUT_S = 10.0  # seconds to wait for the hub (HF_HUB_ETAG_TIMEOUT overrides)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# weights are real floating point; anything else (int8, bool, complex) is a corrupt or foreign file
+WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -100,9 +102,12 @@ class LazyTensors(MutableMapping):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 keys = list(handle.keys())
+                dtypes = {key: handle.get_slice(key).get_dtype() for key in keys}
         except Exception as exc:  # truncated or corrupt files surface as SafetensorError / OSError
             raise CheckpointError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") \
                 from None
+        for key in keys:
+            _check_dtype(path, key, dtypes[key])
         for key in keys:
             self._where[key] = path
 
@@ -135,6 +140,25 @@ class LazyTensors(MutableMapping):
         return key in self._where
 
 
+def _check_dtype(path: Path, key: str, dtype: str | torch.dtype) -> None:
+    if dtype not in WEIGHT_DTYPES and dtype not in WEIGHT_DTYPES.values():
+        raise CheckpointError(f"{path}: tensor {key} has dtype {dtype}; weights must be floating point "
+                              f"({', '.join(WEIGHT_DTYPES)})")
+
+
+def _shard_path(folder: Path, index_path: Path, shard: Any) -> Path:
+    """A shard named by an index, which must be a file name inside the checkpoint folder (an index may come from
+    anywhere: "../../etc/x" or "/abs/path" would make the loader read outside it)."""
+    name = PurePosixPath(shard) if isinstance(shard, str) else None
+    if name is None or not shard or name.is_absolute() or ".." in name.parts or "\\" in shard or ":" in shard:
+        raise CheckpointError(f"{index_path} names shard {str(shard)[:100]!r}, which is not a file name inside the "
+                              "checkpoint folder")
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {folder}")
+    return path
+
+
 def _read_safetensors(path: Path) -> LazyTensors:
     tensors = LazyTensors()
     tensors.add_file(path)
@@ -145,16 +169,13 @@ def _read_sharded(folder: Path) -> dict[str, torch.Tensor]:
     index_path = folder / SAFETENSORS_INDEX
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of tensor name → shard file name")
     except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{index_path}: malformed index ({type(exc).__name__}: {exc})") from None
     tensors = LazyTensors()
     for shard in sorted(set(weight_map.values())):
-        shard_path = folder / shard
-        if not shard_path.is_file():
-            raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {folder}")
-        tensors.add_file(shard_path)
+        tensors.add_file(_shard_path(folder, index_path, shard))
     absent = [k for k in weight_map if k not in tensors]
     if absent:
         raise CheckpointError(f"{index_path} lists {len(absent)} tensor(s) not found in their shards, "
@@ -164,15 +185,26 @@ def _read_sharded(folder: Path) -> dict[str, torch.Tensor]:
 
 def _read_pickled(folder: Path) -> dict[str, torch.Tensor]:
     files = [folder / PICKLE_SINGLE]
-    if (folder / PICKLE_INDEX).is_file():
-        weight_map = json.loads((folder / PICKLE_INDEX).read_text())["weight_map"]
-        files = [folder / f for f in sorted(set(weight_map.values()))]
+    index_path = folder / PICKLE_INDEX
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            shards = sorted(set(str(v) for v in weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index_path}: malformed index ({type(exc).__name__}: {exc})") from None
+        files = [_shard_path(folder, index_path, shard) for shard in shards]
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
-            tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot load with weights_only=True ({exc})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in loaded.items()):
+            raise CheckpointError(f"{path}: expected a dict of named tensors")
+        for key, tensor in loaded.items():
+            _check_dtype(path, key, tensor.dtype)
+        tensors.update(loaded)
     return tensors
 
 
@@ -186,7 +218,18 @@ def load_submodule(module: torch.nn.Module, weights: dict[str, torch.Tensor], la
                    optional: set[str] = frozenset(), assign: bool = False) -> torch.nn.Module:
     """Load a transformers module strictly, mapping old weight-norm names (weight_g/weight_v, as in the original
     facebook exports) to torch's parametrization names, and naming any missing or unexpected key."""
-    expected = module.state_dict()
+    renamed = check_weights(module.state_dict(), weights, label, optional)
+    module.load_state_dict(renamed, strict=False, assign=assign)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{label}: {len(left)} tensor(s) were not loaded, e.g. {label}.{left[0]}")
+    return module
+
+
+def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], label: str,
+                  optional: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """``weights`` checked against a module's ``expected`` state dict (names and shapes), with old weight-norm
+    names mapped; returns them under the module's names."""
     renamed = {}
     for key, tensor in weights.items():
         if key not in expected and key.endswith((".weight_g", ".weight_v")):
@@ -208,11 +251,7 @@ def load_submodule(module: torch.nn.Module, weights: dict[str, torch.Tensor], la
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"weight {label}.{key} has shape {tuple(tensor.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from config.json")
-    module.load_state_dict(renamed, strict=False, assign=assign)
-    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{label}: {len(left)} tensor(s) were not loaded, e.g. {label}.{left[0]}")
-    return module
+    return renamed
 
 
 @dataclass
