@@ -60,7 +60,8 @@ class MusicGen:
         or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …)."""
         config = EngineConfig(**engine_options)  # bad options fail before the weights are read
         with quiet_token_id_warnings():
-            model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+            model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                       quantization=config.quantization)
         return cls(Engine(model, config))
 
     @staticmethod

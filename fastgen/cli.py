@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--skip-existing", action="store_true",
                      help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda)")
+    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs with native bf16)")
+    gen.add_argument("--quantize", choices=["int8"], default=None,
+                     help="weight-only int8 decoder projections (about half the bf16 step time on a CPU)")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     gen.add_argument("--max-slots", type=int, help="concurrent requests (default: what the KV-cache budget holds)")
     gen.add_argument("--max-duration", type=float, metavar="SECONDS",
@@ -129,6 +131,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         options["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
     if args.compile:
         options["compile_step"] = True
+    if args.quantize:
+        options["quantization"] = args.quantize
     fastgen.EngineConfig(**options)  # bad engine options fail here, before anything is loaded
     if not args.grace >= 0:
         raise ValueError(f"--grace must be ≥ 0 seconds, got {args.grace}")

@@ -298,7 +298,8 @@ def test_compile_gives_the_same_files(capsys, tmp_path, tiny_mono_dir):
     outputs = []
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
-        code, _, stderr = run(capsys, "lofi", "jazz", "--greedy", *extra, *gen_args(tiny_mono_dir, out, duration="0.3"))
+        code, _, stderr = run(capsys, "lofi", "jazz", "--greedy", "--dtype", "float32", *extra,  # bf16: rounding
+                              *gen_args(tiny_mono_dir, out, duration="0.3"))                # differs when fused
         assert code == 0, stderr
         outputs.append({f.name: f.read_bytes() for f in audio_files(out)})
     assert len(outputs[0]) == 2 and outputs[0] == outputs[1]

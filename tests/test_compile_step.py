@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 def make_engine(folder, compile_step: bool, steps_per_call: int = 1) -> fastgen.Engine:
     return fastgen.Engine.from_pretrained(folder, max_slots=3, backend="torch", compile_step=compile_step,
-                                          steps_per_call=steps_per_call)
+                                          steps_per_call=steps_per_call, dtype=torch.float32)
 
 
 def run_workload(engine: fastgen.Engine):

@@ -47,6 +47,9 @@ class Engine:
         self.model = model
         self.config = config
         self.device = model.decoder.device
+        if config.quantization is not None and config.quantization != model.decoder.quantization:
+            raise ValueError(f"quantization={config.quantization!r} but the model was loaded without it: pass it "
+                             "to from_pretrained (or MusicgenModel.load), which quantises at load")
         mc = model.config
         self.frame_rate, self.sample_rate = mc.frame_rate, mc.sample_rate
         self.max_frames = mc.max_frames
@@ -86,8 +89,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path, *, device: str | torch.device = "cpu", dtype=None,
                         allow_pickle: bool = False, **engine_options) -> "Engine":
-        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        return cls(model, EngineConfig(**engine_options))
+        config = EngineConfig(**engine_options)  # validated before any loading
+        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   quantization=config.quantization)
+        return cls(model, config)
 
     def _plan_slots(self) -> int:
         """As many slots as the KV-cache budget holds, each sized for the longest request allowed."""

@@ -101,6 +101,7 @@ class ModelRunner:
         time, then inductor's on-disk cache serves later processes. Dynamo also guards on the intra-op thread
         count: see ensure_compiled."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        self.decoder.use_stock_linears()  # dynamo cannot trace oneDNN's packed weights (fastgen.model.linear)
         self.eager_step = torch.compile(self.decode_step, fullgraph=True, options=options)
         self.compiled_for_threads: set[int] = set()
         self.ensure_compiled()
