@@ -173,17 +173,17 @@ def test_submit_racing_shutdown_leaves_no_handle_hanging(model):
 @pytest.mark.parametrize("steps_before_abort", [0, 2])
 def test_abort_cleans_a_slot_holding_nan(model, steps_before_abort):
     engine = make_engine(model, max_slots=1)
-    victim = engine.add_request("victim", SamplingParams(max_new_tokens=60, seed=1))
+    victim = engine.add_request("victim", SamplingParams(max_new_tokens=30, seed=1))
     engine.step()
     engine.runner.cache.self_k[:, victim.slot] = float("nan")
     for _ in range(steps_before_abort):
         engine.step()
     assert engine.abort(victim.request_id) is True
-    after = engine.add_request("next", SamplingParams(max_new_tokens=20, seed=2))
+    after = engine.add_request("next", SHORT)
     run_all(engine)
     assert after.status.name == "FINISHED", after.error
     reference = make_engine(model, max_slots=1)
-    ref = reference.add_request("next", SamplingParams(max_new_tokens=20, seed=2))
+    ref = reference.add_request("next", SHORT)
     run_all(reference)
     np.testing.assert_array_equal(after.output.codes, ref.output.codes)
 
