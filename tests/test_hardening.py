@@ -371,3 +371,20 @@ def test_error_types_have_the_built_in_bases(tmp_path):
         assert "absent" in str(exc)
     else:
         raise AssertionError("no error")
+
+
+def test_a_dying_loop_ends_every_handle_and_refuses_new_work(model):
+    """Should the loop thread itself break (a bug), nothing may hang: handles fail, submit refuses, shutdown returns."""
+    core = make_engine(model)
+    engine = AsyncEngine(core)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in the loop")
+    core.step = broken
+    core.fail = broken
+    handle = engine.submit("x", SHORT)
+    with pytest.raises(RequestFailed, match="loop died"):
+        handle.result(timeout=30)
+    with pytest.raises(fastgen.EngineClosed, match="died"):
+        engine.submit("y", SHORT)
+    in_thread(engine.shutdown_sync)
