@@ -43,12 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the decode step (CPU: several times faster on small models after a "
                           "one-off compile of tens of seconds; needs a C++ compiler)")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands) -> None:
+    from fastgen.serve.server import add_arguments  # argparse only: FastAPI is imported when serving
+    add_arguments(commands.add_parser("serve", help="serve generation over HTTP (needs fastgen[serve])"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         return _generate(args)
     except (FastgenError, ValueError, OSError) as exc:  # OSError: unreadable --prompts-file, unwritable --out
         print(f"fastgen: error: {exc}", file=sys.stderr)
@@ -114,6 +122,16 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"wrote {len(outputs)} file(s), {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
               f"({audio_seconds / elapsed:.2f}× real time) to {args.out}/", file=sys.stderr)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fastgen.serve.server import main as serve_main
+    if args.model is None:
+        print(NOISE_WARNING, file=sys.stderr)
+        if not (BUILTIN_DIR / "config.json").is_file():
+            _build_builtin()
+        args.model = str(BUILTIN_DIR)
+    return serve_main(args)
 
 
 def _build_builtin() -> None:

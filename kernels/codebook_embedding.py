@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelConfig, make_config
+from ._library import define_kernel_op
 
 
 def codebook_embedding_ref(
@@ -99,6 +100,13 @@ def codebook_embedding(
         f"out must be [copies·{batch}, {dim}] with a contiguous last dim, got {tuple(out.shape)}"
     devices = {t.device for t in (tokens, position, slots, tables, sinusoid, out)}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
+    _embedding_op(tokens, position, slots, tables, sinusoid, out)
+    return out
+
+
+def _launch(tokens, position, slots, tables, sinusoid, out) -> None:
+    batch = slots.shape[0]
+    codebooks, _, dim = tables.shape
     block, warps = launch_config(dim)
     grid = (batch, triton.cdiv(dim, block))
     _codebook_embedding_kernel[grid](
@@ -106,7 +114,11 @@ def codebook_embedding(
         batch, dim, out.stride(0), tokens.stride(0), tables.stride(0), tables.stride(1), sinusoid.stride(0),
         CODEBOOKS=codebooks, COPIES=out.shape[0] // batch, BLOCK_D=block, num_warps=warps,
     )
-    return out
+
+
+_embedding_op = define_kernel_op(
+    "codebook_embedding(Tensor tokens, Tensor position, Tensor slots, Tensor tables, Tensor sinusoid, "
+    "Tensor(a!) out) -> ()", _launch)
 
 
 def _engine_configs() -> list[KernelConfig]:

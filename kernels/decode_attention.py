@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._aot import KernelConfig, make_config
+from ._library import define_kernel_op
 
 SPLIT = 256    # keys per stage-one program
 BLOCK_N = 64   # keys per inner iteration (a 64 x 64 tile of K, then of V)
@@ -145,7 +146,10 @@ def _decode_attention_split_kernel(
         m = tl.where(holds_new, tl.sum(k_new.to(tl.float32) * q, axis=0), -float("inf"))
         denom = tl.where(holds_new, 1.0, 0.0)
         acc = v_new.to(tl.float32)  # zero where the split does not hold the new key
-    for first in range(start, cached_end, BLOCK_N):
+    # A while loop, not range(start, cached_end, BLOCK_N): Triton 3.6's interpreter cannot take a range bound from
+    # a loaded value under NumPy >= 2.4 (int() of a 1-element array), while a loop condition works there.
+    first = start
+    while first < cached_end:
         keys = first + tl.arange(0, BLOCK_N)
         valid = keys < cached_end
         offsets = base + keys.to(tl.int64)[:, None] * stride_kv_l + dims[None, :]
@@ -158,6 +162,7 @@ def _decode_attention_split_kernel(
         denom = denom * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m = m_new
+        first += BLOCK_N
 
     partial = acc / tl.maximum(denom, 1.0)  # denom ≥ 1 (its largest term is exp2(0)) unless the row is empty: 0 / 1
     if DIRECT:
@@ -215,10 +220,23 @@ def _scratch_elements(rows: int, heads: int, splits: int, head_dim: int) -> int:
     return rows * heads * splits * (head_dim + 1)
 
 
+def device_key(device: torch.device | str) -> torch.device:
+    """The device as tensors report it: ``cuda`` becomes ``cuda:<current index>`` (the two compare unequal)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def reserve_decode_scratch(rows: int, heads: int, max_length: int, device: torch.device | str,
                            head_dim: int = 64) -> None:
     """Allocate split-KV scratch for the largest batch and length up front (call before CUDA-graph capture)."""
-    _scratch(torch.device(device), _scratch_elements(rows, heads, triton.cdiv(max_length, SPLIT), head_dim))
+    _scratch(device_key(device), _scratch_elements(rows, heads, triton.cdiv(max_length, SPLIT), head_dim))
+
+
+def scratch_buffer(device: torch.device | str) -> torch.Tensor | None:
+    """The scratch buffer the launchers use on ``device`` now (None before the first launch or reservation)."""
+    return _SCRATCH.get(device_key(device))
 
 
 def _scratch(device: torch.device, elements: int) -> torch.Tensor:
@@ -272,15 +290,25 @@ def _launch(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, out, ma
     if rows == 0:
         return out
     span = k_cache.shape[2] if max_length is None else min(max_length, k_cache.shape[2])
+    # No torch op on the scratch once it is large enough: the launcher issues the same work every step.
+    scratch = _scratch(q.device, _scratch_elements(rows, heads, launch_config(span, head_dim)["splits"], head_dim))
+    if k_new is None:
+        _attention_op(q, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch)
+    else:
+        _attention_append_op(q, k_new, v_new, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch)
+    return out
+
+
+def _run_kernels(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, span, out, scratch) -> None:
+    """Both launches of one call; ``scratch`` holds at least _scratch_elements(rows, heads, splits, head_dim)."""
+    rows, heads, head_dim = q.shape
     config = launch_config(span, head_dim)
     splits = config["splits"]
-    # No torch op on the scratch once it is large enough: the launcher issues the same work every step.
-    scratch = _scratch(q.device, _scratch_elements(rows, heads, splits, head_dim))
     lse_offset = rows * heads * splits * head_dim
     append = k_new is not None
     new = (k_new, v_new) if append else (q, q)  # placeholders, never read without APPEND
     _decode_attention_split_kernel[(rows * heads, splits)](
-        out, scratch, q, *new, k_cache, v_cache, cache_row, length, float(scale) * math.log2(math.e), span, heads,
+        out, scratch, q, *new, k_cache, v_cache, cache_row, length, scale * math.log2(math.e), span, heads,
         splits, lse_offset, q.stride(0), q.stride(1), new[0].stride(0), new[0].stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, SPLIT=SPLIT, BLOCK_N=BLOCK_N, DIRECT=config["direct"], APPEND=append,
@@ -291,7 +319,22 @@ def _launch(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, out, ma
             out, scratch, length, span, heads, splits, lse_offset, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLIT=SPLIT, BLOCK_S=config["block_s"], num_warps=config["merge_warps"],
         )
-    return out
+
+
+def _run_kernels_no_append(q, k_cache, v_cache, cache_row, length, scale, span, out, scratch) -> None:
+    _run_kernels(q, None, None, k_cache, v_cache, cache_row, length, scale, span, out, scratch)
+
+
+# The scratch is an argument (mutated), not looked up inside: a recorded or captured call keeps using the buffer it
+# was given, as a CUDA graph keeps its pointer.
+_attention_op = define_kernel_op(
+    "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_row, Tensor length, float scale, "
+    "int span, Tensor(a!) out, Tensor(b!) scratch) -> ()",
+    _run_kernels_no_append)
+_attention_append_op = define_kernel_op(
+    "decode_attention_append(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor cache_row, Tensor length, float scale, int span, Tensor(c!) out, Tensor(d!) scratch) -> ()",
+    _run_kernels)
 
 
 def decode_attention(

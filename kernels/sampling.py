@@ -28,6 +28,13 @@ included), needs no shared-memory sort network or per-element index tracking, ke
 values per element, and is skipped entirely when top-k / top-p are off, when sampling is greedy, or when the delay
 pattern puts a pad or prompt code there. The division by the temperature is IEEE (div_rn) and FP contraction is off,
 so guided logits and scaled scores have the reference's exact bits.
+
+Top-p's probabilities: IEEE division (div_rn, not the ~2-ulp div.full a plain `/` compiles to) and, compiled, libdevice's
+expf (≤ 2 ulp) instead of tl.exp, which compiles to ex2.approx on a pre-multiplied argument (~1e-6 relative at
+|x| ~ 20). The interpreter has no libdevice and uses NumPy's exp. No platform rounds exp exactly and the mass sums run
+in a different order than the reference's cumsum, so a token whose mass above lies within ~1e-6 of top_p may be kept
+on one side and dropped on the other; tests/test_kernels_sampling.py excludes such boundary rows from the exact
+comparison (they must still sample inside the looser support). The Gumbel noise's log compiles to libdevice logf.
 """
 from __future__ import annotations
 
@@ -36,8 +43,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
 from ._aot import KernelConfig, make_config
+from ._library import define_kernel_op
 
 MASK32 = 0xFFFFFFFF
 CODEBOOK_STRIDE = 16  # the stream counter is position · 16 + codebook (K ≤ 8, positions < 2^27)
@@ -267,12 +277,20 @@ def counter_uniform(seed: torch.Tensor, position: torch.Tensor, codebook: torch.
     """Elementwise Triton counter_uniform(stream_key(seed, position, codebook), token) (for tests and tools)."""
     assert seed.dtype == torch.int64 and all(t.dtype == torch.int32 for t in (position, codebook, token))
     assert seed.shape == position.shape == codebook.shape == token.shape and seed.dim() == 1
+    return _counter_uniform_op(seed.contiguous(), position.contiguous(), codebook.contiguous(), token.contiguous())
+
+
+def _launch_counter_uniform(seed, position, codebook, token) -> torch.Tensor:
     out = torch.empty(seed.shape, dtype=torch.float32, device=seed.device)
     block = 1024
-    _counter_uniform_kernel[(triton.cdiv(seed.numel(), block),)](
-        out, seed.contiguous(), position.contiguous(), codebook.contiguous(), token.contiguous(), seed.numel(),
-        BLOCK=block)
+    _counter_uniform_kernel[(triton.cdiv(seed.numel(), block),)](out, seed, position, codebook, token, seed.numel(),
+                                                                  BLOCK=block)
     return out
+
+
+_counter_uniform_op = define_kernel_op(
+    "counter_uniform(Tensor seed, Tensor position, Tensor codebook, Tensor token) -> Tensor", _launch_counter_uniform,
+    lambda seed, position, codebook, token: torch.empty(seed.shape, dtype=torch.float32, device=seed.device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,6 +329,7 @@ def _sample_next_tokens_kernel(
     stride_codes_k,
     CHANNEL_SHIFT: tl.constexpr,  # codebook → channel codebook: k >> 0 (mono) or k >> 1 (stereo)
     BLOCK_V: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,    # libdevice expf (compiled); False under the interpreter, which lacks libdevice
 ):
     row = tl.program_id(0)
     codebook = tl.program_id(1)
@@ -364,8 +383,12 @@ def _sample_next_tokens_kernel(
                 top_p = tl.load(top_p_ptr + slot)
                 if top_p < 1.0:
                     # Smallest key t with mass(keys > t) < p: keep exactly the tokens whose mass above is < p.
-                    weights = tl.exp(scores - tl.max(scores, axis=0))
-                    probs = weights / tl.sum(weights, axis=0)
+                    shifted = scores - tl.max(scores, axis=0)
+                    if PRECISE_EXP:
+                        weights = libdevice.exp(shifted)
+                    else:
+                        weights = tl.exp(shifted)
+                    probs = tl.math.div_rn(weights, tl.sum(weights, axis=0))
                     lo = tl.min(tl.where(in_vocab, keys, 2147483647), axis=0).to(tl.int64) - 1
                     hi = tl.max(tl.where(in_vocab, keys, -2147483647 - 1), axis=0).to(tl.int64)  # mass above = 0
                     for _ in range(32):
@@ -436,14 +459,28 @@ def sample_next_tokens(
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
     if batch == 0:
         return
+    _sample_op(logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
+               tokens, codes, nonfinite, pad_id, audio_channels)
+
+
+def _launch(logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
+            tokens, codes, nonfinite, pad_id, audio_channels) -> None:
+    batch, codebooks, vocab = logits.shape[0] // 2, logits.shape[1], logits.shape[2]
     block, warps = launch_config(vocab)
     _sample_next_tokens_kernel[(batch, codebooks)](
         logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
         tokens, codes, nonfinite, batch, vocab, codes.shape[2], pad_id,
         logits.stride(0), logits.stride(1), tokens.stride(0), codes.stride(0), codes.stride(1),
-        CHANNEL_SHIFT=audio_channels - 1, BLOCK_V=block, num_warps=warps,
+        CHANNEL_SHIFT=audio_channels - 1, BLOCK_V=block, PRECISE_EXP=_COMPILED, num_warps=warps,
         enable_fp_fusion=False,  # uncond + g·(cond − uncond) rounded like the reference, not fused into an FMA
     )
+
+
+_COMPILED = not isinstance(_sample_next_tokens_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 at import or not
+_sample_op = define_kernel_op(
+    "sample_next_tokens(Tensor logits, Tensor slots, Tensor guidance_scale, Tensor temperature, Tensor top_k, "
+    "Tensor top_p, Tensor seed, Tensor position, Tensor num_frames, Tensor prompt_frames, Tensor(a!) tokens, "
+    "Tensor(b!) codes, Tensor(c!) nonfinite, int pad_id, int audio_channels) -> ()", _launch)
 
 
 def _engine_configs() -> list[KernelConfig]:
@@ -463,7 +500,8 @@ def _engine_configs() -> list[KernelConfig]:
                      "vocab": "i32", "max_frames": "i32", "pad_id": "i32", "stride_logits_row": "i32",
                      "stride_logits_k": "i32", "stride_tokens": "i32", "stride_codes_s": "i32",
                      "stride_codes_k": "i32"},
-                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block} | ({"batch": 1} if batch_one else {}),
+                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block, "PRECISE_EXP": True}
+                    | ({"batch": 1} if batch_one else {}),
                     aligned=("logits_ptr", "slots_ptr", "guidance_ptr", "temperature_ptr", "top_k_ptr", "top_p_ptr",
                              "seed_ptr", "position_ptr", "num_frames_ptr", "prompt_frames_ptr", "tokens_ptr",
                              "codes_ptr", "nonfinite_ptr", "stride_logits_row", "stride_logits_k")

@@ -113,13 +113,25 @@ def test_scratch_grows_and_is_reused():
     for q, k, v, cache_row, length in (small, large, small):
         got = decode_attention(q, k, v, cache_row, length, 0.2)
         assert_close_report(got, decode_attention_ref(q, k, v, cache_row, length, 0.2), 2e-5, 2e-5)
-    buffer = module._SCRATCH[torch.device(DEVICE)]
+    buffer = module.scratch_buffer(DEVICE)
     buffer.fill_(float("nan"))  # splits a row does not reach must never be read back by the merge
     q, k, v, cache_row, length = large
     got = decode_attention(q, k, v, cache_row, length, 0.2)
     assert_close_report(got, decode_attention_ref(q, k, v, cache_row, length, 0.2), 2e-5, 2e-5)
     module.reserve_decode_scratch(1, 2, 300, DEVICE, head_dim=16)
-    assert module._SCRATCH[torch.device(DEVICE)] is buffer, "a smaller reservation must not reallocate"
+    assert module.scratch_buffer(DEVICE) is buffer, "a smaller reservation must not reallocate"
+
+
+def test_reservation_is_the_buffer_launches_use():
+    """Reserved under the device's plain name ("cuda", as the engine's config gives it), found by launches on
+    tensors whose device carries its index ("cuda:0"): one key, so no regrowth after the reservation."""
+    q, k, v, cache_row, length = make_inputs(2, 2, 16, 2, 600, [600, 3], torch.float32, seed=23)
+    module.reserve_decode_scratch(64, 2, 4096, DEVICE, head_dim=16)
+    reserved = module.scratch_buffer(DEVICE)
+    assert q.device.type != "cuda" or q.device.index is not None
+    decode_attention(q, k, v, cache_row, length, 0.2)
+    assert module.scratch_buffer(q.device) is reserved
+    assert module.device_key(DEVICE) == q.device
 
 
 def test_launcher_rejects_bad_inputs():

@@ -64,6 +64,30 @@ def assert_same_outputs(got: dict, want: dict) -> None:
         assert_equal_report(got[name], want[name], name)
 
 
+# exp is not correctly rounded on any platform (libdevice expf compiled, NumPy's in the interpreter, the reference's
+# through torch.softmax) and the kernel sums the probabilities in another order than the reference's cumsum: a token
+# whose mass above lies this close to top_p may be kept on one side and dropped on the other (kernels/sampling.py)
+TOP_P_BOUNDARY = 1e-5
+
+
+def accept_top_p_boundary(got: dict, want: dict, logits, slots, state) -> None:
+    """Where kernel and reference disagree on a (row, codebook) whose top-p support changes within ±TOP_P_BOUNDARY
+    of its top_p, the kernel's token must lie in the wider support; it is then taken as the reference's."""
+    guided = guided_logits_ref(logits, state["guidance_scale"][slots])
+    temperature = state["temperature"][slots].view(-1, 1, 1)
+    scores = guided / torch.where(temperature == 0, 1.0, temperature)
+    top_k, top_p = state["top_k"][slots], state["top_p"][slots]
+    narrow = torch.isfinite(filter_logits_ref(scores, top_k, (top_p - TOP_P_BOUNDARY).clamp(min=0.0)))
+    wide = torch.isfinite(filter_logits_ref(scores, top_k, (top_p + TOP_P_BOUNDARY).clamp(max=1.0 - 1e-7)))
+    ambiguous = (narrow != wide).any(-1) & (temperature.view(-1, 1) > 0) & (top_p.view(-1, 1) < 1.0)
+    differs = got["tokens"][slots] != want["tokens"][slots]
+    for b, k in (ambiguous & differs).nonzero().tolist():
+        slot, token = int(slots[b]), int(got["tokens"][slots[b], k])
+        assert bool(wide[b, k, token]), f"row {b} codebook {k}: token {token} outside even the wider top-p support"
+        got["tokens"][slot, k] = want["tokens"][slot, k]
+        got["codes"][slot, k] = want["codes"][slot, k]
+
+
 # ------------------------------------------------------------------------------------------------ random stream
 def test_uniform_bits_match_reference():
     gen = generator(1)
@@ -99,6 +123,7 @@ def test_matches_reference(dtype, batch, codebooks, vocab, channels):
     state["guidance_scale"][1 % slots_total] = 1.0  # one exact-cond slot
     want = run(sample_next_tokens_ref, logits, slots, state, channels)
     got = run(sample_next_tokens, logits, slots, state, channels)
+    accept_top_p_boundary(got, want, logits, slots, state)
     assert_same_outputs(got, want)
     untouched = torch.ones(slots_total, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False

@@ -12,11 +12,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+import numpy as np
 import torch
 
 from fastgen.config import EngineConfig
 from fastgen.engine.engine import Engine
 from fastgen.engine.request import GenerationOutput, Request
+from fastgen.engine.streaming import StreamConfig
 from fastgen.errors import EngineClosed, RequestAborted, RequestError, RequestFailed
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.sampling_params import SamplingParams
@@ -27,12 +29,13 @@ TERMINAL = ("finished", "failed", "aborted")
 
 @dataclass(frozen=True)
 class RequestEvent:
-    kind: str                       # queued, started, progress, finished, failed, aborted
+    kind: str                       # queued, started, progress, audio (streamed chunk), finished, failed, aborted
     request_id: str
     frames_done: int = 0            # progress: decode steps done / total
     frames_total: int = 0
     output: GenerationOutput | None = None
     error: BaseException | None = None
+    audio: np.ndarray | None = None  # audio: float32 [channels, samples], the next piece of the stream
 
 
 class RequestHandle:
@@ -105,6 +108,28 @@ class RequestHandle:
                 yield event
                 if event.kind in TERMINAL:
                     return
+
+    def stream(self, config: StreamConfig | None = None) -> None:
+        """Turn streaming on: "audio" events (``async for event in handle``) then carry the chunks that
+        stream_audio yields. A no-op once the request is in EnCodec or done."""
+        self._engine._inbox.put(("stream", (self.request_id, config)))
+        self._engine._wake.set()
+
+    async def stream_audio(self, config: StreamConfig | None = None) -> AsyncIterator[np.ndarray]:
+        """The request's audio while it is generated: float32 [channels, samples] chunks whose concatenation is
+        its whole clip (see fastgen/engine/streaming.py; a small first chunk, then about ``interval_s`` each).
+        Raises RequestAborted / RequestFailed as awaiting would. Called again, it yields the same chunks; on a
+        request that ended without streaming, the whole audio as one chunk."""
+        self.stream(config)
+        streamed = False
+        async for event in self:
+            if event.kind == "audio":
+                streamed = True
+                yield event.audio
+        with self._changed:
+            output = self._terminal().output
+        if not streamed:
+            yield output.audio
 
     def __await__(self):
         return self._wait().__await__()
@@ -283,6 +308,8 @@ class AsyncEngine:
                 except Exception as exc:  # submit checked it; should this fail anyway, it fails alone
                     self._on_event(payload, "failed", RequestFailed(f"request {payload.request_id} could not be "
                                                                     f"queued: {type(exc).__name__}: {exc}"))
+            elif kind == "stream":
+                self.engine.stream(*payload)
             elif kind == "abort":
                 # a request's submit always precedes its abort in the inbox; the handle has ended already
                 self.engine.abort(payload)
@@ -307,6 +334,10 @@ class AsyncEngine:
             if done % every and done != total:
                 return
             handle._push(RequestEvent(kind, request.request_id, done, total))
+            return
+        if kind == "audio":
+            handle._push(RequestEvent(kind, request.request_id, request.steps_done, request.steps_total,
+                                      audio=payload))
             return
         if kind == "finished":
             event = RequestEvent(kind, request.request_id, request.steps_done, request.steps_total, output=payload)

@@ -9,14 +9,16 @@ import numbers
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from fastgen.audio import prepare_audio_prompt
 from fastgen.config import EngineConfig
+from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.stage_worker import StageWorker
+from fastgen.engine.streaming import AudioStreamer, StreamConfig
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
@@ -26,7 +28,7 @@ from fastgen.model.musicgen import MusicgenModel
 from fastgen.model.ops import get_ops
 from fastgen.sampling_params import ResolvedParams, SamplingParams
 
-# event kinds passed to listeners: queued, started, progress, finished, failed, aborted
+# event kinds passed to listeners: queued, started, progress, audio (a streamed chunk), finished, failed, aborted
 Listener = Callable[[Request, str, Any], None]
 CPU_CACHE_BUDGET = 2 << 30
 CUDA_CACHE_SHARE = 0.75  # of the memory free after loading the weights; the rest: graphs, EnCodec, T5
@@ -65,11 +67,14 @@ class Engine:
                                   max_frames=self.max_frames, max_text_tokens=config.max_text_tokens,
                                   compile_step=config.compile_step, steps_per_call=config.steps_per_call)
         self.scheduler = Scheduler(num_slots)
-        if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
-            self.runner.capture_graphs()
+        if self.ops.name == "triton" and not config.enforce_eager and DecodeGraphs.supported(self.device):
+            self.runner.capture_graphs()  # CUDA; on a CPU only under fastgen.engine.graph_standin.cpu_graphs()
         threaded = config.overlap_stages if config.overlap_stages is not None else self.device.type == "cuda"
-        self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio},
-                                  self.device, threaded)
+        self.streamer = AudioStreamer(lambda r, start, end: self.runner.state.codes[r.slot, :, start:end],
+                                      self.runner.decode_audio, mc.sample_rate // mc.frame_rate, mc.frame_rate,
+                                      mc.decoder.channel_codebooks)
+        self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio,
+                                   "stream": self.streamer.decode}, self.device, threaded)
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
         self._ids = itertools.count()
@@ -240,8 +245,41 @@ class Engine:
         if request is None:
             return False
         self._leave_slot(request, RequestStatus.ABORTED)
+        self.streamer.drop(request)
         self._end(request, RequestStatus.ABORTED, "aborted", RequestAborted(f"request {request_id} was aborted"))
         return True
+
+    def stream(self, request_id: str, config: StreamConfig | None = None) -> bool:
+        """Stream a waiting or running request's audio as it is generated: "audio" events carry float32 [channels,
+        samples] chunks, the last one before "finished" (see fastgen/engine/streaming.py). False if the request is
+        not waiting or running (or streams already)."""
+        request = self.scheduler.find(request_id)
+        return request is not None and self.streamer.start(request, config)
+
+    def stream_audio(self, request: Request, config: StreamConfig | None = None) -> Iterator[np.ndarray]:
+        """The synchronous engine's stream: steps the engine (all requests advance) and yields ``request``'s chunks
+        as they are decoded; raises its error if it fails or is aborted. A request that already finished yields
+        its whole audio at once."""
+        chunks: list[np.ndarray] = []
+
+        def listen(r: Request, kind: str, payload: Any) -> None:
+            if r is request and kind == "audio":
+                chunks.append(payload)
+        self.listeners.append(listen)
+        try:
+            self.stream(request.request_id, config)
+            streaming = self.streamer.streaming(request)  # (chunks emitted before this call are not repeated)
+            while not request.status.done and self.has_unfinished():
+                self.step()
+                yield from chunks
+                chunks.clear()
+            yield from chunks
+        finally:
+            self.listeners.remove(listen)
+        if request.status != RequestStatus.FINISHED:
+            raise request.error or RequestFailed(f"request {request.request_id} ended as {request.status.value}")
+        if not streaming:
+            yield request.output.audio
 
     def _leave_slot(self, request: Request, status: RequestStatus) -> None:
         """Take a request out of the waiting queue or its slot, with the slot's cleanup (shared by abort and
@@ -283,6 +321,9 @@ class Engine:
                     request.first_step_time = now
             self.runner.step(self._plan, running)
             done = self.scheduler.advance(self.config.steps_per_call)
+            windows = self.streamer.due([r for r in running if r.steps_done < r.steps_total])
+            if windows:
+                self.stages.submit("stream", [w.request for w in windows], windows)
             if self.listeners:
                 for request in running:
                     self._emit(request, "progress", (request.steps_done, request.steps_total))
@@ -331,8 +372,13 @@ class Engine:
             else:
                 finished.append(request)
                 codes.append(request_codes)
-        if finished:
-            self.stages.submit("decode", finished, codes)
+        # a streamed request ends with its last window (its output audio is the stream); the others decode whole
+        windows = [w for w in (self.streamer.final(r, c) for r, c in zip(finished, codes)) if w is not None]
+        if windows:
+            self.stages.submit("stream", [w.request for w in windows], windows)
+        whole = [(r, c) for r, c in zip(finished, codes) if not any(w.request is r for w in windows)]
+        if whole:
+            self.stages.submit("decode", [r for r, _ in whole], [c for _, c in whole])
         return failed
 
     def _collect_stages(self, block: bool = False) -> list[Request]:
@@ -348,6 +394,9 @@ class Engine:
                     ended += self.fail([request], job.error)
                 else:
                     request.text_states, request.text_ready = job.result[0], job.ready
+                continue
+            if job.kind == "stream":
+                ended += self._stream_chunks(job)
                 continue
             live = [(r, c, i) for i, (r, c) in enumerate(zip(job.requests, job.inputs))
                     if r.status == RequestStatus.DECODING]  # not aborted while in EnCodec
@@ -371,6 +420,28 @@ class Engine:
                 ended.append(request)
         return ended
 
+    def _stream_chunks(self, job) -> list[Request]:
+        """Hand out a "stream" job's chunks; a request's last window ends it, its stream being its output audio."""
+        live = [w for w in job.inputs if not w.request.status.done]  # aborted or failed meanwhile: nothing to send
+        if job.error is not None:
+            return self.fail([w.request for w in live], job.error)
+        ended = []
+        for window, chunk in zip(job.inputs, job.result):
+            request = window.request
+            if request.status.done:
+                continue
+            if not np.isfinite(chunk).all():
+                ended += self.fail([request], RequestFailed(
+                    f"request {request.request_id}: EnCodec produced non-finite audio (NaN/inf); check the "
+                    "audio_encoder weights"))
+                continue
+            self._emit(request, "audio", chunk)
+            if window.emit_to is None:  # the last window
+                request.output = self._output(request, window.all_codes, window.state.whole())
+                self._end(request, RequestStatus.FINISHED, "finished", request.output)
+                ended.append(request)
+        return ended
+
     def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
         """End ``requests`` with RequestFailed (freeing and cleaning their slots); the engine goes on serving the
         rest. Requests that have ended already (aborted meanwhile) are left as they are."""
@@ -380,6 +451,7 @@ class Engine:
                 continue
             if release:
                 self._leave_slot(request, RequestStatus.FAILED)
+            self.streamer.drop(request)
             error = exc if isinstance(exc, RequestFailed) else RequestFailed(
                 f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
             if error is not exc:

@@ -1,0 +1,91 @@
+"""``fastgen serve``: the app under uvicorn (one process, one engine), or under Ray Serve with ``--ray``.
+
+SIGTERM (and Ctrl-C): uvicorn stops accepting connections, lets in-flight requests finish for ``--grace-s``
+seconds, cancels what is left (their requests are aborted), shuts the engine down and the process exits 0."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+API_KEY_ENV = "FASTGEN_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="requests waiting beyond the running ones (default 256); more get 503 + Retry-After")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require this key (Authorization: Bearer KEY); default: ${API_KEY_ENV} if set")
+    parser.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM: seconds in-flight requests get")
+    parser.add_argument("--max-audio-prompt-mb", type=float, default=16.0, help="audio prompt upload limit")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--max-slots", type=int, help="concurrent requests (default: from the memory budget)")
+    parser.add_argument("--max-duration", type=float, default=None, help="longest request in seconds")
+    parser.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step")
+    parser.add_argument("--ray", action="store_true", help="serve through Ray Serve (pip install fastgen[ray])")
+    parser.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (one GPU each on GPUs)")
+    parser.add_argument("--log-level", default="info")
+
+
+def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
+    """A picklable-by-value recipe for the AsyncEngine (Ray ships it to each replica)."""
+    options: dict[str, Any] = {"backend": args.backend}
+    if args.max_slots is not None:
+        options["max_slots"] = args.max_slots
+    if args.max_duration is not None:
+        options["max_duration_s"] = args.max_duration
+    if args.max_queue is not None:
+        options["max_waiting"] = args.max_queue
+    if args.compile:
+        options["compile_step"] = True
+    return EngineRecipe(str(args.model), args.device, args.dtype, options)
+
+
+class EngineRecipe:
+    def __init__(self, model: str, device: str | None, dtype: str | None, options: dict[str, Any]) -> None:
+        self.model, self.device, self.dtype, self.options = model, device, dtype, options
+
+    def __call__(self):
+        import torch
+
+        from fastgen import AsyncEngine
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return AsyncEngine.from_pretrained(self.model, device=device, dtype=self.dtype, **self.options)
+
+
+def settings_from(args: argparse.Namespace):
+    from fastgen.serve.app import ServerSettings
+    return ServerSettings(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                          max_audio_prompt_bytes=int(args.max_audio_prompt_mb * (1 << 20)))
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from fastgen.serve.app import create_app
+    except ImportError as exc:
+        print(f"fastgen serve needs the serve extra (pip install 'fastgen[serve]'): {exc}", file=sys.stderr)
+        return 2
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ValueError(f"--max-queue must be ≥ 1, got {args.max_queue}")
+    if args.ray:
+        from fastgen.serve.ray_serve import run_ray
+        return run_ray(args)
+    app = create_app(engine_factory(args), settings_from(args))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.grace_s, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn hands a caught SIGTERM / SIGINT to the handler it found once it has shut down: make that a no-op, so a
+    # graceful stop exits 0 rather than dying by the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
