@@ -191,8 +191,8 @@ class Engine:
             shape = tuple(waveform.shape) if hasattr(waveform, "shape") else np.shape(waveform)
         except (ValueError, TypeError):  # ragged nested lists: prepare_audio_prompt names the problem
             return waveform, int(rate)
-        if not shape or shape[-1] == 0:
-            return waveform, int(rate)  # prepare_audio_prompt: "empty"
+        if len(shape) not in (1, 2) or shape[-1] == 0 or (len(shape) == 2 and shape[0] > 2):
+            return waveform, int(rate)  # prepare_audio_prompt names the shape problem before it resamples
         samples = -(-int(shape[-1]) * self.sample_rate // int(rate))
         if samples < self.hop:
             raise RequestError(f"audio_prompt is {shape[-1] / rate * 1000:.2f} ms long; at least one codec frame "
