@@ -61,6 +61,9 @@ class Engine:
         if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
                              "interpreter, for testing); use backend='torch' or 'auto' on a CPU")
+        if backend == "triton" and self.device.type != "cuda" and model.decoder.dtype != torch.float32:
+            raise ValueError(f"backend='triton' on a CPU runs Triton's interpreter, which computes "
+                             f"{str(model.decoder.dtype).removeprefix('torch.')} wrongly; load with dtype=float32")
         self.ops = get_ops(backend)
         if config.compile_step and backend != "torch":
             raise ValueError(f"compile_step applies to the torch backend (the CPU default), not {backend!r}: the "
