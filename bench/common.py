@@ -99,9 +99,10 @@ def write_result(kind: str, device: str, machine: str, out: Path | None, fields:
 
 
 # fastgen variants a benchmark can run beside the default engine, by system name
-def fastgen_systems(compile_step: bool, steps_per_call: int) -> list[str]:
+def fastgen_systems(compile_step: bool, steps_per_call: int, quantize: str | None = None) -> list[str]:
     return (["fastgen"] + (["fastgen-compiled"] if compile_step else [])
-            + ([f"fastgen-steps{steps_per_call}"] if steps_per_call > 1 else []))
+            + ([f"fastgen-steps{steps_per_call}"] if steps_per_call > 1 else [])
+            + ([f"fastgen-{quantize}"] if quantize else []))
 
 
 def fastgen_options(system: str) -> dict:
@@ -110,6 +111,8 @@ def fastgen_options(system: str) -> dict:
         return {"compile_step": True}
     if system.startswith("fastgen-steps"):
         return {"steps_per_call": int(system.removeprefix("fastgen-steps"))}
+    if system == "fastgen-int8":
+        return {"quantization": "int8"}
     return {}
 
 
@@ -118,3 +121,25 @@ def add_variant_arguments(parser) -> None:
                         help="also run fastgen with compile_step=True (torch backend: CPU, or CUDA without graphs)")
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="also run fastgen with this many decode steps per call (one CUDA-graph replay)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="also run fastgen with weight-only int8 decoder projections (quantization='int8')")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader (or a timeout) never sees half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def append_json_line(path: Path | None, row: dict) -> None:
+    """One JSON line per finished system, flushed at once (a later timeout keeps the rows before it)."""
+    if path is None:
+        return
+    import json
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

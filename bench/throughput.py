@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (PROMPTS, add_variant_arguments, checkpoint, fastgen_options, fastgen_systems,  # noqa: E402
-                    machine_name, peak_memory, write_result)
+from common import (PROMPTS, add_variant_arguments, append_json_line, checkpoint, fastgen_options,  # noqa: E402
+                    fastgen_systems, machine_name, peak_memory, write_result)
 
 FRAME_RATE = 50
 
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=0, help="fastgen slots (0: from the memory budget)")
     parser.add_argument("--tf-batches", default=None, help="comma list (default: 1,8,32,64 GPU; 1,8 CPU)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--jsonl", type=Path, default=None,
+                        help="append one JSON line per system as it finishes (a timeout keeps finished rows)")
     add_variant_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,6 +155,7 @@ def main() -> None:
         return
     rows = []
     ours = fastgen_systems(args.compile, args.steps_per_call)
+    machine = machine_name(args.device)
     for worker in ours + args.tf_batches.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", worker]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -160,7 +163,10 @@ def main() -> None:
             print(f"{worker} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    machine = machine_name(args.device)
+        append_json_line(args.jsonl, {"model": args.model, "machine": machine, "device": args.device,
+                                      "dtype": args.dtype, "requests": args.requests, "seconds": args.seconds,
+                                      "arrival": args.arrival, **rows[-1]})
+        print(f"{rows[-1]['system']}: {rows[-1]['audio_s_per_s']:.2f} audio s/s", flush=True)
     print(f"\n{args.requests} requests × {args.seconds} s, {args.arrival} arrivals"
           f"{f' at {args.rate}/s' if args.arrival == 'poisson' else ''}; model {args.model}, {args.device} "
           f"{args.dtype}; {machine}")
@@ -181,9 +187,10 @@ def main() -> None:
         summary[mine["system"]] = entry
         print(f"{mine['system']} throughput: {entry['vs_best_static']:.2f}× {best['system']}"
               + (f", {entry['vs_batch1']:.2f}× transformers(batch=1)" if single else ""))
-    write_result("throughput", args.device, machine, args.out, {
-        "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker")}, "rows": rows,
-        "summary": summary})
+    if args.out or not args.jsonl:  # (with --jsonl alone the lines are the result: nothing lands in bench/results/)
+        write_result("throughput", args.device, machine, args.out, {
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "jsonl")}, "rows": rows,
+            "summary": summary})
 
 if __name__ == "__main__":
     main()

@@ -7,10 +7,15 @@ Files go through ``soundfile`` (libsndfile): it is maintained, reads and writes
 WAV/FLAC/OGG with exact integer-PCM scaling, and has no dependency on torch or
 ffmpeg. Resampling uses ``soxr``, a high-quality band-limited resampler that is
 much faster than FFT or polyphase filtering in numpy/scipy for arbitrary ratios.
+
+Both are the optional ``audio`` extra and are imported only where a file is read
+or written or a waveform is resampled: generating codes and audio arrays needs
+neither (GPU machines often lack libsndfile).
 """
 
 from __future__ import annotations
 
+import importlib
 import numbers
 import pathlib
 import re
@@ -18,8 +23,6 @@ import unicodedata
 from typing import Any
 
 import numpy as np
-import soundfile
-import soxr
 import torch
 
 __all__ = ["prepare_audio_prompt", "read_audio", "resample", "safe_filename", "write_audio"]
@@ -32,13 +35,34 @@ _PCM_FULL_SCALE = {np.dtype(np.int8): 2**7, np.dtype(np.int16): 2**15, np.dtype(
 
 
 # ---------------------------------------------------------------------------
+# Optional packages
+# ---------------------------------------------------------------------------
+
+
+def _optional(module: str, needed_for: str) -> Any:
+    """Imports ``module`` (from the ``audio`` extra) or raises one line that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ModuleNotFoundError(f"{needed_for} needs the {module} package: pip install {module} "
+                                  f"(or pip install 'fastgen[audio]')", name=module) from error
+    except OSError as error:  # soundfile is installed but libsndfile is not
+        raise ModuleNotFoundError(f"{needed_for} needs the {module} package with its native library "
+                                  f"({error}): pip install --force-reinstall {module}", name=module) from error
+
+
+def _soundfile() -> Any:
+    return _optional("soundfile", "reading or writing audio files")
+
+
+# ---------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------
 
 
 def _file_format(path: pathlib.Path) -> str:
     extension = path.suffix.lstrip(".").upper()
-    formats = soundfile.available_formats()
+    formats = _soundfile().available_formats()
     if extension not in formats:
         raise ValueError(
             f"cannot tell the audio format of {str(path)!r} from its extension; "
@@ -49,6 +73,7 @@ def _file_format(path: pathlib.Path) -> str:
 
 def _file_subtype(file_format: str, subtype: str) -> str:
     subtype = subtype.upper()
+    soundfile = _soundfile()
     if soundfile.check_format(file_format, subtype):
         return subtype
     # The PCM_16 default cannot go into e.g. OGG; use that format's own default (VORBIS) instead.
@@ -94,13 +119,13 @@ def write_audio(
         audio = np.clip(audio, -1.0, 1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     # soundfile wants [frames, channels].
-    soundfile.write(path, audio.T, sample_rate, subtype=subtype, format=file_format)
+    _soundfile().write(path, audio.T, sample_rate, subtype=subtype, format=file_format)
     return path
 
 
 def read_audio(path: str | pathlib.Path) -> tuple[np.ndarray, int]:
     """Reads an audio file as float32 ``[channels, samples]`` plus its sample rate."""
-    data, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+    data, sample_rate = _soundfile().read(path, dtype="float32", always_2d=True)
     return np.ascontiguousarray(data.T), int(sample_rate)
 
 
@@ -116,6 +141,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     audio = np.asarray(audio, dtype=np.float32)
     if orig_sr == target_sr:
         return audio
+    soxr = _optional("soxr", f"resampling audio from {orig_sr} Hz to {target_sr} Hz")
     if audio.ndim == 1:
         return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
     # soxr filters each column independently, so channels never mix.

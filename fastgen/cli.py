@@ -1,15 +1,13 @@
 """Command line: ``fastgen generate [--model DIR] "prompt" ... --duration 8 --out out/`` writes one audio file per
-prompt. Without --model it uses a built-in tiny checkpoint with random weights: it makes noise, not music, and only
-shows that everything runs."""
+prompt, or per line of a --manifest, as each finishes. Without --model it uses a built-in tiny checkpoint with random
+weights: it makes noise, not music, and only shows that everything runs."""
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
-import time
 from pathlib import Path
 
-from fastgen.config import DEFAULT_MAX_DURATION_S, MAX_REQUEST_DURATION_S
 from fastgen.errors import FastgenError
 
 BUILTIN_DIR = Path.home() / ".cache" / "fastgen" / "builtin-tiny-random"
@@ -20,33 +18,49 @@ NOISE_WARNING = ("note: no --model given, so fastgen uses its built-in tiny chec
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate audio files from text prompts")
+    gen = commands.add_parser("generate", help="generate audio files from text prompts or a manifest")
     gen.add_argument("prompts", nargs="*", help="text prompts (one output file each)")
     gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    gen.add_argument("--manifest", type=Path,
+                     help="a JSON-lines job: one object per line with prompt (string or null) and optionally name, "
+                          "audio_prompt, num_samples and any sampling field (duration, seed, top_k, …)")
     gen.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
-    gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
+    gen.add_argument("--out", type=Path, default=Path("out"),
+                     help="output folder (default: out/); results.jsonl there records every finished file")
     gen.add_argument("--format", choices=["wav", "flac", "ogg"], default="wav")
-    gen.add_argument("--duration", type=float, help="seconds of audio per prompt (past the model's 30 s window it "
-                     "slides, up to 3600 s)")
-    gen.add_argument("--extend-stride", type=float,
-                     help="long-form: seconds each window after the first adds (default 18 of a 30 s window)")
+    gen.add_argument("--duration", type=float,
+                     help="seconds of audio per output (default: the checkpoint's generation_config.json: 29.92 s "
+                          "for musicgen-small and the other facebook checkpoints, 5.04 s for the built-in tiny model)")
     gen.add_argument("--audio-prompt", type=Path, help="an audio file every prompt continues (any rate and channels)")
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    gen.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i")
+    gen.add_argument("--seed", type=int, help="seed of the first output; output i uses seed + i (unless its "
+                                              "manifest line gives a seed)")
     gen.add_argument("--unconditional", type=int, default=0, metavar="N", help="also generate N unconditional clips")
-    gen.add_argument("--skip-existing", action="store_true", help="skip prompts whose output file exists (resume)")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda)")
+    gen.add_argument("--skip-existing", action="store_true",
+                     help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again)")
+    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs with native bf16)")
+    gen.add_argument("--quantize", choices=["int8"], default=None,
+                     help="weight-only int8 decoder projections (about half the bf16 step time on a CPU)")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    gen.add_argument("--max-slots", type=int, help="concurrent requests (default: from the memory budget)")
+    gen.add_argument("--max-slots", type=int, help="concurrent requests (default: what the KV-cache budget holds)")
+    gen.add_argument("--max-duration", type=float, metavar="SECONDS",
+                     help="longest request (audio prompt included) the engine is sized for; smaller means more "
+                          "slots in the same memory (default: the model's limit)")
+    gen.add_argument("--kv-cache-gib", type=float, metavar="GIB",
+                     help="KV-cache memory budget (default: 2 GiB on a CPU, 75%% of free memory on a GPU)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (CPU: several times faster on small models after a "
                           "one-off compile of tens of seconds; needs a C++ compiler)")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
+    gen.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                     help="on SIGINT/SIGTERM, let running requests finish for this long (default: 10)")
+    gen.add_argument("--ray", action="store_true", help="run the job on Ray Data (pip install 'fastgen[ray]')")
+    gen.add_argument("--workers", type=int, default=None, help="with --ray: engines (one per GPU; default 1)")
     _add_serve_parser(commands)
     return parser
 
@@ -57,85 +71,84 @@ def _add_serve_parser(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from fastgen.batch.run import Interrupted
     try:
         if args.command == "serve":
             return _serve(args)
-        return _generate(args)
+        return _generate(args, argv)
     except (FastgenError, ValueError, OSError) as exc:  # OSError: unreadable --prompts-file, unwritable --out
         print(f"fastgen: error: {exc}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", 2)
+        if args.command == "serve":  # uvicorn handles SIGINT/SIGTERM itself; this is Ctrl-C during loading
+            return 128 + signum
+        print(f"fastgen: interrupted ({exc or 'SIGINT'}); outputs finished so far are recorded in "
+              f"{args.out / 'results.jsonl'}: rerun with --skip-existing to resume", file=sys.stderr)
+        return 128 + signum
 
 
-def _generate(args: argparse.Namespace) -> int:
-    import torch
-
+def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     import fastgen
-    from fastgen.audio import read_audio, safe_filename, write_audio
+    from fastgen.batch.manifest import items_from_prompts, read_manifest
+    from fastgen.batch.run import JobSpec, run_job
 
-    prompts: list[str | None] = list(args.prompts)
-    if args.prompts_file is not None:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
+    defaults = fastgen.SamplingParams(
+        duration=args.duration, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, do_sample=False if args.greedy else None)
+    if args.seed is not None:
+        fastgen.SamplingParams(seed=args.seed)  # validates it
     if args.unconditional < 0:
         raise ValueError(f"--unconditional must be ≥ 0, got {args.unconditional}")
-    prompts += [None] * args.unconditional
-    if not prompts:
-        raise ValueError("give at least one prompt (or --prompts-file, or --unconditional N)")
+    if args.workers is not None and (not args.ray or args.workers < 1):
+        raise ValueError("--workers N (N ≥ 1) goes with --ray")
+    if args.manifest is not None:
+        if args.prompts or args.prompts_file or args.unconditional or args.audio_prompt:
+            raise ValueError("--manifest holds the whole job: give no prompts, --prompts-file, --unconditional or "
+                             "--audio-prompt beside it (a line may name its own audio_prompt)")
+        items = read_manifest(args.manifest, defaults, args.seed)
+    else:
+        prompts: list[str | None] = list(args.prompts)
+        if args.prompts_file is not None:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            prompts += [line.strip() for line in lines if line.strip()]
+        prompts += [None] * args.unconditional
+        if not prompts:
+            raise ValueError("give at least one prompt (or --prompts-file, --manifest, or --unconditional N)")
+        if args.audio_prompt is not None and not args.audio_prompt.is_file():
+            raise ValueError(f"--audio-prompt: no such file {str(args.audio_prompt)!r}")
+        items = items_from_prompts(prompts, defaults, args.seed, args.audio_prompt)
 
-    audio_prompt = None
-    if args.audio_prompt is not None:
-        try:
-            audio_prompt = read_audio(args.audio_prompt)
-        except Exception as exc:  # soundfile raises its own error types for missing or undecodable files
-            raise ValueError(f"--audio-prompt: cannot read {args.audio_prompt} ({exc})") from None
-    model_path = args.model
-    if model_path is None:
+    options = {"backend": args.backend}
+    for key, value in (("max_slots", args.max_slots), ("max_duration_s", args.max_duration)):
+        if value is not None:
+            options[key] = value
+    if args.kv_cache_gib is not None:
+        if not args.kv_cache_gib > 0:
+            raise ValueError(f"--kv-cache-gib must be positive, got {args.kv_cache_gib}")
+        options["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
+    if args.compile:
+        options["compile_step"] = True
+    if args.quantize:
+        options["quantization"] = args.quantize
+    fastgen.EngineConfig(**options)  # bad engine options fail here, before anything is loaded
+    if not args.grace >= 0:
+        raise ValueError(f"--grace must be ≥ 0 seconds, got {args.grace}")
+
+    model, name = args.model, args.model
+    if model is None:
         print(NOISE_WARNING, file=sys.stderr)
         if not (BUILTIN_DIR / "config.json").is_file():
             _build_builtin()
-        model_path = BUILTIN_DIR
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    options = {"backend": args.backend}
-    if args.max_slots is not None:
-        options["max_slots"] = args.max_slots
-    if args.compile:
-        options["compile_step"] = True
-    longest = (args.duration or 0.0) + _seconds(audio_prompt)
-    if longest > DEFAULT_MAX_DURATION_S:  # asked for on the command line: raise the engine's limit to it
-        options["max_duration_s"] = min(longest, MAX_REQUEST_DURATION_S)  # past the bound, the engine refuses
-    model = fastgen.MusicGen.from_pretrained(model_path, device=device, dtype=args.dtype,
-                                             allow_pickle=args.allow_pickle, **options)
-
-    targets = [args.out / safe_filename(p, i, extension=f".{args.format}") for i, p in enumerate(prompts)]
-    todo = [i for i, t in enumerate(targets) if not (args.skip_existing and t.exists())]
-    if len(todo) < len(prompts):
-        print(f"skipping {len(prompts) - len(todo)} prompt(s) whose output exists", file=sys.stderr)
-    params = [fastgen.SamplingParams(
-        duration=args.duration, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, do_sample=False if args.greedy else None, extend_stride=args.extend_stride,
-        seed=None if args.seed is None else args.seed + i) for i in todo]
-    start = time.perf_counter()
-    outputs = model.generate([prompts[i] for i in todo], params, audio_prompts=audio_prompt,
-                             progress=sys.stderr.isatty()) if todo else []
-    elapsed = time.perf_counter() - start
-    audio_seconds = 0.0
-    for i, out in zip(todo, outputs):
-        write_audio(targets[i], out.audio, out.sample_rate)
-        audio_seconds += out.duration
-        print(json.dumps({"prompt": prompts[i], "file": str(targets[i]), "seconds": round(out.duration, 3),
-                          "seed": out.seed}))
-    if outputs:
-        print(f"wrote {len(outputs)} file(s), {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
-              f"({audio_seconds / elapsed:.2f}× real time) to {args.out}/", file=sys.stderr)
-    return 0
-
-
-def _seconds(audio_prompt) -> float:
-    if audio_prompt is None:
-        return 0.0
-    waveform, sample_rate = audio_prompt
-    return waveform.shape[-1] / sample_rate
+        model, name = BUILTIN_DIR, "builtin-tiny-random"
+    resume = argv if "--skip-existing" in argv else [*argv, "--skip-existing"]
+    spec = JobSpec(items=items, out=args.out, model=model, model_name=name, extension=f".{args.format}",
+                   device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, engine_options=options,
+                   skip_existing=args.skip_existing, grace_s=args.grace, resume_command=shlex.join(["fastgen", *resume]),
+                   ray_workers=(args.workers or 1) if args.ray else None)
+    return run_job(spec)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -154,11 +167,13 @@ def _build_builtin() -> None:
     import shutil
     import tempfile
 
+    from fastgen.api import quiet_token_id_warnings
     from fastgen.tiny import build_tiny_checkpoint
     BUILTIN_DIR.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_DIR.name}-", dir=BUILTIN_DIR.parent))
     try:
-        build_tiny_checkpoint(staging, seed=0, overwrite=True)
+        with quiet_token_id_warnings():
+            build_tiny_checkpoint(staging, seed=0, overwrite=True)
         if not (BUILTIN_DIR / "config.json").is_file():  # a partial folder from an older fastgen
             shutil.rmtree(BUILTIN_DIR, ignore_errors=True)
         try:

@@ -218,6 +218,7 @@ class EngineConfig:
     # Bounds what waiting requests hold (an audio prompt: up to a few MB each); MusicGen.generate is not bounded
     # by it (its requests are the caller's list)
     max_waiting: int | None = DEFAULT_MAX_WAITING
+    quantization: str | None = None       # "int8": weight-only int8 decoder projections (from_pretrained loads so)
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -242,6 +243,8 @@ class EngineConfig:
         if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:
             raise ValueError(f"steps_per_call must be an integer in [1, {MAX_STEPS_PER_CALL}], "
                              f"got {self.steps_per_call!r}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")
 

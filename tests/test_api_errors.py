@@ -102,6 +102,8 @@ BAD_REQUESTS = {
                  ["audio_prompt", "2-D"]),
     "audio-too-many-channels": (dict(prompts=["a"], audio_prompts=[(wave(channels=3), 32000)]),
                                 ["audio_prompt", "channels"]),
+    "audio-samples-first": (dict(prompts=["a"], audio_prompts=[(np.zeros((3200, 2), np.float32), 32000)]),
+                            ["audio_prompt", "waveform.T"]),
     "audio-sample-rate-zero": (dict(prompts=["a"], audio_prompts=[(wave(), 0)]), ["sample rate", "[1000, 768000]"]),
     "audio-strings": (dict(prompts=["a"], audio_prompts=[(np.array(["x", "y"]), 32000)]), ["audio_prompt"]),
     "too-long": (dict(prompts=["a"], params=SamplingParams(duration=400.0)), ["400.00 s", "limit"]),

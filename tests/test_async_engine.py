@@ -45,7 +45,7 @@ def test_abort_running_request_raises_and_frees_slot(engine):
         async for event in victim:
             if event.kind == "progress":
                 break
-        engine.abort(victim.request_id)
+        assert engine.abort(victim.request_id) is True
         with pytest.raises(fastgen.RequestAborted):
             await victim
         after = [engine.submit(f"next {i}", fastgen.SamplingParams(max_new_tokens=10, seed=i)) for i in range(2)]

@@ -161,3 +161,56 @@ def test_safe_filename():
     assert len(safe_filename("x" * 500, 0)) < 80
     with pytest.raises(ValueError, match="index"):
         safe_filename("x", -1)
+
+
+# ---------------------------------------------------------------------------
+# Without the audio extra (a GPU machine without libsndfile)
+# ---------------------------------------------------------------------------
+
+_WITHOUT_AUDIO_PACKAGES = r'''
+import sys
+
+BLOCKED = ("soundfile", "soxr")
+
+class Blocker:  # what a machine without soundfile and soxr looks like to importers
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+for name in BLOCKED:  # and to availability probes: importlib.util.find_spec answers None, as for a missing package
+    sys.modules[name] = None
+import numpy as np
+import fastgen
+from fastgen.audio import resample, write_audio
+
+model = fastgen.MusicGen.from_pretrained(sys.argv[1], device="cpu", max_slots=2, max_duration_s=1.0)
+params = fastgen.SamplingParams(max_new_tokens=8, do_sample=False, guidance_scale=3.0)
+prompt_audio = (np.zeros((1, 1280), dtype=np.float32), 32000)  # at the model's rate: nothing to resample
+outs = model.generate(["a", None], params) + model.generate(["b"], params, audio_prompts=[prompt_audio])
+assert all(o.codes.shape[0] == 4 and o.codes.size and np.isfinite(o.audio).all() for o in outs)
+for call in (lambda: write_audio(sys.argv[2], outs[0].audio, 32000), lambda: resample(outs[0].audio, 16000, 32000)):
+    try:
+        call()
+    except ModuleNotFoundError as error:
+        print("ERROR", error)
+assert not [m for m, module in sys.modules.items() if m.split(".")[0] in BLOCKED and module is not None]
+print("GENERATED", len(outs))
+'''
+
+
+def test_generates_without_soundfile_and_soxr(tiny_mono_dir, tmp_path):
+    import subprocess
+    import sys
+    target = tmp_path / "out.wav"
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_AUDIO_PACKAGES, str(tiny_mono_dir), str(target)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "GENERATED 3" in lines
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 2, lines
+    assert "reading or writing audio files needs the soundfile package: pip install soundfile" in errors[0]
+    assert "resampling audio from 16000 Hz to 32000 Hz needs the soxr package: pip install soxr" in errors[1]
+    assert not target.exists()

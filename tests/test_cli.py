@@ -1,6 +1,7 @@
-"""The command line: `fastgen generate` writes one valid 32 kHz audio file per prompt, resumes with --skip-existing,
-reads --prompts-file, adds --unconditional clips, is deterministic with --seed, refuses bad arguments with exit code 2
-and a one-line message, and falls back to the built-in tiny random checkpoint (with a warning) without --model."""
+"""The command line: `fastgen generate` writes one valid 32 kHz audio file per prompt or manifest output, records each
+in results.jsonl, resumes from it with --skip-existing, reads --prompts-file, adds --unconditional clips, is
+deterministic with --seed, refuses bad arguments before loading anything with exit code 2 and a one-line message, and
+falls back to the built-in tiny random checkpoint (with a warning) without --model."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,16 @@ def gen_args(model: Path, out: Path, *extra: str, duration: str = "0.5") -> list
 
 
 def records(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    """The JSON line per written file, in file-name order (files are written in completion order)."""
+    return sorted((json.loads(line) for line in stdout.splitlines() if line.strip()), key=lambda r: r["name"])
+
+
+def audio_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.suffix in (".wav", ".flac", ".ogg"))
+
+
+def recorded(out: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
 @pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
@@ -43,7 +53,7 @@ def test_generate_writes_one_wav_per_prompt(capsys, tmp_path, tiny_mono_dir, tin
     out = tmp_path / "out"
     code, stdout, stderr = run(capsys, "prompt a", "prompt b", *gen_args(model, out))
     assert code == 0, stderr
-    files = sorted(out.iterdir())
+    files = audio_files(out)
     assert [f.name for f in files] == ["000_prompt_a.wav", "001_prompt_b.wav"]
     for f in files:
         info = soundfile.info(f)
@@ -55,36 +65,42 @@ def test_generate_writes_one_wav_per_prompt(capsys, tmp_path, tiny_mono_dir, tin
     assert [r["prompt"] for r in rows] == ["prompt a", "prompt b"]
     assert [Path(r["file"]).name for r in rows] == [f.name for f in files]
     assert all(abs(r["seconds"] - 0.5) < 0.03 for r in rows)
+    assert recorded(out) == {r["name"]: r for r in rows}
+    assert "pad_token_id" not in stderr and "bos_token_id" not in stderr  # transformers' warnings are silenced
+    assert "wrote 2 file(s)" in stderr and "audio-s per wall-s" in stderr
 
 
 def test_format_flac(capsys, tmp_path, tiny_mono_dir):
     out = tmp_path / "out"
     code, _, stderr = run(capsys, "x", *gen_args(tiny_mono_dir, out, "--format", "flac", duration="0.2"))
     assert code == 0, stderr
-    assert [f.name for f in out.iterdir()] == ["000_x.flac"]
+    assert [f.name for f in audio_files(out)] == ["000_x.flac"]
     assert soundfile.info(out / "000_x.flac").format == "FLAC"
 
 
-def test_skip_existing(capsys, tmp_path, tiny_mono_dir):
+def test_skip_existing_resumes_from_results(capsys, tmp_path, tiny_mono_dir, monkeypatch):
     out = tmp_path / "out"
     assert run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, duration="0.2"))[0] == 0
     first = (out / "000_one.wav").read_bytes()
-    (out / "001_two.wav").write_bytes(b"not rewritten")
+    (out / "001_two.wav").write_bytes(b"truncated")  # recorded, but not what was recorded: made again
+    (out / "002_three.wav").write_bytes(b"unrecorded")  # no results line: never trusted
+    (out / ".002_three.tmp-99-1.wav").write_bytes(b"half")  # a killed writer's temporary: removed
     code, stdout, stderr = run(capsys, "one", "two", "three", *gen_args(tiny_mono_dir, out, "--skip-existing",
                                                                          duration="0.2"))
     assert code == 0, stderr
-    assert [r["prompt"] for r in records(stdout)] == ["three"]
-    assert "skipping 2" in stderr
+    assert [r["prompt"] for r in records(stdout)] == ["two", "three"]
+    assert "skipping 1" in stderr and "removed 1 unfinished temporary" in stderr
     assert (out / "000_one.wav").read_bytes() == first
-    assert (out / "001_two.wav").read_bytes() == b"not rewritten"
-    assert soundfile.info(out / "002_three.wav").samplerate == SR
-    # all done: nothing to generate, still success
-    code, stdout, _ = run(capsys, "one", "two", "three", *gen_args(tiny_mono_dir, out, "--skip-existing"))
-    assert code == 0 and records(stdout) == []
+    assert [soundfile.info(f).samplerate for f in audio_files(out)] == [SR] * 3
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # all done: nothing to generate, the model is not even loaded, still success
+    monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", None)
+    code, stdout, stderr = run(capsys, "one", "two", "three", *gen_args(tiny_mono_dir, out, "--skip-existing"))
+    assert code == 0 and records(stdout) == [] and "nothing left to do" in stderr
+    monkeypatch.undo()
     # without the flag, existing files are regenerated
     code, stdout, _ = run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, duration="0.2"))
     assert code == 0 and len(records(stdout)) == 2
-    assert soundfile.info(out / "001_two.wav").samplerate == SR
 
 
 def test_prompts_file_and_unconditional(capsys, tmp_path, tiny_mono_dir):
@@ -95,8 +111,8 @@ def test_prompts_file_and_unconditional(capsys, tmp_path, tiny_mono_dir):
                                *gen_args(tiny_mono_dir, out, duration="0.2"))
     assert code == 0, stderr
     assert [r["prompt"] for r in records(stdout)] == ["rock", "lofi beat", "jazz piano", None]
-    assert sorted(f.name for f in out.iterdir()) == ["000_rock.wav", "001_lofi_beat.wav", "002_jazz_piano.wav",
-                                                     "003_unconditional.wav"]
+    assert [f.name for f in audio_files(out)] == ["000_rock.wav", "001_lofi_beat.wav", "002_jazz_piano.wav",
+                                                  "003_unconditional.wav"]
 
 
 def test_unconditional_only(capsys, tmp_path, tiny_mono_dir):
@@ -104,7 +120,7 @@ def test_unconditional_only(capsys, tmp_path, tiny_mono_dir):
     code, stdout, stderr = run(capsys, "--unconditional", "1", *gen_args(tiny_mono_dir, out, duration="0.2"))
     assert code == 0, stderr
     assert [r["prompt"] for r in records(stdout)] == [None]
-    assert [f.name for f in out.iterdir()] == ["000_unconditional.wav"]
+    assert [f.name for f in audio_files(out)] == ["000_unconditional.wav"]
 
 
 @pytest.mark.parametrize("mode", [["--greedy", "--seed", "5"], ["--seed", "5"]], ids=["greedy", "sampled"])
@@ -115,7 +131,7 @@ def test_seed_is_deterministic(capsys, tmp_path, tiny_mono_dir, mode):
         code, stdout, stderr = run(capsys, "lofi", "jazz", *mode, *gen_args(tiny_mono_dir, out, duration="0.3"))
         assert code == 0, stderr
         assert [r["seed"] for r in records(stdout)] == [5, 6]  # prompt i uses seed + i
-        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+        outputs.append({f.name: f.read_bytes() for f in audio_files(out)})
     assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
 
 
@@ -156,22 +172,34 @@ def test_argparse_errors_exit_2(capsys, argv):
     (["--seed", "-1"], "seed"),
     (["--guidance-scale", "-1"], "guidance_scale"),
     (["--max-slots", "0"], "max_slots"),
+    (["--max-duration", "0"], "max_duration_s"),
+    (["--kv-cache-gib", "0"], "--kv-cache-gib"),
+    (["--device", "gpu"], "--device 'gpu'"),
+    (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], "--device"),
+    (["--out", "FILE"], "is a file"),
+    (["--out", "SONG"], "looks like a file name"),
+    (["--workers", "2"], "--ray"),
     (["--dtype", "float64"], "dtype"),
     (["--unconditional", "-1"], "--unconditional"),
     (["--prompts-file", "MISSING"], "missing.txt"),
     (["--model", "MISSING"], "no-such-checkpoint"),
     (["--model", "BAD_CONFIG"], "config.json"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
-def test_bad_values_exit_2_with_one_line(capsys, tmp_path, tiny_mono_dir, extra, named):
+def test_bad_values_exit_2_with_one_line(capsys, tmp_path, tiny_mono_dir, monkeypatch, extra, named):
     bad_config = tmp_path / "bad"
     bad_config.mkdir()
     (bad_config / "config.json").write_text("{oops")
+    (tmp_path / "existing.txt").write_text("x")
     substitutes = {"MISSING": str(tmp_path / ("missing.txt" if "--prompts-file" in extra else "no-such-checkpoint")),
-                   "BAD_CONFIG": str(bad_config)}
+                   "BAD_CONFIG": str(bad_config), "FILE": str(tmp_path / "existing.txt"),
+                   "SONG": str(tmp_path / "song.wav")}
     extra = [substitutes.get(a, a) for a in extra]
     args = gen_args(tiny_mono_dir, tmp_path / "out", duration="0.2")
-    if "--duration" in extra:
-        args = args[:4] + args[6:]  # drop the default --duration
+    for flag in ("--duration", "--out", "--device"):
+        if flag in extra:  # drop the default
+            i = args.index(flag)
+            args = args[:i] + args[i + 2:]
+    monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", None)  # all refused before the model loads
     code, stdout, stderr = run(capsys, "x", *args, *extra)
     assert code == 2
     lines = stderr.strip().splitlines()
@@ -183,7 +211,7 @@ def test_bad_values_exit_2_with_one_line(capsys, tmp_path, tiny_mono_dir, extra,
 def test_no_prompts_is_an_error(capsys, tmp_path, tiny_mono_dir):
     code, _, stderr = run(capsys, *gen_args(tiny_mono_dir, tmp_path / "out"))
     assert code == 2 and stderr.strip().splitlines() == [
-        "fastgen: error: give at least one prompt (or --prompts-file, or --unconditional N)"]
+        "fastgen: error: give at least one prompt (or --prompts-file, --manifest, or --unconditional N)"]
 
 
 # ----------------------------------------------------------------------------------------------- built-in model
@@ -218,8 +246,8 @@ def test_interrupted_builtin_build_leaves_nothing_half_done(capsys, tmp_path, mo
 
     monkeypatch.setattr(fastgen.tiny, "build_tiny_checkpoint", interrupted)
     args = ["noise", "--out", str(tmp_path / "out"), "--duration", "0.2", "--device", "cpu", "--max-slots", "2"]
-    with pytest.raises(KeyboardInterrupt):
-        main(["generate", *args])
+    assert main(["generate", *args]) == 130  # interrupted: exit 130, no traceback
+    assert "interrupted" in capsys.readouterr().err
     assert not (builtin / "config.json").exists()
     monkeypatch.setattr(fastgen.tiny, "build_tiny_checkpoint", real_build)
     code, _, stderr = run(capsys, *args)
@@ -258,6 +286,7 @@ def test_audio_prompt_is_continued(capsys, tmp_path, tiny_stereo_dir):
     assert code == 0, stderr
     info = soundfile.info(out / "000_continue_this.wav")
     assert info.channels == 2 and abs(info.frames / SR - 0.5) <= 2 * HOP / SR
+    assert recorded(out)["000_continue_this"]["audio_prompt"] == str(prompt_file)
     code, _, stderr = run(capsys, "x", *gen_args(tiny_stereo_dir, tmp_path / "o2", "--audio-prompt",
                                                  str(tmp_path / "missing.wav")))
     assert code == 2 and "fastgen: error:" in stderr
@@ -269,7 +298,82 @@ def test_compile_gives_the_same_files(capsys, tmp_path, tiny_mono_dir):
     outputs = []
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
-        code, _, stderr = run(capsys, "lofi", "jazz", "--greedy", *extra, *gen_args(tiny_mono_dir, out, duration="0.3"))
+        code, _, stderr = run(capsys, "lofi", "jazz", "--greedy", "--dtype", "float32", *extra,  # bf16: rounding
+                              *gen_args(tiny_mono_dir, out, duration="0.3"))                # differs when fused
         assert code == 0, stderr
-        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+        outputs.append({f.name: f.read_bytes() for f in audio_files(out)})
     assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+def test_manifest_job(capsys, tmp_path, tiny_mono_dir):
+    prompt_file = tmp_path / "intro.wav"
+    soundfile.write(prompt_file, np.zeros(3200, np.float32), 32000)  # 0.1 s
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "lofi", "name": "lofi", "num_samples": 2, "seed": 7, "duration": 0.2, "top_k": 5},
+        {"prompt": None, "duration": 0.1},
+        {"prompt": "go on", "audio_prompt": "intro.wav", "duration": 0.1, "do_sample": False},
+    ]) + "\n")
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "--manifest", str(manifest), *gen_args(tiny_mono_dir, out, duration="0.3"))
+    assert code == 0, stderr
+    assert [f.name for f in audio_files(out)] == ["001_unconditional.wav", "002_go_on.wav", "lofi-0.wav", "lofi-1.wav"]
+    results = recorded(out)
+    assert results == {r["name"]: r for r in records(stdout)}
+    assert [results[f"lofi-{j}"]["seed"] for j in (0, 1)] == [7, 8]  # N variants: seed, seed + 1
+    assert results["lofi-0"]["codes_sha256"] != results["lofi-1"]["codes_sha256"]
+    params = results["lofi-0"]["params"]
+    assert (params["top_k"], params["duration"], params["seed"], params["guidance_scale"]) == (5, 0.2, 7, 3.0)
+    assert results["002_go_on"]["params"]["do_sample"] is False
+    assert abs(results["002_go_on"]["seconds"] - 0.2) < 0.03  # prompt + continuation
+    assert results["001_unconditional"]["prompt"] is None and results["lofi-0"]["model"] == str(tiny_mono_dir)
+    assert {"queue_s", "total_s"} <= set(results["lofi-0"]["timings"])
+
+
+def test_bad_manifest_line_fails_before_loading(capsys, tmp_path, tiny_mono_dir, monkeypatch):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text('{"prompt": "ok", "duration": 0.2}\n{"prompt": "long", "duration": 11}\n')
+    monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", None)
+    code, _, stderr = run(capsys, "--manifest", str(manifest), *gen_args(tiny_mono_dir, tmp_path / "out"))
+    assert code == 2
+    (line,) = stderr.strip().splitlines()
+    assert "jobs.jsonl line 2 (field 'duration')" in line and "limit of 10.16 s" in line
+    assert not (tmp_path / "out").exists()
+    code, _, stderr = run(capsys, "--manifest", str(manifest), "extra prompt", *gen_args(tiny_mono_dir, tmp_path / "o"))
+    assert code == 2 and "--manifest holds the whole job" in stderr
+
+
+def test_cache_budget_is_an_option_and_max_slots_is_honoured_or_refused(capsys, tmp_path, tiny_mono_dir):
+    args = gen_args(tiny_mono_dir, tmp_path / "out", duration="0.1")
+    i = args.index("--max-slots")
+    args = args[:i] + args[i + 2:]
+    code, _, stderr = run(capsys, "x", *args, "--max-slots", "300", "--kv-cache-gib", "0.001")
+    assert code == 2 and "KV-cache budget" in stderr.strip().splitlines()[-1]
+    code, _, stderr = run(capsys, "x", *args, "--max-slots", "3", "--kv-cache-gib", "4", "--max-duration", "2")
+    assert code == 0, stderr
+    assert "3 concurrent slot(s), up to 2.00 s per request" in stderr
+
+
+def test_help_states_the_default_duration(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    assert "29.92sformusicgen-small" in text and "5.04sforthebuilt-intinymodel" in text
+
+
+def test_progress_in_audio_seconds(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from fastgen.batch.job import Progress
+    stream = SimpleNamespace(done=1, audio_seconds_done=3.0, audio_seconds_total=12.0)
+    tty = io.StringIO()
+    bar = Progress(4, 12.0, stream=tty, tty=True)
+    bar.update(stream)
+    bar.close()
+    assert "3.0/12.0 audio-s" in tty.getvalue() and "clips 1/4" in tty.getvalue()
+    log = io.StringIO()
+    lines = Progress(4, 12.0, stream=log, tty=False, interval_s=0.0)
+    lines.update(stream)
+    assert log.getvalue().startswith("progress: 1/4 clips, 3.0/12.0 s of audio,") and "ETA" in log.getvalue()

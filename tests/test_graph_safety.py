@@ -33,8 +33,10 @@ class GraphSafetyMode(TorchDispatchMode):
         return out
 
 
-def running_engine(folder, backend: str, prompts, params) -> fastgen.Engine:
-    engine = fastgen.Engine.from_pretrained(folder, max_slots=4, backend=backend)
+def running_engine(folder, backend: str, prompts, params, device: torch.device) -> fastgen.Engine:
+    # on the test device (Triton: compiled kernels on CUDA, the interpreter on a CPU); eager: the step is checked
+    engine = fastgen.Engine.from_pretrained(folder, device=device, dtype=torch.float32, max_slots=4, backend=backend,
+                                            enforce_eager=True)
     for prompt, p in zip(prompts, params):
         engine.add_request(prompt, p)
     engine.step()  # admit + first step
@@ -42,13 +44,14 @@ def running_engine(folder, backend: str, prompts, params) -> fastgen.Engine:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_decode_step_is_sync_free_and_shape_static(tiny_mono_dir, backend):
+def test_decode_step_is_sync_free_and_shape_static(tiny_mono_dir, backend, device):
     mixed = [fastgen.SamplingParams(max_new_tokens=30, seed=1, top_k=5, top_p=0.9, guidance_scale=3.0),
              fastgen.SamplingParams(max_new_tokens=30, do_sample=False, guidance_scale=1.0),
              fastgen.SamplingParams(max_new_tokens=30, seed=2, temperature=0.5)]
-    engine = running_engine(tiny_mono_dir, backend, ["lofi beat", None, "a long prompt with many words"], mixed)
+    engine = running_engine(tiny_mono_dir, backend, ["lofi beat", None, "a long prompt with many words"], mixed,
+                            device)
     runner = engine.runner
-    slot_ids = torch.tensor(engine.scheduler.running_slots() + [runner.dummy_slot])  # one padding row
+    slot_ids = torch.tensor(engine.scheduler.running_slots() + [runner.dummy_slot], device=runner.device)  # + padding
     spans = (64, 8) if backend == "torch" else (None, None)
     runner.decode_step(slot_ids, SamplerHints(), *spans)  # warm-up: launchers may allocate scratch once, as before capture
     traces = []

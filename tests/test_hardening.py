@@ -173,17 +173,17 @@ def test_submit_racing_shutdown_leaves_no_handle_hanging(model):
 @pytest.mark.parametrize("steps_before_abort", [0, 2])
 def test_abort_cleans_a_slot_holding_nan(model, steps_before_abort):
     engine = make_engine(model, max_slots=1)
-    victim = engine.add_request("victim", SamplingParams(max_new_tokens=60, seed=1))
+    victim = engine.add_request("victim", SamplingParams(max_new_tokens=30, seed=1))
     engine.step()
     engine.runner.cache.self_k[:, victim.slot] = float("nan")
     for _ in range(steps_before_abort):
         engine.step()
     assert engine.abort(victim.request_id) is True
-    after = engine.add_request("next", SamplingParams(max_new_tokens=20, seed=2))
+    after = engine.add_request("next", SHORT)
     run_all(engine)
     assert after.status.name == "FINISHED", after.error
     reference = make_engine(model, max_slots=1)
-    ref = reference.add_request("next", SamplingParams(max_new_tokens=20, seed=2))
+    ref = reference.add_request("next", SHORT)
     run_all(reference)
     np.testing.assert_array_equal(after.output.codes, ref.output.codes)
 
@@ -306,11 +306,12 @@ def test_one_encodec_fault_fails_only_its_request(model):
     poisoned: set[int] = set()
     finish, decode = engine.runner.finish, engine.stages._work_fns["decode"]
 
-    def marking_finish(request):
-        codes, bad = finish(request)
-        if request.request_id == "bad":
-            poisoned.add(id(codes))
-        return codes, bad
+    def marking_finish(requests):  # (one call for all the requests finishing in a step)
+        results = finish(requests)
+        for request, (codes, _) in zip(requests, results):
+            if request.request_id == "bad":
+                poisoned.add(id(codes))
+        return results
 
     def faulty_decode(codes):
         if any(id(c) in poisoned for c in codes):
@@ -371,3 +372,20 @@ def test_error_types_have_the_built_in_bases(tmp_path):
         assert "absent" in str(exc)
     else:
         raise AssertionError("no error")
+
+
+def test_a_dying_loop_ends_every_handle_and_refuses_new_work(model):
+    """Should the loop thread itself break (a bug), nothing may hang: handles fail, submit refuses, shutdown returns."""
+    core = make_engine(model)
+    engine = AsyncEngine(core)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in the loop")
+    core.step = broken
+    core.fail = broken
+    handle = engine.submit("x", SHORT)
+    with pytest.raises(RequestFailed, match="loop died"):
+        handle.result(timeout=30)
+    with pytest.raises(fastgen.EngineClosed, match="died"):
+        engine.submit("y", SHORT)
+    in_thread(engine.shutdown_sync)

@@ -20,7 +20,7 @@ def models(tiny_mono_dir, tiny_stereo_dir):
     for name, folder in (("mono", tiny_mono_dir), ("stereo", tiny_stereo_dir)):
         reference = MusicgenForConditionalGeneration.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        ours = fastgen.MusicGen.from_pretrained(folder, max_slots=4, backend="torch")
+        ours = fastgen.MusicGen.from_pretrained(folder, max_slots=4, backend="torch", dtype=torch.float32)
         loaded[name] = (reference, tokenizer, ours)
     return loaded
 

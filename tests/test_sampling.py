@@ -98,7 +98,7 @@ def test_same_seed_same_tokens_any_row():
 # -------------------------------------------------------------------------------------------------- engine level
 @pytest.fixture(scope="module")
 def mono(tiny_mono_dir):
-    return fastgen.MusicGen.from_pretrained(tiny_mono_dir, max_slots=3, backend="torch")
+    return fastgen.MusicGen.from_pretrained(tiny_mono_dir, max_slots=3, backend="torch", dtype=torch.float32)
 
 
 def test_seeded_request_is_reproducible_and_independent_of_neighbours(mono):

@@ -183,8 +183,9 @@ class AsyncEngine:
     @classmethod
     def from_pretrained(cls, name_or_path, *, device="cpu", dtype=None, allow_pickle=False, cpu_threads: int = 1,
                         **engine_options: Any) -> "AsyncEngine":
-        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
         config = EngineConfig(**engine_options)
+        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   quantization=config.quantization)
         # built with the loop thread's thread count, so a compiled step (compile_step) is compiled for it once
         with _intra_op_threads(cpu_threads if model.decoder.device.type == "cpu" else None):
             engine = Engine(model, config)

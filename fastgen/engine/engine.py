@@ -48,6 +48,9 @@ class Engine:
         self.model = model
         self.config = config
         self.device = model.decoder.device
+        if config.quantization is not None and config.quantization != model.decoder.quantization:
+            raise ValueError(f"quantization={config.quantization!r} but the model was loaded without it: pass it "
+                             "to from_pretrained (or MusicgenModel.load), which quantises at load")
         mc = model.config
         self.frame_rate, self.sample_rate = mc.frame_rate, mc.sample_rate
         # long-form: requests up to max_frames slide over windows of window_frames; a slot holds one window, or the
@@ -63,6 +66,9 @@ class Engine:
         if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
                              "interpreter, for testing); use backend='torch' or 'auto' on a CPU")
+        if backend == "triton" and self.device.type != "cuda" and model.decoder.dtype != torch.float32:
+            raise ValueError(f"backend='triton' on a CPU runs Triton's interpreter, which computes "
+                             f"{str(model.decoder.dtype).removeprefix('torch.')} wrongly; load with dtype=float32")
         self.ops = get_ops(backend)
         if config.compile_step and backend != "torch":
             raise ValueError(f"compile_step applies to the torch backend (the CPU default), not {backend!r}: the "
@@ -83,6 +89,7 @@ class Engine:
                                    "stream": self.streamer.decode}, self.device, threaded)
         self.listeners: list[Listener] = []
         self._plan, self._plan_version = None, -1  # the running batch's BatchPlan, for scheduler.version
+        self._text_backlog: list[Request] = []  # queued prompts whose T5 batch goes to the stage worker next step
         self._ids = itertools.count()
         self._active: dict[str, Request] = {}  # request_id → request, from enqueue until it ends (any way)
         self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads at once
@@ -91,8 +98,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path, *, device: str | torch.device = "cpu", dtype=None,
                         allow_pickle: bool = False, **engine_options) -> "Engine":
-        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        return cls(model, EngineConfig(**engine_options))
+        config = EngineConfig(**engine_options)  # validated before any loading
+        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   quantization=config.quantization)
+        return cls(model, config)
 
     def _plan_slots(self) -> int:
         """As many slots as the KV-cache budget holds, each sized for one window (or the longest request allowed)."""
@@ -201,8 +210,8 @@ class Engine:
             shape = tuple(waveform.shape) if hasattr(waveform, "shape") else np.shape(waveform)
         except (ValueError, TypeError):  # ragged nested lists: prepare_audio_prompt names the problem
             return waveform, int(rate)
-        if not shape or shape[-1] == 0:
-            return waveform, int(rate)  # prepare_audio_prompt: "empty"
+        if len(shape) not in (1, 2) or shape[-1] == 0 or (len(shape) == 2 and shape[0] > 2):
+            return waveform, int(rate)  # prepare_audio_prompt names the shape problem before it resamples
         samples = -(-int(shape[-1]) * self.sample_rate // int(rate))
         if samples < self.hop:
             raise RequestError(f"audio_prompt is {shape[-1] / rate * 1000:.2f} ms long; at least one codec frame "
@@ -252,7 +261,7 @@ class Engine:
         self.scheduler.add(request)
         if self.stages.threaded and request.text_ids is not None:  # T5 runs ahead while the decoder steps
             request.text_pending = True
-            self.stages.submit("encode", [request], [request.text_ids])
+            self._text_backlog.append(request)
         self._emit(request, "queued", None)
 
     def abort(self, request_id: str) -> bool:
@@ -327,6 +336,7 @@ class Engine:
         """Admit what fits, advance every running request by ``steps_per_call`` positions (one graph replay on CUDA;
         admissions, aborts and retirements happen between calls), retire what finished. Returns the
         requests that ended since the last step (finished or failed), outputs attached."""
+        self._submit_text()
         ended = self._collect_stages(block=not self.scheduler.running and not self.scheduler.has_ready())
         ended += self._admit()
         if self.scheduler.running:
@@ -394,8 +404,7 @@ class Engine:
             return []
         finished, codes = [], []
         failed: list[Request] = []
-        for request in done:
-            request_codes, nonfinite = self.runner.finish(request)  # scrubs a slot that met non-finite logits
+        for request, (request_codes, nonfinite) in zip(done, self.runner.finish(done)):  # (scrubs bad slots)
             self.scheduler.release(request, RequestStatus.DECODING)
             if nonfinite:
                 failed += self.fail([request], RequestFailed(
@@ -413,19 +422,32 @@ class Engine:
             self.stages.submit("decode", [r for r, _ in whole], [c for _, c in whole])
         return failed
 
+    def _submit_text(self) -> None:
+        """The prompts queued since the last step go to the stage worker as one T5 batch (one call per request
+        would serialise hundreds of small T5 calls ahead of the last admission)."""
+        backlog = [r for r in self._text_backlog if r.status == RequestStatus.WAITING]
+        self._text_backlog = []
+        if backlog:
+            self.stages.submit("encode", backlog, [r.text_ids for r in backlog])
+
     def _collect_stages(self, block: bool = False) -> list[Request]:
         """Take in the stage worker's finished jobs: prefetched text states, and audio of finished requests."""
         ended: list[Request] = []
         for job in self.stages.collect(block=block):
             if job.kind == "encode":
-                (request,) = job.requests
-                request.text_pending = False
-                if request.status != RequestStatus.WAITING:  # aborted meanwhile
+                waiting = [r for r in job.requests if r.status == RequestStatus.WAITING]  # not aborted meanwhile
+                if job.error is not None and len(waiting) > 1:  # isolate: encode them one by one
+                    for request in waiting:
+                        self.stages.submit("encode", [request], [request.text_ids])
                     continue
-                if job.error is not None:
-                    ended += self.fail([request], job.error)
-                else:
-                    request.text_states, request.text_ready = job.result[0], job.ready
+                for request, states in zip(job.requests, job.result or [None] * len(job.requests)):
+                    request.text_pending = False
+                    if request.status != RequestStatus.WAITING:
+                        continue
+                    if job.error is not None:
+                        ended += self.fail([request], job.error)
+                    else:
+                        request.text_states, request.text_ready = states, job.ready
                 continue
             if job.kind == "stream":
                 ended += self._stream_chunks(job)

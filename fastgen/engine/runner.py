@@ -103,6 +103,7 @@ class ModelRunner:
         time, then inductor's on-disk cache serves later processes. Dynamo also guards on the intra-op thread
         count: see ensure_compiled."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        self.decoder.use_stock_linears()  # dynamo cannot trace oneDNN's packed weights (fastgen.model.linear)
         self.eager_step = torch.compile(self.decode_step, fullgraph=True, options=options)
         self.compiled_for_threads: set[int] = set()
         self.ensure_compiled()
@@ -311,20 +312,30 @@ class ModelRunner:
 
     # ---------------------------------------------------------------------------------------------- retire
     @torch.inference_mode()
-    def finish(self, request: Request) -> tuple[torch.Tensor, bool]:
-        """(codes [K, frames] on the CPU, whether any logit of the request was non-finite)."""
-        slot = request.slot
-        codes = self.state.codes[slot, :, :request.window.frames].to("cpu", copy=True)  # the slot is reused
-        if request.done_codes:  # long-form: the windows' frames that left the slot come first
-            codes = torch.cat(request.done_codes + [codes], dim=1)
-        return codes, self.scrub_slot(slot)
+    def finish(self, requests: list[Request]) -> list[tuple[torch.Tensor, bool]]:
+        """Per request: (codes [K, frames] on the CPU, whether any of its logits was non-finite). One device-to-host
+        copy for all of them: codes and flags are gathered into one buffer first (each copy is a host sync)."""
+        if not requests:
+            return []
+        slot_ids = torch.tensor([r.slot for r in requests], device=self.device)
+        frames = max(r.window.frames for r in requests)  # long-form: the current window
+        codes = self.state.codes[slot_ids, :, :frames]  # a gather: a copy, so the slots can be reused at once
+        flags = self.state.nonfinite[slot_ids].to(torch.int64)
+        packed = torch.cat([codes.flatten(), flags]).to("cpu")
+        codes = packed[:codes.numel()].view(codes.shape)
+        flags = packed[codes.numel():].tolist()
+        bad_rows = [row for r, bad in zip(requests, flags) if bad for row in (r.slot, self.total_slots + r.slot)]
+        if bad_rows:  # keep NaNs in these slots' caches from leaking into the next request through masked reads
+            self.cache.clear_rows(torch.tensor(bad_rows, device=self.device))
+        return [(_with_done_codes(r, codes[i, :, :r.window.frames].contiguous()), bool(bad)) for i, (r, bad) in
+                enumerate(zip(requests, flags))]
 
     @torch.inference_mode()
     def scrub_slot(self, slot: int, always: bool = False) -> bool:
-        """The cleanup every way out of a slot shares (finish, failure, abort): zero the slot's cache rows if its
+        """The cleanup every other way out of a slot shares (failure, abort): zero the slot's cache rows if its
         request met non-finite logits (or ``always``: an abort or failure may leave NaNs no logit showed yet), so
         they cannot leak into the slot's next request through masked reads. Returns whether logits were
-        non-finite."""
+        non-finite. (finish does the same for all the requests finishing in a step at once.)"""
         bad = bool(self.state.nonfinite[slot].item())
         if bad or always:
             self.cache.clear_rows(torch.tensor([slot, self.total_slots + slot], device=self.device))
@@ -332,3 +343,8 @@ class ModelRunner:
 
     def decode_audio(self, codes: list[torch.Tensor]):
         return self.codec.decode(codes)
+
+
+def _with_done_codes(request: Request, window_codes: torch.Tensor) -> torch.Tensor:
+    """Long-form: the frames that left the slot at earlier windows' ends come first."""
+    return torch.cat(request.done_codes + [window_codes], dim=1) if request.done_codes else window_codes

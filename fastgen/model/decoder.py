@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
+from fastgen.model.linear import Linear, build_linears
 from fastgen.model.ops import Ops
+from fastgen.model.quantize import validate_quantization
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which transformers' MusicGen uses
 
@@ -37,15 +39,18 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
 @dataclass
 class LayerWeights:
     self_norm: tuple[torch.Tensor, torch.Tensor]
-    qkv: torch.Tensor          # [3D, D]: q, k, v projections stacked
-    self_out_t: torch.Tensor   # [D, D], transposed view: hidden += attn @ self_out_t (one addmm)
+    qkv: Linear                # [3D, D]: q, k, v projections stacked
+    self_out: Linear           # [D, D]: hidden = self_out.add_to(hidden, attn)
     cross_norm: tuple[torch.Tensor, torch.Tensor]
-    cross_q: torch.Tensor      # [D, D]
-    cross_kv: torch.Tensor     # [2D, D]: applied once per request to the text states
-    cross_out_t: torch.Tensor  # [D, D], transposed view
+    cross_q: Linear            # [D, D]
+    cross_kv: torch.Tensor     # [2D, D]: applied once per request to the text states (never quantised)
+    cross_out: Linear          # [D, D]
     ffn_norm: tuple[torch.Tensor, torch.Tensor]
-    fc1: torch.Tensor          # [F, D]
-    fc2_t: torch.Tensor        # [F, D], transposed view
+    fc1: Linear                # [F, D]
+    fc2: Linear                # [D, F]
+
+    def linears(self) -> tuple[Linear, ...]:
+        return (self.qkv, self.self_out, self.cross_q, self.cross_out, self.fc1, self.fc2)
 
 
 @dataclass
@@ -86,9 +91,10 @@ class MusicgenDecoder:
     """Holds the decoder weights (one device, one dtype) and runs its forward passes."""
 
     def __init__(self, config: DecoderConfig, weights: dict[str, torch.Tensor], *, text_hidden_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, quantization: str | None = None) -> None:
         self.config = config
         self.device, self.dtype = device, dtype
+        self.quantization = validate_quantization(quantization)
         self.activation = ACTIVATIONS[config.activation]
         self.scale = config.head_dim ** -0.5
         w = _WeightReader(weights, device, dtype)
@@ -101,31 +107,72 @@ class MusicgenDecoder:
         self.sinusoid = sinusoidal_table(c.max_position_embeddings + MAX_STEPS_PER_CALL, c.hidden_size).to(
             device=device, dtype=dtype)
         d, f = c.hidden_size, c.ffn_dim
+        layer = [f"{prefix}layers.{i}." for i in range(c.num_layers)]
+
+        def raw(key: str, shape: tuple[int, ...]):  # a loader of the checkpoint's float weight (build_linears casts)
+            return lambda: w.take(key, shape, dtype=torch.float32)
+
+        def stacked(keys: list[str], shape: tuple[int, int]):  # q, k, v (or the LM heads) as one [n·N, K] weight
+            def load() -> torch.Tensor:
+                parts = [w.take(key, shape, dtype=torch.float32) for key in keys]
+                if any(part.is_meta for part in parts):
+                    return torch.empty(len(keys) * shape[0], shape[1], device="meta")
+                return torch.cat(parts)
+            return load
+
+        def build(loaders) -> list[Linear]:
+            return build_linears(loaders, device=device, dtype=dtype, quantization=self.quantization)
+        # one role (shape) at a time: a CPU picks each role's fastest path by measurement (fastgen.model.linear)
+        roles = {
+            "qkv": build([stacked([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], (d, d)) for p in layer]),
+            "self_out": build([raw(f"{p}self_attn.out_proj.weight", (d, d)) for p in layer]),
+            "cross_q": build([raw(f"{p}encoder_attn.q_proj.weight", (d, d)) for p in layer]),
+            "cross_out": build([raw(f"{p}encoder_attn.out_proj.weight", (d, d)) for p in layer]),
+            "fc1": build([raw(f"{p}fc1.weight", (f, d)) for p in layer]),
+            "fc2": build([raw(f"{p}fc2.weight", (d, f)) for p in layer]),
+        }
         self.layers: list[LayerWeights] = []
-        for i in range(c.num_layers):
-            p = f"{prefix}layers.{i}."
+        for i, p in enumerate(layer):
             norm = lambda name: (w.take(f"{p}{name}.weight", (d,)), w.take(f"{p}{name}.bias", (d,)))  # noqa: E731
-            proj = lambda name: w.take(f"{p}{name}.weight", (d, d))  # noqa: E731
             self.layers.append(LayerWeights(
-                self_norm=norm("self_attn_layer_norm"),
-                qkv=torch.cat([proj("self_attn.q_proj"), proj("self_attn.k_proj"), proj("self_attn.v_proj")]),
-                self_out_t=proj("self_attn.out_proj").t(),
-                cross_norm=norm("encoder_attn_layer_norm"),
-                cross_q=proj("encoder_attn.q_proj"),
-                cross_kv=torch.cat([proj("encoder_attn.k_proj"), proj("encoder_attn.v_proj")]),
-                cross_out_t=proj("encoder_attn.out_proj").t(),
+                self_norm=norm("self_attn_layer_norm"), cross_norm=norm("encoder_attn_layer_norm"),
                 ffn_norm=norm("final_layer_norm"),
-                fc1=w.take(f"{p}fc1.weight", (f, d)),
-                fc2_t=w.take(f"{p}fc2.weight", (d, f)).t(),
-            ))
+                cross_kv=torch.cat([w.take(f"{p}encoder_attn.{n}_proj.weight", (d, d)) for n in "kv"]),
+                **{role: built[i] for role, built in roles.items()}))
         self.final_norm = (w.take(f"{prefix}layer_norm.weight", (d,)), w.take(f"{prefix}layer_norm.bias", (d,)))
-        self.lm_heads = torch.cat([w.take(f"decoder.lm_heads.{k}.weight", (c.vocab_size, d))
-                                   for k in range(c.num_codebooks)])
+        heads = [stacked([f"decoder.lm_heads.{k}.weight" for k in range(c.num_codebooks)], (c.vocab_size, d))]
+        # Logits leave the head in fp32: guidance 3 scales their rounding by 3, and bf16 logits near 10 are only
+        # good to ±0.03. On CUDA cuBLAS writes fp32 straight from bf16/fp16 inputs; elsewhere the head is kept in
+        # fp32 (a few percent of the decoder's bytes). int8 heads are dequantised as they are: their deviation is
+        # documented with the rest of int8's.
+        self.head_writes_fp32 = (dtype != torch.float32 and self.quantization is None
+                                 and _mm_out_dtype_works(device, dtype))
+        head_dtype = dtype if self.head_writes_fp32 or self.quantization is not None else torch.float32
+        self.lm_heads = build_linears(heads, device=device, dtype=head_dtype, quantization=self.quantization)[0]
         self.text_proj: tuple[torch.Tensor, torch.Tensor] | None = None
         if text_hidden_size != d:
             self.text_proj = (w.take("enc_to_dec_proj.weight", (d, text_hidden_size)),
                               w.take("enc_to_dec_proj.bias", (d,)))
         w.finish()
+
+    def linears(self) -> list[Linear]:
+        """Every projection a decode step streams (the LM heads included)."""
+        return [linear for layer in self.layers for linear in layer.linears()] + [self.lm_heads]
+
+    def step_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: the projections and LM heads at their stored width, plus the
+        layer norms (the embedding reads only the few rows of the step's tokens)."""
+        norms = [t for layer in self.layers for pair in (layer.self_norm, layer.cross_norm, layer.ffn_norm)
+                 for t in pair] + list(self.final_norm)
+        return sum(linear.nbytes for linear in self.linears()) + sum(t.numel() * t.element_size() for t in norms)
+
+    def use_stock_linears(self) -> None:
+        """Back to F.linear / addmm on plain weights wherever a packed layout was chosen: torch.compile cannot
+        trace oneDNN's opaque packed tensors (and inductor picks its own GEMMs)."""
+        for layer in self.layers:
+            for role in ("qkv", "self_out", "cross_q", "cross_out", "fc1", "fc2"):
+                setattr(layer, role, getattr(layer, role).dense())
+        self.lm_heads = self.lm_heads.dense()
 
     # ------------------------------------------------------------------------------------------------------------
     def project_text(self, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,19 +201,27 @@ class MusicgenDecoder:
         ctx = ops.begin_step(rows, position, text_length, kv_span, text_span, self.dtype)
         for i, layer in enumerate(self.layers):
             x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
-            q, k, v = F.linear(x, layer.qkv).view(num_rows, 3, heads, head_dim).unbind(1)
+            q, k, v = layer.qkv(x).view(num_rows, 3, heads, head_dim).unbind(1)
             attn = ops.self_attention(ctx, cache.self_k_layers[i], cache.self_v_layers[i], q, k, v, self.scale)
-            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.self_out_t)
+            hidden = layer.self_out.add_to(hidden, attn.reshape(num_rows, d))
 
             x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
-            q = F.linear(x, layer.cross_q).view(num_rows, heads, head_dim)
+            q = layer.cross_q(x).view(num_rows, heads, head_dim)
             attn = ops.cross_attention(ctx, cache.cross_k_layers[i], cache.cross_v_layers[i], q, self.scale)
-            hidden = torch.addmm(hidden, attn.reshape(num_rows, d), layer.cross_out_t)
+            hidden = layer.cross_out.add_to(hidden, attn.reshape(num_rows, d))
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = torch.addmm(hidden, self.activation(F.linear(x, layer.fc1)), layer.fc2_t)
+            hidden = layer.fc2.add_to(hidden, self.activation(layer.fc1(x)))
         hidden = F.layer_norm(hidden, (d,), *self.final_norm, LAYER_NORM_EPS)
-        return F.linear(hidden, self.lm_heads).view(num_rows, c.num_codebooks, c.vocab_size)
+        return self.head_logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
+        if self.head_writes_fp32:
+            return torch.mm(hidden, self.lm_heads.weight.t(), out_dtype=torch.float32)
+        if self.lm_heads.path == "int8":
+            return self.lm_heads(hidden).float()
+        return self.lm_heads(hidden.float())
 
     def prefill(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, text_length: torch.Tensor) -> None:
         """Fill the self-attention cache of ``rows`` [n] with delayed prompt tokens [K, P] at positions 0..P-1
@@ -183,23 +238,34 @@ class MusicgenDecoder:
                      < text_length.view(-1, 1)).view(n, 1, 1, -1)
         for i, layer in enumerate(self.layers):
             x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
-            q, k, v = F.linear(x, layer.qkv).view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = layer.qkv(x).view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
             cache.self_k[i, rows, :, :length] = k
             cache.self_v[i, rows, :, :length] = v
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            hidden = hidden + attn.transpose(1, 2).reshape(n, length, d) @ layer.self_out_t
+            hidden = layer.self_out.add_to(hidden, attn.transpose(1, 2).reshape(n, length, d))
 
             x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
-            q = F.linear(x, layer.cross_q).view(n, length, heads, head_dim).transpose(1, 2)
+            q = layer.cross_q(x).view(n, length, heads, head_dim).transpose(1, 2)
             keys = cache.cross_k[i, rows, :, :max(text_span, 1)]
             values = cache.cross_v[i, rows, :, :max(text_span, 1)]
             scores = (q.float() @ keys.float().transpose(-1, -2)) * self.scale
             weights = scores.masked_fill(~text_mask, -float("inf")).softmax(-1).nan_to_num(0.0)
             attn = (weights @ values.float()).to(hidden.dtype)
-            hidden = hidden + attn.transpose(1, 2).reshape(n, length, d) @ layer.cross_out_t
+            hidden = layer.cross_out.add_to(hidden, attn.transpose(1, 2).reshape(n, length, d))
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = hidden + self.activation(F.linear(x, layer.fc1)) @ layer.fc2_t
+            hidden = layer.fc2.add_to(hidden, self.activation(layer.fc1(x)))
+
+
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=torch.float32) runs for ``dtype`` inputs here (CUDA, torch ≥ 2.8)."""
+    if device.type != "cuda":
+        return False
+    try:
+        probe = torch.ones(2, 8, device=device, dtype=dtype)
+        return torch.mm(probe, probe.t(), out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 class _WeightReader:
@@ -210,13 +276,14 @@ class _WeightReader:
         self.weights = weights
         self.device, self.dtype = device, dtype
 
-    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight on the decoder's device in ``dtype`` (default: the decoder's)."""
         tensor = self.weights.pop(key, None)
         if tensor is None:  # at once: a placeholder would meet torch.cat with real tensors before finish()
             raise CheckpointError(f"decoder weight {key} is missing from the checkpoint")
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"weight {key} has shape {tuple(tensor.shape)}, expected {shape} from config.json")
-        return tensor.to(device=self.device, dtype=self.dtype)
+        return tensor.to(device=self.device, dtype=dtype or self.dtype)
 
     def skip(self, key: str) -> None:
         self.weights.pop(key, None)

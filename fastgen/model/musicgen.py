@@ -10,15 +10,40 @@ from fastgen.config import ModelConfig
 from fastgen.model.codec import AudioCodec, TextEncoder
 from fastgen.model.decoder import MusicgenDecoder
 from fastgen.model.loader import load_parts
+from fastgen.model.quantize import validate_quantization
 from fastgen.sampling_params import BUILTIN_DEFAULTS, SamplingParams
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def normalize_device(device: str | torch.device) -> torch.device:
+    """The device every tensor and cache of the model is keyed by: ``cuda`` becomes ``cuda:<current index>`` once,
+    here, because torch.device("cuda") and torch.device("cuda:0") compare unequal (and hash apart)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device is {str(device)!r} but no CUDA device is available")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"device is {str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist "
+                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 GEMMs in hardware (elsewhere oneDNN emulates them, slower than fp32)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The decoder's dtype. Default: bf16 on CUDA and on CPUs with native bf16 (half the weight bytes per step, which
+    bound a decode step), float32 elsewhere. T5 and EnCodec run in float32 whatever this is (fastgen.model.codec)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native_bf16 else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -39,15 +64,17 @@ class MusicgenModel:
 
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> "MusicgenModel":
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device is 'cuda' but no CUDA device is available")
+             dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
+             quantization: str | None = None) -> "MusicgenModel":
+        """``quantization="int8"``: weight-only int8 decoder projections and LM heads (fastgen.model.quantize),
+        quantised from the checkpoint's float weights."""
+        device = normalize_device(device)
         dtype = parse_dtype(dtype, device)
+        validate_quantization(quantization)
         parts = load_parts(name_or_path, allow_pickle=allow_pickle)
         config = parts.config
         decoder = MusicgenDecoder(config.decoder, parts.weights, text_hidden_size=config.text_hidden_size,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, quantization=quantization)
         text_encoder = TextEncoder(parts.folder, config.text_encoder, parts.weights, device)
         codec = AudioCodec(config.audio_encoder, parts.weights, device, config.decoder.audio_channels)
         defaults = SamplingParams.from_generation_config(parts.generation_config).with_defaults(BUILTIN_DEFAULTS)

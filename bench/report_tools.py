@@ -1,0 +1,127 @@
+"""Small pieces of bench/gpu_report.sh: the versions file, and the summary of key numbers printed last.
+
+    python bench/report_tools.py versions --imported HOW --out versions.txt
+    python bench/report_tools.py checkpoint small bfloat16     (build the random-weight checkpoint the steps share)
+    python bench/report_tools.py summary RESULTS_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import atomic_write_text, checkpoint, machine_name  # noqa: E402
+
+
+def versions(imported: str, out: Path) -> None:
+    import numpy
+    import torch
+    import transformers
+    import triton
+
+    import fastgen
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = [f"machine: {machine_name(device)}",
+             f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  "
+             f"triton {triton.__version__}  transformers {transformers.__version__}  numpy {numpy.__version__}",
+             f"fastgen {fastgen.__version__} from {os.path.dirname(fastgen.__file__)} ({imported})",
+             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}  cpus {os.cpu_count()}"]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info()
+        lines.append(f"gpu {props.name}  sm_{props.major}{props.minor}  {props.multi_processor_count} SMs  "
+                     f"{total / 2**30:.1f} GiB ({free / 2**30:.1f} free)")
+    for module in ("soundfile", "soxr", "scipy"):
+        try:
+            __import__(module)
+            lines.append(f"{module}: present")
+        except Exception as exc:  # absent on the lent GPU machine: fastgen must not need them
+            lines.append(f"{module}: absent ({type(exc).__name__})")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out, text)
+    print(text, end="")
+
+
+def _json_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def summary(results: Path) -> None:
+    """The key numbers of whatever steps finished, one line each."""
+    smoke = _json(results / "smoke.json")
+    if smoke:
+        checks = smoke.get("checks", [])
+        bad = [c["name"] for c in checks if not c.get("ok")]
+        print(f"smoke: {len(checks) - len(bad)}/{len(checks)} checks ok" + (f"; FAILED: {', '.join(bad)}" if bad
+                                                                               else ""))
+    profile = _json(results / "profile.json")
+    for row in profile.get("steps", []):
+        print(f"step {profile.get('mode', '')} bucket {row['bucket']:>3}: {row['ms_per_step']:.3f} ms "
+              f"(bytes floor {row['floor_ms']:.3f} ms, {row['floor_ms'] / row['ms_per_step']:.0%} of it)")
+    if profile.get("kernels"):
+        kernels = profile["kernels"]
+        print("kernels per step: " + ", ".join(f"{k} {v['count']} ({v['us']:.0f} µs)"
+                                               for k, v in kernels["by_category"].items()))
+    for stage in ("t5", "encodec"):
+        if stage in profile:
+            entry = profile[stage]
+            print(f"{stage}: {entry['ms']:.2f} ms {entry['per']} (weights floor {entry['floor_ms']:.3f} ms)")
+    e2e = {row["system"]: row for row in _json_lines(results / "e2e.jsonl")}
+    for name, row in e2e.items():
+        ratio = ""
+        if name != "transformers" and "transformers" in e2e:
+            ratio = f"  step {e2e['transformers']['step_ms'] / row['step_ms']:.2f}x, clip " \
+                    f"{e2e['transformers']['total_s'] / row['total_s']:.2f}x transformers"
+        print(f"e2e {row.get('model', '')} {name}: step {row['step_ms']:.3f} ms (floor {row.get('floor_step_ms', 0):.3f}"
+              f" ms), clip {row['total_s']:.2f} s{ratio}")
+    rows = _json_lines(results / "throughput.jsonl")
+    theirs = max((r["audio_s_per_s"] for r in rows if not r["system"].startswith("fastgen")), default=None)
+    for row in rows:
+        ratio = f", {row['audio_s_per_s'] / theirs:.2f}x best transformers" if theirs and \
+            row["system"].startswith("fastgen") else ""
+        print(f"throughput {row['system']}: {row['audio_s_per_s']:.1f} audio s/s, p50 {row['p50_latency_s']:.2f} s"
+              f"{ratio}")
+    kernels = _json(results / "kernels.json")
+    if kernels.get("rows"):
+        speedups = [r["speedup"] for r in kernels["rows"]]
+        print(f"kernel bench: {len(speedups)} rows, speedup vs eager min {min(speedups):.2f}x, "
+              f"max {max(speedups):.2f}x")
+    elif kernels:
+        print(f"kernel bench: {kernels.get('skipped', 'no rows')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("versions")
+    v.add_argument("--imported", default="installed")
+    v.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("checkpoint")
+    c.add_argument("model")
+    c.add_argument("dtype")
+    s = sub.add_parser("summary")
+    s.add_argument("results", type=Path)
+    args = parser.parse_args()
+    if args.command == "versions":
+        versions(args.imported, args.out)
+    elif args.command == "checkpoint":
+        print(checkpoint(args.model, args.dtype))
+    else:
+        summary(args.results)
+
+
+if __name__ == "__main__":
+    main()

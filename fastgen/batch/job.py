@@ -1,0 +1,214 @@
+"""Run a job's items on a loaded MusicGen: generate through ``generate_iter``, write each output the moment it
+finishes (fastgen.batch.writer), report progress, and stop cleanly when asked (a signal)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from fastgen.api import GenerationStream, MusicGen
+from fastgen.batch.manifest import JobItem
+from fastgen.batch.writer import OutputFolder
+
+GRACE_S = 10.0
+BAR_REFRESH_S = 0.2
+WRITER_THREADS = 4
+MAX_PENDING_WRITES = 32  # finished outputs waiting for the disk, at most  # after a stop request, running requests get this long to finish before they are abandoned
+
+
+class Abandoned(Exception):
+    """Raised through the stream to abort running requests once the grace period is over."""
+
+
+@dataclass
+class StopSignal:
+    """Set from a signal handler; read between engine steps (a handler never interrupts a write)."""
+    signum: int | None = None
+    requested_at: float | None = None
+    count: int = 0
+
+    def request(self, signum: int) -> None:
+        self.signum = self.signum or signum
+        self.requested_at = self.requested_at or time.monotonic()
+        self.count += 1
+
+
+@dataclass
+class JobResult:
+    written: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)     # name → error
+    left: list[str] = field(default_factory=list)            # names not generated (stopped)
+    audio_seconds: float = 0.0
+    wall_s: float = 0.0
+
+
+def result_record(item: JobItem, output: Any, defaults: Any, model_name: str) -> dict[str, Any]:
+    """Everything needed to know what a file is and to make it again."""
+    params = dataclasses.replace(item.params.with_defaults(defaults), seed=output.seed)
+    return {"name": item.name, "prompt": item.prompt,
+            "audio_prompt": str(item.audio_prompt.resolve()) if item.audio_prompt is not None else None,
+            "seed": output.seed, "params": dataclasses.asdict(params), "seconds": round(output.duration, 4),
+            "sample_rate": output.sample_rate, "channels": int(output.audio.shape[0]),
+            "codes_sha256": hashlib.sha256(output.codes.tobytes()).hexdigest(), "model": model_name,
+            "timings": {k: round(v, 4) for k, v in output.timings.items()}}
+
+
+class _AudioPrompts(Sequence):
+    """The items' audio prompts, read from disk when the engine asks (a job's waveforms are never all in memory;
+    a prompt shared by many items is read once while it is in use)."""
+
+    def __init__(self, items: list[JobItem]) -> None:
+        self._paths = [item.audio_prompt for item in items]
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        path = self._paths[index]
+        return None if path is None else _read(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: Path) -> tuple[Any, int]:
+    from fastgen.audio import read_audio
+    return read_audio(path)
+
+
+def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, model_name: str,
+              stop: StopSignal | None = None, grace_s: float = GRACE_S,
+              on_step: Callable[[GenerationStream], None] | None = None,
+              on_written: Callable[[dict[str, Any]], None] | None = None,
+              on_failed: Callable[[JobItem, Exception], None] | None = None) -> JobResult:
+    """Generate ``items`` and write each file as it finishes. Returns what was written, what failed and, if
+    ``stop`` was set, what was left."""
+    result = JobResult()
+    start = time.perf_counter()
+    audio = _AudioPrompts(items) if any(item.audio_prompt is not None for item in items) else None
+    stopping = False
+
+    def step(stream: GenerationStream) -> None:
+        nonlocal stopping
+        if stop is not None and stop.signum is not None:
+            if not stopping:
+                stopping = True
+                stream.stop_admitting()
+            if stop.count > 1 or time.monotonic() - stop.requested_at > grace_s:
+                raise Abandoned
+        if on_step is not None:
+            on_step(stream)
+
+    stream = model.generate_iter([item.prompt for item in items], [item.params for item in items], audio,
+                                 on_error="yield", on_step=step)
+    finished: set[int] = set()
+    writers = _Writers(folder, result, on_written)
+    try:
+        with stream:
+            for index, output in stream:
+                finished.add(index)
+                item = items[index]
+                if isinstance(output, Exception):
+                    result.failed[item.name] = str(output)
+                    if on_failed is not None:
+                        on_failed(item, output)
+                    continue
+                writers.submit(item.name, output, result_record(item, output, model.defaults, model_name))
+                if stopping and stop is not None and stop.count > 1:
+                    raise Abandoned
+    except Abandoned:
+        pass
+    finally:
+        writers.close()  # every finished output is written (and recorded) before we return, even when stopping
+    result.left = [item.name for i, item in enumerate(items) if i not in finished]
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+class _Writers:
+    """Files are encoded, fsynced and recorded on a few threads while the engine keeps stepping (soundfile and
+    fsync release the GIL; fsync latency would otherwise stall decoding). Pending outputs are bounded, so a slow
+    disk holds the generator back instead of filling memory."""
+
+    def __init__(self, folder: OutputFolder, result: JobResult,
+                 on_written: Callable[[dict[str, Any]], None] | None) -> None:
+        self.folder, self.result, self.on_written = folder, result, on_written
+        self.pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="fastgen-writer")
+        self.slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+
+    def submit(self, name: str, output: Any, record: dict[str, Any]) -> None:
+        if self.errors:
+            raise self.errors[0]
+        self.slots.acquire()
+        self.pool.submit(self._write, name, output, record)
+
+    def _write(self, name: str, output: Any, record: dict[str, Any]) -> None:
+        try:
+            record = self.folder.write(name, output.audio, output.sample_rate, record)
+            with self.lock:
+                self.result.written.append(record)
+                self.result.audio_seconds += output.duration
+                if self.on_written is not None:
+                    self.on_written(record)
+        except BaseException as exc:  # raised in the job's thread (next submit, or close)
+            self.errors.append(exc)
+        finally:
+            self.slots.release()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.errors:
+            raise self.errors[0]
+
+
+class Progress:
+    """Audio seconds generated: a tqdm bar on a terminal (clips done/total, audio-s per wall-s, ETA); otherwise
+    one line every ``interval_s`` on ``stream``; a summary at the end."""
+
+    def __init__(self, clips: int, audio_seconds: float, stream: TextIO | None = None, tty: bool | None = None,
+                 interval_s: float = 5.0) -> None:
+        self.clips, self.audio_seconds = clips, audio_seconds
+        stream = stream or sys.stderr
+        self.out, self.interval_s = stream, interval_s
+        self.start = time.perf_counter()
+        self._last = float("-inf")  # the first update prints
+        self.done = 0
+        self.bar = None
+        if tty if tty is not None else stream.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=round(audio_seconds, 2), unit="audio-s", file=stream, dynamic_ncols=True,
+                            desc="generating", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} "
+                            "audio-s [{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+            self.bar.set_postfix_str(f"clips 0/{clips}")
+
+    def update(self, stream: GenerationStream) -> None:
+        """Called after every engine step: cheap unless a refresh is due."""
+        now = time.perf_counter()
+        if now - self._last < (BAR_REFRESH_S if self.bar is not None else self.interval_s):
+            return
+        self._last = now
+        self.done = stream.done
+        seconds = stream.audio_seconds_done
+        if self.bar is not None:
+            self.bar.total = round(stream.audio_seconds_total, 2)
+            self.bar.n = round(seconds, 2)
+            self.bar.set_postfix_str(f"clips {stream.done}/{self.clips}", refresh=False)
+            self.bar.refresh()
+            return
+        rate = seconds / max(now - self.start, 1e-9)
+        left = max(0.0, stream.audio_seconds_total - seconds)
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        print(f"progress: {stream.done}/{self.clips} clips, {seconds:.1f}/{stream.audio_seconds_total:.1f} s of "
+              f"audio, {rate:.2f} audio-s per wall-s, ETA {eta}", file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,220 @@
+"""A batch job: the list of outputs to make, parsed from a manifest (JSON lines) or from plain prompts, and checked
+as a whole against the checkpoint's limits before any model is loaded.
+
+Manifest: one JSON object per line::
+
+    {"prompt": "lofi beat", "name": "lofi", "duration": 8, "num_samples": 3, "seed": 10}
+    {"prompt": null, "audio_prompt": "intros/a.wav", "duration": 5, "temperature": 0.9}
+
+``prompt`` (string, or null for unconditional) is required; ``name`` (file stem; default ``NNN_slug``),
+``audio_prompt`` (path relative to the manifest), ``num_samples`` (N variants: seeds seed, seed+1, …, files
+name-0, name-1, …) and every ``SamplingParams`` field are optional. Blank lines and lines starting with ``#`` are
+skipped."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from fastgen.api import CheckpointInfo
+from fastgen.audio import safe_filename
+from fastgen.errors import RequestError
+from fastgen.sampling_params import SEED_MAX, SamplingParams
+
+PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+JOB_FIELDS = ("prompt", "name", "audio_prompt", "num_samples")
+MAX_SAMPLES_PER_LINE = 10_000
+# Portable file stems: no separators, no leading dot (our temporaries and lock are dot files), no trailing dot.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,149}$")
+
+
+class ManifestError(RequestError):
+    """A job cannot run as given; the message names the line and the field."""
+
+
+@dataclass(frozen=True)
+class JobItem:
+    """One output file of a job."""
+    name: str                     # file stem, unique in the job
+    prompt: str | None
+    params: SamplingParams        # seed always set
+    audio_prompt: Path | None = None
+    source: str = ""              # where it came from, for messages ("jobs.jsonl line 3")
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat JSON-friendly dict (a manifest line for exactly this output): Ray dataset rows, results."""
+        row = {"name": self.name, "prompt": self.prompt,
+               "audio_prompt": str(self.audio_prompt.resolve()) if self.audio_prompt is not None else None}
+        row.update({k: v for k, v in dataclasses.asdict(self.params).items() if v is not None})
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], where: str = "row") -> "JobItem":
+        """The inverse of to_row; validates like a manifest line (num_samples not allowed: one row, one output)."""
+        row = {k: _plain(v) for k, v in row.items() if _plain(v) is not None or k == "prompt"}
+        if "name" not in row:
+            raise ManifestError(f"{where}: field 'name' is required in a dataset row (the output's file stem)")
+        (item,) = _expand(row, where, base=Path("."), index=0, next_seed=None, allow_samples=False)
+        return item
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (as Ray hands rows over) to Python values; NaN (a missing column) to None."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def read_manifest(path: Path, defaults: SamplingParams = SamplingParams(), seed: int | None = None) -> list[JobItem]:
+    """Parse a manifest. ``defaults`` (the command line's sampling flags) fill fields a line leaves out; ``seed``
+    gives outputs without their own seed seed, seed+1, … in job order (None: fresh random seeds)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc})") from None
+    items: list[JobItem] = []
+    index = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ManifestError(f"{where}: expected a JSON object like {{\"prompt\": \"lofi beat\"}}, "
+                                f"got {type(record).__name__}")
+        record = {k: v for k, v in record.items() if v is not None or k == "prompt"}
+        for key, value in defaults_dict(defaults).items():
+            record.setdefault(key, value)
+        next_seed = None if seed is None else seed + len(items)
+        items += _expand(record, where, base=Path(path).parent, index=index, next_seed=next_seed)
+        index += 1
+    if not items:
+        raise ManifestError(f"{path}: the manifest has no jobs (one JSON object per line)")
+    return check_names(items)
+
+
+def items_from_prompts(prompts: Iterable[str | None], defaults: SamplingParams = SamplingParams(),
+                       seed: int | None = None, audio_prompt: Path | None = None) -> list[JobItem]:
+    """Plain prompts (positional, --prompts-file, --unconditional): files NNN_slug, prompt i seeded seed + i."""
+    items = []
+    for i, prompt in enumerate(prompts):
+        record = {"prompt": prompt, **defaults_dict(defaults)}
+        if audio_prompt is not None:
+            record["audio_prompt"] = str(audio_prompt)
+        items += _expand(record, f"prompt {i + 1}", base=Path("."), index=i,
+                         next_seed=None if seed is None else seed + i)
+    return check_names(items)
+
+
+def defaults_dict(params: SamplingParams) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(params).items() if v is not None}
+
+
+def _expand(record: dict[str, Any], where: str, *, base: Path, index: int, next_seed: int | None,
+            allow_samples: bool = True) -> list[JobItem]:
+    unknown = [k for k in record if k not in JOB_FIELDS and k not in PARAM_FIELDS]
+    if unknown:
+        raise ManifestError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(JOB_FIELDS + PARAM_FIELDS)}")
+    if "prompt" not in record:
+        raise ManifestError(f"{where}: field 'prompt' is required (a string, or null for unconditional)")
+    prompt = record["prompt"]
+    if prompt is not None and not isinstance(prompt, str):
+        raise ManifestError(f"{where}: field 'prompt' must be a string or null, got {type(prompt).__name__}")
+    name = record.get("name")
+    if name is None:
+        name = safe_filename(prompt, index, extension="")
+    elif not isinstance(name, str) or not _NAME.match(name) or name.endswith("."):
+        raise ManifestError(f"{where}: field 'name' must be a file stem of 1-150 letters, digits, '_', '-' or '.' "
+                            f"(not starting with '.' or '-'), got {name!r}")
+    samples = record.get("num_samples", 1)
+    if not allow_samples and "num_samples" in record:
+        raise ManifestError(f"{where}: field 'num_samples' is not allowed here (one row is one output)")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES_PER_LINE:
+        raise ManifestError(f"{where}: field 'num_samples' must be an integer in [1, {MAX_SAMPLES_PER_LINE}], "
+                            f"got {samples!r}")
+    audio = record.get("audio_prompt")
+    if audio is not None:
+        if not isinstance(audio, str) or not audio:
+            raise ManifestError(f"{where}: field 'audio_prompt' must be a path (relative to the manifest)")
+        audio = base / Path(audio).expanduser()
+        if not audio.is_file():
+            raise ManifestError(f"{where}: field 'audio_prompt': no such file {str(audio)!r}")
+    values = {k: record[k] for k in PARAM_FIELDS if k in record}
+    if "duration" in values and "max_new_tokens" in values:  # a line's own length wins over the flag's default
+        values.pop("max_new_tokens" if "duration" in record else "duration")
+    if values.get("seed") is None:
+        values["seed"] = next_seed if next_seed is not None else secrets.randbelow(SEED_MAX - samples)
+    try:
+        base_params = SamplingParams(**values)
+        if base_params.seed + samples - 1 > SEED_MAX:
+            raise RequestError(f"seed + num_samples - 1 must be ≤ 2**63 - 1, got seed {base_params.seed}")
+    except RequestError as exc:
+        field = next((f for f in PARAM_FIELDS if str(exc).startswith(f)), None)
+        named = f" (field {field!r})" if field else ""
+        raise ManifestError(f"{where}{named}: {exc}") from None
+    if samples == 1:
+        return [JobItem(name, prompt, base_params, audio, where)]
+    return [JobItem(f"{name}-{j}", prompt, dataclasses.replace(base_params, seed=base_params.seed + j), audio,
+                    f"{where} sample {j}") for j in range(samples)]
+
+
+def check_names(items: list[JobItem]) -> list[JobItem]:
+    seen: dict[str, JobItem] = {}
+    for item in items:
+        key = item.name.casefold()  # case-insensitive filesystems would put both in one file
+        if key in seen:
+            raise ManifestError(f"{item.source}: name {item.name!r} is already used by {seen[key].source}; "
+                                "names must be unique (they are the file names)")
+        seen[key] = item
+    return items
+
+
+def check_limits(items: list[JobItem], info: CheckpointInfo) -> None:
+    """Every output's length (audio prompt included) within what the engine will accept, before loading it."""
+    limit_frames = round(info.max_duration_s * info.frame_rate)
+    hop = info.sample_rate // info.frame_rate
+    prompt_frames: dict[Path, int] = {}
+    for item in items:
+        params = item.params
+        if params.duration is not None:
+            frames = max(1, round(params.duration * info.frame_rate))
+        elif params.max_new_tokens is not None:
+            frames = params.max_new_tokens + 1 - info.channel_codebooks
+            if frames < 1:
+                raise ManifestError(f"{item.source} (field 'max_new_tokens'): must be ≥ {info.channel_codebooks} "
+                                    f"for this model, got {params.max_new_tokens}")
+        else:
+            frames = round(info.default_duration_s * info.frame_rate)
+        extra, what = 0, ""
+        if item.audio_prompt is not None:
+            if item.audio_prompt not in prompt_frames:
+                prompt_frames[item.audio_prompt] = _audio_frames(item, info.sample_rate, hop)
+            extra = prompt_frames[item.audio_prompt]
+            what = f" + {extra / info.frame_rate:.2f} s of audio prompt"
+        if frames + extra > limit_frames:
+            raise ManifestError(
+                f"{item.source} (field 'duration'): {frames / info.frame_rate:.2f} s{what} is over this model's "
+                f"limit of {info.max_duration_s:.2f} s per request")
+
+
+def _audio_frames(item: JobItem, sample_rate: int, hop: int) -> int:
+    from fastgen.audio import read_audio
+    try:
+        audio, rate = read_audio(item.audio_prompt)
+    except Exception as exc:  # soundfile raises its own error types for undecodable files
+        raise ManifestError(f"{item.source} (field 'audio_prompt'): cannot read {item.audio_prompt} ({exc})") \
+            from None
+    samples = math.ceil(audio.shape[-1] * sample_rate / rate)
+    if samples == 0:
+        raise ManifestError(f"{item.source} (field 'audio_prompt'): {item.audio_prompt} holds no samples")
+    return -(-samples // hop)

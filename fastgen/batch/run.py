@@ -1,0 +1,188 @@
+"""The batch command's flow, shared by ``fastgen generate`` and Python callers: check the whole job (items, output
+folder, device, lengths against the checkpoint's limit) before loading anything, take the output folder, resume from
+its results, load the model only if work is left, generate and write, stop cleanly on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from fastgen.batch.job import GRACE_S, JobResult, Progress, StopSignal, run_items
+from fastgen.batch.manifest import JobItem, check_limits
+from fastgen.batch.writer import OutputFolder, check_out_dir
+
+EXIT_FAILED = 1
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(BaseException):
+    """A signal arrived before generation started (while validating or loading): nothing was written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(SIGNAL_NAMES.get(signum, str(signum)))
+        self.signum = signum
+
+
+@dataclass
+class JobSpec:
+    items: list[JobItem]
+    out: Path
+    model: str | Path                          # checkpoint folder or hub id
+    model_name: str = ""                       # recorded in results.jsonl (default: model)
+    extension: str = ".wav"
+    device: str | None = None                  # None: cuda when available
+    dtype: str | None = None
+    allow_pickle: bool = False
+    engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    skip_existing: bool = False
+    grace_s: float = GRACE_S
+    resume_command: str = ""                   # printed when interrupted
+    ray_workers: int | None = None             # run on Ray Data with this many engines
+
+
+def check_device(device: str | None) -> str:
+    """A one-line error for a device torch cannot use; the default is cuda when available."""
+    import torch
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: fastgen runs on cpu or cuda, not {parsed.type}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: no CUDA device is available here (torch.cuda.is_available() "
+                             "is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what MusicGen.from_pretrained accepts
+
+
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = None) -> int:
+    """Run the job; returns the exit status (0 done, 1 some outputs failed, 128 + signal when interrupted)."""
+    from fastgen.api import MusicGen
+    log, records = log or sys.stderr, records or sys.stdout
+    with _signals() as stop:
+        device = check_device(spec.device)
+        check_dtype(spec.dtype)
+        check_out_dir(spec.out)
+        info = MusicGen.inspect(spec.model, spec.engine_options.get("max_duration_s"))
+        check_limits(spec.items, info)
+        folder = OutputFolder(spec.out, spec.extension)
+        with folder:
+            removed = folder.remove_temporaries()
+            if removed:
+                print(f"removed {removed} unfinished temporary file(s) from an interrupted run", file=log)
+            items = spec.items
+            if spec.skip_existing:
+                done = folder.completed()
+                items = [i for i in items if not (i.name in done and done[i.name].get("prompt") == i.prompt)]
+                if len(items) < len(spec.items):
+                    print(f"skipping {len(spec.items) - len(items)} output(s) already in {folder.results_path}",
+                          file=log)
+            if not items:
+                print(f"nothing left to do: all {len(spec.items)} output(s) are recorded in {folder.results_path}",
+                      file=log)
+                return 0
+            name = spec.model_name or str(spec.model)
+            if spec.ray_workers is not None:
+                from fastgen.batch.ray_data import run_on_ray  # Ray is an optional extra
+                result = run_on_ray(items, spec, name, workers=spec.ray_workers, device=device, log=log,
+                                    records=records)
+            else:
+                result = _run_local(spec, items, device, name, stop, log, records)
+    return _report(spec, result, stop, log)
+
+
+def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop: "_Stop", log: TextIO,
+               records: TextIO) -> JobResult:
+    import json
+
+    from fastgen.api import MusicGen
+    options = spec.engine_options
+    compiling = " and compiling the decode step (a one-off of tens of seconds; cached afterwards)" \
+        if options.get("compile_step") else ""
+    warmup = " and capturing CUDA graphs" if device.startswith("cuda") and not options.get("enforce_eager") else ""
+    print(f"loading {name} on {device}{compiling}{warmup}…", file=log, flush=True)
+    started = time.perf_counter()
+    model = MusicGen.from_pretrained(spec.model, device=device, dtype=spec.dtype, allow_pickle=spec.allow_pickle,
+                                     **options)
+    wanted = options.get("max_slots")
+    if wanted is not None and model.num_slots < wanted:
+        raise ValueError(f"--max-slots {wanted}: the KV-cache budget holds only {model.num_slots} slot(s) of "
+                         f"{model.max_duration_s:.1f} s; raise --kv-cache-gib or lower --max-duration")
+    print(f"loaded in {time.perf_counter() - started:.1f} s: {model.num_slots} concurrent slot(s), up to "
+          f"{model.max_duration_s:.2f} s per request", file=log, flush=True)
+    progress = Progress(len(items), 0.0, stream=log)
+
+    def written(record: dict[str, Any]) -> None:
+        print(json.dumps(record, ensure_ascii=False), file=records, flush=True)
+
+    def failed(item: JobItem, error: Exception) -> None:
+        print(f"fastgen: {item.name} failed: {error}", file=log, flush=True)
+
+    stop.generating = True
+    try:
+        return run_items(model, items, OutputFolder(spec.out, spec.extension), model_name=name, stop=stop.signal,
+                         grace_s=spec.grace_s, on_step=progress.update, on_written=written, on_failed=failed)
+    finally:
+        stop.generating = False
+        progress.close()
+
+
+def _report(spec: JobSpec, result: JobResult, stop: "_Stop", log: TextIO) -> int:
+    rate = result.audio_seconds / max(result.wall_s, 1e-9)
+    print(f"wrote {len(result.written)} file(s), {result.audio_seconds:.1f} s of audio in {result.wall_s:.1f} s "
+          f"({rate:.2f} audio-s per wall-s) to {spec.out}/", file=log)
+    if stop.signal.signum is not None:
+        signum = stop.signal.signum
+        print(f"interrupted by {SIGNAL_NAMES.get(signum, signum)}: {len(result.written)} output(s) written this "
+              f"run, {len(result.left)} left (finished files are recorded in {spec.out / 'results.jsonl'}). "
+              f"Resume with:\n  {spec.resume_command}", file=log)
+        return 128 + signum
+    if result.failed:
+        print(f"{len(result.failed)} output(s) failed (not recorded; rerun with --skip-existing to retry them): "
+              + ", ".join(list(result.failed)[:5]), file=log)
+        return EXIT_FAILED
+    return 0
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.signal = StopSignal()
+        self.generating = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.generating:  # between engine steps: stop admitting, finish what runs (see run_items)
+            self.signal.request(signum)
+        else:
+            raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[_Stop]:
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, stop.handle) for s in SIGNAL_NAMES}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,202 @@
+"""The decoder's projections at decode shapes (a handful of rows: 2 per request under CFG), each in the layout its
+fastest path wants, chosen by measurement rather than by vendor name.
+
+On a CPU, the stock ``F.linear`` is MKL's SGEMM in fp32, whose small-M code streams weights far below the memory
+bandwidth on some CPUs (an AMD EPYC: ~6 GB/s at 2 rows), while oneDNN's inner product over a weight reordered once
+into its blocked layout runs near it, in fp32 and bf16. Which is faster depends on the CPU, its libraries and the
+shapes, so ``choose_cpu_path`` times the candidates at load on the model's own weights (all layers of a shape, so
+they stream from DRAM as in a real step), once per process per (dtype, shape, rows, threads). Weight-only int8
+(fastgen.model.quantize) runs through ``aten._weight_int8pack_mm`` on a CPU and a Triton GEMV on CUDA.
+
+Every Linear computes y = x @ W^T for x [..., K] and ``add_to(residual, x)`` = residual + x @ W^T (fused where the
+path can)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.model.quantize import dequantize_int8, quantize_int8
+
+# the rows a decode step multiplies: one request, its cond and uncond rows
+DECODE_ROWS = 2
+CPU_PATHS = ("aten", "onednn-packed")
+# the candidates run over this many bytes of weights: well past any L3 cache, so they stream from DRAM
+MEASURE_BYTES = 96 << 20
+_CHOSEN: dict[tuple, str] = {}  # (dtype, N, K, rows, threads) → path, measured once per process
+_INT8PACK_K_MULTIPLE = 16  # _weight_int8pack_mm crashes (segfault) on other K in torch 2.13
+
+
+class DenseLinear:
+    """The stock path: F.linear / addmm (MKL or oneDNN on a CPU, cuBLAS on CUDA). Also what torch.compile traces."""
+    path = "aten"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight                 # [N, K]
+        self.weight_t = weight.t()           # a view: addmm(residual, x, W^T) adds the residual in the GEMM
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return torch.addmm(residual, x, self.weight_t)
+        return residual + x @ self.weight_t
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def dense(self) -> "DenseLinear":
+        return self
+
+
+class PackedLinear:
+    """oneDNN's inner product over a weight reordered once (at load) into oneDNN's blocked layout for ``rows``
+    rows; any number of rows still works. CPU only; float32 and bfloat16."""
+    path = "onednn-packed"
+
+    def __init__(self, weight: torch.Tensor, rows: int = DECODE_ROWS) -> None:
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and residual.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, None, "add")
+        return residual + self(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * torch.tensor([], dtype=self.dtype).element_size()
+
+    def dense(self) -> DenseLinear:
+        return DenseLinear(self.packed.to_dense())
+
+
+class Int8Linear:
+    """Weight-only int8: y = (x @ q^T) * scale, per output channel. CPU: ``aten._weight_int8pack_mm`` with bf16
+    activations (its fp32 path is several times slower, so fp32 inputs go through bf16 and come back); CUDA: the
+    Triton GEMV in fastgen.kernels.int8_linear."""
+    path = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.q = q.contiguous()              # [N, K] int8
+        self.scale = scale.float()           # [N] float32
+        self.scale_bf16 = scale.to(torch.bfloat16)
+        self.fast_cpu = self.q.shape[1] % _INT8PACK_K_MULTIPLE == 0
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
+        return cls(*quantize_int8(weight))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        flat = x.reshape(-1, k)
+        if x.device.type == "cuda":
+            from fastgen.kernels.int8_linear import int8_linear
+            out = int8_linear(flat, self.q, self.scale)
+        elif self.fast_cpu:
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.q,
+                                                     self.scale_bf16).to(x.dtype)
+        else:  # shapes the CPU kernel does not take (tiny test models with odd widths)
+            out = F.linear(flat, dequantize_int8(self.q, self.scale, x.dtype))
+        return out.view(*lead, self.q.shape[0])
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return residual + self(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 2  # int8 codes + the bf16 (or fp32 on CUDA: ~same) scales
+
+    def dense(self) -> "Int8Linear":
+        return self
+
+
+Linear = DenseLinear | PackedLinear | Int8Linear
+
+
+def _time_pass(linears: list, x: torch.Tensor, passes: int = 3) -> float:
+    """Median seconds of one pass over every weight (a pass streams them all, as a step does)."""
+    for linear in linears[:2]:
+        linear(x)
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for linear in linears:
+            linear(x)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def choose_cpu_path(weights: list[torch.Tensor], rows: int = DECODE_ROWS) -> str:
+    """The fastest CPU path for these same-shape float weights at ``rows`` rows: each candidate runs over all of
+    them (from DRAM, like a step) and the quickest median wins. Cached per process by dtype, shape, rows and the
+    intra-op thread count; a candidate the CPU does not support (fp16 reorders without avx512_fp16) is skipped."""
+    w = weights[0]
+    key = (w.dtype, tuple(w.shape), rows, torch.get_num_threads())
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+    timings = {}
+    with torch.inference_mode():
+        for path in CPU_PATHS:
+            try:
+                linears = [make_linear(weight, path) for weight in weights]
+                timings[path] = _time_pass(linears, x)
+            except RuntimeError:  # not supported on this CPU / dtype
+                continue
+            finally:
+                linears = []
+    _CHOSEN[key] = min(timings, key=timings.get) if timings else "aten"
+    return _CHOSEN[key]
+
+
+def make_linear(weight: torch.Tensor, path: str) -> Linear:
+    if path == "aten":
+        return DenseLinear(weight)
+    if path == "onednn-packed":
+        return PackedLinear(weight)
+    if path == "int8":
+        return Int8Linear.from_float(weight)
+    raise ValueError(f"unknown linear path {path!r}")
+
+
+def build_linears(loaders: list[Callable[[], torch.Tensor]], *, device: torch.device, dtype: torch.dtype,
+                  quantization: str | None) -> list[Linear]:
+    """One role's weights (every layer's fc1, say: one shape), each read by its loader (float, as in the checkpoint)
+    → Linears. int8 quantises each from the checkpoint's float values; otherwise a CPU measures its paths on the
+    first weights (about MEASURE_BYTES of them) and converts every weight as it is read, so memory never holds a
+    role twice; other devices use the stock path."""
+    def cast(load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        weight = load()  # a meta tensor stands for a missing weight: the checkpoint reader reports those at the end
+        return weight if weight.is_meta else weight.to(device=device, dtype=dtype)
+
+    if quantization == "int8":
+        return [Int8Linear(*quantize_int8(w)) if not w.is_meta else DenseLinear(w)
+                for w in (load() for load in loaders)]
+    if device.type != "cpu":
+        return [DenseLinear(cast(load)) for load in loaders]
+    remaining = iter(loaders)
+    sample: list[torch.Tensor] = []
+    for load in remaining:
+        sample.append(cast(load))
+        if sum(w.numel() * w.element_size() for w in sample) >= MEASURE_BYTES:
+            break
+    if any(w.is_meta for w in sample):  # a missing weight: the loader reports it after reading the rest
+        return [DenseLinear(w) for w in sample] + [DenseLinear(cast(load)) for load in remaining]
+    path = choose_cpu_path(sample)
+    linears = [make_linear(w, path) for w in sample]
+    del sample
+    return linears + [make_linear(cast(load), path) for load in remaining]
+
+
+def chosen_paths() -> dict[tuple, str]:
+    """What choose_cpu_path measured in this process (for benchmarks and logs)."""
+    return dict(_CHOSEN)

@@ -1,0 +1,63 @@
+"""The decoder's linear paths: every candidate computes the same product, the choice is a measured one and is made
+once per process and shape, and a compiled step gets plain weights back."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgen.model import linear as linear_module
+from fastgen.model.linear import CPU_PATHS, DenseLinear, build_linears, choose_cpu_path, make_linear
+from fastgen.model.musicgen import MusicgenModel, cpu_has_native_bf16, parse_dtype
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_paths_compute_the_same_product(path, dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=gen).to(dtype)
+    linear = make_linear(weight, path)
+    for shape in ((2, 40), (1, 40), (3, 5, 40)):   # decode rows, one row, a prefill block
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        torch.testing.assert_close(linear(x).float(), F.linear(x.float(), weight.float()), atol=tol * 10, rtol=tol)
+    x, residual = torch.randn(2, 40, generator=gen).to(dtype), torch.randn(2, 48, generator=gen).to(dtype)
+    torch.testing.assert_close(linear.add_to(residual, x).float(), (residual.float() + F.linear(x, weight).float()),
+                               atol=tol * 10, rtol=tol)
+    dense = linear.dense()
+    assert isinstance(dense, DenseLinear) and torch.equal(dense.weight, weight)
+    assert linear.nbytes == weight.numel() * weight.element_size()
+
+
+def test_choice_is_measured_once_per_shape(monkeypatch):
+    timed = []
+    real = linear_module._time_pass
+    monkeypatch.setattr(linear_module, "_time_pass", lambda linears, x: timed.append(linears[0].path) or
+                        real(linears, x))
+    monkeypatch.setattr(linear_module, "_CHOSEN", {})
+    weights = [torch.randn(72, 56) for _ in range(3)]
+    first = choose_cpu_path(weights)
+    assert first in CPU_PATHS and sorted(timed) == sorted(CPU_PATHS)  # every candidate was timed
+    assert choose_cpu_path(weights) == first and len(timed) == len(CPU_PATHS)  # cached: not timed again
+    built = build_linears([lambda w=w: w for w in weights], device=torch.device("cpu"), dtype=torch.float32,
+                          quantization=None)
+    assert {b.path for b in built} == {first}
+
+
+def test_default_dtype_follows_native_bf16():
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert parse_dtype(None, torch.device("cpu")) == expected
+    assert parse_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_stock_linears_for_compiled_steps(tiny_mono_dir):
+    model = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32)
+    before = [linear(torch.ones(2, linear_in(linear))) for linear in model.decoder.linears()]
+    model.decoder.use_stock_linears()
+    assert all(isinstance(linear, DenseLinear) for linear in model.decoder.linears())
+    after = [linear(torch.ones(2, linear_in(linear))) for linear in model.decoder.linears()]
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def linear_in(linear) -> int:
+    return linear.weight.shape[1] if isinstance(linear, DenseLinear) else linear.shape[1]
