@@ -353,24 +353,6 @@ def quiet_token_id_warnings() -> Iterator[None]:
         for logger in loggers:
             logger.removeFilter(quiet)
 
-    def decode_codes(self, codes: Any) -> np.ndarray:
-        """EnCodec: codes int [num_codebooks, frames] (GenerationOutput.codes' layout) → float32 audio
-        [channels, frames · hop] at ``sample_rate``."""
-        dec = self.engine.model.config.decoder
-        checked = longform.as_codes(codes, dec.num_codebooks, dec.vocab_size, "codes")
-        return self.engine.runner.decode_audio([checked])[0]
-
-    def encode_audio(self, waveform: Any, sample_rate: int) -> np.ndarray:
-        """EnCodec: audio (numpy or torch, [samples] or [channels, samples], any rate; resampled and up/down-mixed as
-        an audio prompt is) → int64 codes [num_codebooks, frames], what ``codes_prompts`` and ``decode_codes`` take."""
-        dec = self.engine.model.config.decoder
-        try:
-            audio = prepare_audio_prompt(waveform, sample_rate, target_sample_rate=self.sample_rate,
-                                         channels=dec.audio_channels, name="waveform")
-        except (ValueError, TypeError) as exc:
-            raise RequestError(str(exc)) from None
-        return self.engine.model.codec.encode(audio).numpy().astype(np.int64)
-
 
 def _broadcast(value: Any, n: int, name: str) -> list[Any]:
     if value is None or isinstance(value, SamplingParams):

@@ -12,7 +12,8 @@ WINDOW_S = 0.5
 
 @pytest.fixture(scope="module")
 def models(tiny_mono_dir, tiny_stereo_dir):
-    return {layout: fastgen.MusicGen.from_pretrained(folder, backend="torch", max_slots=2, window_s=WINDOW_S)
+    return {layout: fastgen.MusicGen.from_pretrained(folder, backend="torch", dtype="float32", max_slots=2,
+                                                       window_s=WINDOW_S)
             for layout, folder in (("mono", tiny_mono_dir), ("stereo", tiny_stereo_dir))}
 
 

@@ -22,7 +22,7 @@ LONG_S = 1.24                  # 62 frames: windows [0, 25) [15, 40) [30, 55) [4
 
 
 def long_engine(folder, **options) -> fastgen.Engine:
-    return fastgen.Engine.from_pretrained(folder, backend="torch", window_s=WINDOW_S, **options)
+    return fastgen.Engine.from_pretrained(folder, backend="torch", dtype="float32", window_s=WINDOW_S, **options)
 
 
 def run_alone(engine: fastgen.Engine, *args, **kwargs) -> np.ndarray:
@@ -201,7 +201,8 @@ def test_limits_are_the_engines(tiny_mono_dir):
     for bad in (0, 31, float("nan")):
         with pytest.raises(ValueError, match="window_s"):
             fastgen.EngineConfig(window_s=bad)
-    short = fastgen.Engine.from_pretrained(tiny_mono_dir, backend="torch", max_slots=1, max_duration_s=2.0)
+    short = fastgen.Engine.from_pretrained(tiny_mono_dir, backend="torch", dtype="float32", max_slots=1,
+                                           max_duration_s=2.0)
     assert short.slot_frames == 100 < short.window_frames  # a limit under the window sizes the slot, as before
 
 
@@ -215,6 +216,7 @@ def test_reprefill_under_graph_replay_matches_eager(tiny_mono_dir):
     for backend, graphs in (("torch", False), ("triton", True)):
         with cpu_graphs() if graphs else contextlib.nullcontext():
             engine = fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=2, backend=backend, window_s=0.3,
+                                                    dtype="float32",
                                                     max_duration_s=1.0, steps_per_call=3, enforce_eager=not graphs)
         assert (engine.runner.graphs is not None) == graphs
         requests = [engine.add_request(*item) for item in work]
