@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 from collections import deque
@@ -19,7 +18,7 @@ from fastgen.config import EngineConfig, ModelConfig
 from fastgen.engine import longform
 from fastgen.engine.engine import Engine
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
-from fastgen.errors import CheckpointError, RequestError, RequestFailed
+from fastgen.errors import RequestError, RequestFailed
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.sampling_params import BUILTIN_DEFAULTS, SamplingParams
 
@@ -71,18 +70,10 @@ class MusicGen:
     def inspect(name_or_path: str | Path, max_duration_s: float | None = None) -> CheckpointInfo:
         """Read a checkpoint's config.json and generation_config.json (no weights): its sample rate, channels,
         default sampling parameters and the longest request an engine with ``max_duration_s`` would accept."""
-        from fastgen.model.loader import resolve_checkpoint
+        from fastgen.model.loader import read_generation_config, resolve_checkpoint
         folder = resolve_checkpoint(name_or_path)
         config = ModelConfig.from_file(folder / "config.json")
-        generation: dict[str, Any] = {}
-        path = folder / "generation_config.json"
-        if path.is_file():
-            try:
-                generation = json.loads(path.read_text())
-            except ValueError as exc:
-                raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-            if not isinstance(generation, dict):
-                raise CheckpointError(f"{path}: expected a JSON object, got {type(generation).__name__}")
+        generation = read_generation_config(folder)
         EngineConfig(max_duration_s=max_duration_s)  # validates it
         max_frames = config.max_frames  # the same cap Engine applies
         if max_duration_s is not None:

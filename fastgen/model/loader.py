@@ -262,18 +262,24 @@ class LoadedParts:
     generation_config: dict[str, Any]
 
 
+def read_generation_config(folder: Path) -> dict[str, Any]:
+    """generation_config.json as a dict ({} when the checkpoint has none)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        generation_config = json.loads(path.read_text())
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(generation_config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(generation_config).__name__}")
+    return generation_config
+
+
 def load_parts(name_or_path: str | Path, *, allow_pickle: bool = False) -> LoadedParts:
     folder = resolve_checkpoint(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
-    generation_config: dict[str, Any] = {}
-    gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            generation_config = json.loads(gen_path.read_text())
-        except ValueError as exc:  # bad JSON or bad UTF-8
-            raise CheckpointError(f"{gen_path}: not valid JSON ({exc})") from None
-        if not isinstance(generation_config, dict):
-            raise CheckpointError(f"{gen_path}: expected a JSON object, got {type(generation_config).__name__}")
+    generation_config = read_generation_config(folder)
     weights = read_weights(folder, allow_pickle=allow_pickle)
     stray = [k for k in weights if not k.startswith(KNOWN_PREFIXES)]
     if stray:
