@@ -57,7 +57,7 @@ def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
 def test_compile_step_with_the_triton_backend_is_refused(tiny_mono_dir, device):
     with pytest.raises(ValueError, match="compile_step applies to the torch backend"):  # (Triton needs CUDA or the
         fastgen.Engine.from_pretrained(tiny_mono_dir, device=device, max_slots=1, backend="triton",  # interpreter)
-                                       compile_step=True)
+                                       dtype=torch.float32, compile_step=True)
 
 
 def test_compile_step_must_be_a_bool():

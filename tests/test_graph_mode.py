@@ -8,6 +8,7 @@ import contextlib
 
 import numpy as np
 import pytest
+import torch
 
 import fastgen
 from fastgen.engine.graph_standin import cpu_graphs
@@ -35,7 +36,8 @@ def run(folder, channels: int, backend: str, graphs: bool = False) -> tuple[dict
     """Codes per request and the graph bucket of each engine step (empty when eager)."""
     with cpu_graphs() if graphs else contextlib.nullcontext():
         engine = fastgen.Engine.from_pretrained(folder, max_slots=3, backend=backend, max_duration_s=1.0,
-                                                steps_per_call=STEPS_PER_CALL, enforce_eager=not graphs)
+                                                dtype=torch.float32, steps_per_call=STEPS_PER_CALL,
+                                                enforce_eager=not graphs)
     assert (engine.runner.graphs is not None) == graphs
     schedule, codes, buckets = workload(channels), {}, []
     step = 0
@@ -89,7 +91,7 @@ class HostCounter:
 def planted_run(folder, backend: str, graphs: bool = False) -> np.ndarray:
     with cpu_graphs() if graphs else contextlib.nullcontext():
         engine = fastgen.Engine.from_pretrained(folder, max_slots=1, backend=backend, max_duration_s=1.0,
-                                                enforce_eager=not graphs)
+                                                dtype=torch.float32, enforce_eager=not graphs)
     request = engine.make_request("lofi beat", fastgen.SamplingParams(max_new_tokens=10, do_sample=False,
                                                                       guidance_scale=3.0))
     engine.run([request])
@@ -117,4 +119,5 @@ def test_planted_host_sync_fails_capture(tiny_mono_dir, monkeypatch):
 
     monkeypatch.setattr(TritonOps, "self_attention", synced_self_attention)
     with cpu_graphs(), pytest.raises(RuntimeError, match="graph capture"):
-        fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=1, backend="triton", max_duration_s=1.0)
+        fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=1, backend="triton", max_duration_s=1.0,
+                                       dtype=torch.float32)
