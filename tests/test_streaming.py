@@ -187,8 +187,10 @@ def test_stream_crosses_long_form_window_boundaries(tiny_mono_dir, tiny_stereo_d
 
 
 def test_async_stream_crosses_long_form_window_boundaries(tiny_stereo_dir):
-    """The same through the AsyncEngine, its stage worker on a thread (windows decoded after the slot moved on)."""
-    engine = AsyncEngine.from_pretrained(tiny_stereo_dir, max_slots=2, overlap_stages=True, **LONG_ENGINE)
+    """The same through the AsyncEngine, its stage worker on a thread (windows decoded after the slot moved on), with
+    3 steps per call (window ends inside a call)."""
+    engine = AsyncEngine.from_pretrained(tiny_stereo_dir, max_slots=2, overlap_stages=True, steps_per_call=3,
+                                         **LONG_ENGINE)
     try:
         async def main():
             plain = await engine.submit("a long stream", LONG)
