@@ -136,12 +136,12 @@ def seam(seconds: float, configs: list[tuple[int, int, int]]) -> list[dict]:
     rows = []
     for context, lookahead, fade in configs:
         config = StreamConfig(left_context_frames=context, lookahead_frames=lookahead, crossfade_frames=fade)
-        request = SimpleNamespace(request_id="r", total_frames=frames, prompt_frames=0, steps_done=0)
-        streamer = AudioStreamer(lambda r, a, b: codes[:, a:b], decode, 640, 50, books, config)
+        request = SimpleNamespace(request_id="r", complete_frames=0)
+        streamer = AudioStreamer(lambda r, a, b: codes[:, a:b], decode, 640, 50, config)
         streamer.start(request)
         chunks = []
         for step in range(1, frames + books):
-            request.steps_done = step
+            request.complete_frames = min(frames, max(0, step - (books - 1)))  # the delay pattern's lag
             last = step == frames + books - 1
             chunks += streamer.decode([streamer.final(request, codes)] if last else streamer.due([request]))
         error = np.concatenate(chunks, -1) - reference

@@ -177,7 +177,7 @@ def test_error_statuses_and_auth(live):
             ({"top_p": 2.0}, "top_p", "[0, 1]"),
             ({"guidance_scale": 1000}, "guidance_scale", "[0, 100]"),
             ({"seed": -3}, "seed", "2**63"),
-            ({"duration": 60}, "duration", "over the limit of 10.16 s"),
+            ({"duration": 400}, "duration", "over the limit of 300.00 s"),  # EngineConfig.max_duration_s
             ({"duration": 1, "stream": True, "response_format": "flac"}, "response_format", "cannot be streamed"),
             ({"response_format": "mp3"}, "response_format", "wav"),
             ({"temperature": "hot"}, "temperature", "number"),

@@ -142,3 +142,63 @@ def test_stream_config_validation():
         StreamConfig(first_chunk_s=0)
     with pytest.raises(ValueError, match="crossfade_frames"):
         StreamConfig(crossfade_frames=-1)
+
+
+# Long-form (fastgen/engine/longform.py): a 0.5 s window (25 frames) with a 0.3 s stride (10 frames kept), so a 1.24 s
+# request (62 frames: windows [0, 25) [15, 40) [30, 55) [45, 62)) crosses three window boundaries in 74 steps.
+LONG = fastgen.SamplingParams(duration=1.24, extend_stride=0.3, do_sample=False, guidance_scale=3.0)
+LONG_ENGINE = dict(backend="torch", dtype="float32", window_s=0.5)
+
+
+def assert_stream_is_its_codes(engine, chunks, out, expected_codes):
+    """The stream of a long request: its codes those of the same request not streamed, the concatenated chunks its
+    output audio, as long as the one-shot decode of its codes and within the seam tolerance of a short one."""
+    np.testing.assert_array_equal(out.codes, expected_codes)
+    stream = np.concatenate(chunks, axis=-1)
+    assert np.array_equal(out.audio, stream)
+    one_shot = engine.runner.decode_audio([torch.from_numpy(out.codes)])[0]
+    assert stream.shape == one_shot.shape == (one_shot.shape[0], out.codes.shape[1] * HOP)
+    assert snr_db(one_shot, stream) > 60 and np.abs(stream - one_shot).max() < 1e-3
+
+
+@pytest.mark.parametrize("layout", ["mono", "stereo"])
+def test_stream_crosses_long_form_window_boundaries(tiny_mono_dir, tiny_stereo_dir, layout):
+    """Absolute frame f of a long request lives in the slot at f − the window's offset, or on the host once it left
+    the slot; the chunks follow it across every boundary, also a stream turned on after the first boundary (its
+    first chunk reaches back into the frames that left the slot)."""
+    folder = tiny_mono_dir if layout == "mono" else tiny_stereo_dir
+    engine = fastgen.Engine.from_pretrained(folder, max_slots=2, **LONG_ENGINE)
+    plain = engine.add_request("a long stream", LONG)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(plain.windows) == 4 and plain.output.codes.shape[1] == 62
+
+    streamed = engine.add_request("a long stream", LONG)
+    chunks = list(engine.stream_audio(streamed, SMALL))
+    assert len(chunks) >= 5
+    assert_stream_is_its_codes(engine, chunks, streamed.output, plain.output.codes)
+
+    late = engine.add_request("a long stream", LONG)
+    while late.window_index < 2:  # two boundaries crossed: frames [0, 30) have left the slot
+        engine.step()
+    chunks = list(engine.stream_audio(late, SMALL))
+    assert chunks[0].shape[-1] > 30 * HOP
+    assert_stream_is_its_codes(engine, chunks, late.output, plain.output.codes)
+
+
+def test_async_stream_crosses_long_form_window_boundaries(tiny_stereo_dir):
+    """The same through the AsyncEngine, its stage worker on a thread (windows decoded after the slot moved on), with
+    3 steps per call (window ends inside a call)."""
+    engine = AsyncEngine.from_pretrained(tiny_stereo_dir, max_slots=2, overlap_stages=True, steps_per_call=3,
+                                         **LONG_ENGINE)
+    try:
+        async def main():
+            plain = await engine.submit("a long stream", LONG)
+            handle = engine.submit("a long stream", LONG)
+            chunks = [c async for c in handle.stream_audio(SMALL)]
+            return plain, chunks, await handle
+        plain, chunks, out = asyncio.run(main())
+        assert engine.engine.stages.threaded and len(chunks) >= 5
+        assert_stream_is_its_codes(engine.engine, chunks, out, plain.codes)
+    finally:
+        engine.shutdown_sync()

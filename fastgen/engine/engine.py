@@ -82,9 +82,8 @@ class Engine:
         if self.ops.name == "triton" and not config.enforce_eager and DecodeGraphs.supported(self.device):
             self.runner.capture_graphs()  # CUDA; on a CPU only under fastgen.engine.graph_standin.cpu_graphs()
         threaded = config.overlap_stages if config.overlap_stages is not None else self.device.type == "cuda"
-        self.streamer = AudioStreamer(lambda r, start, end: self.runner.state.codes[r.slot, :, start:end],
-                                      self.runner.decode_audio, mc.sample_rate // mc.frame_rate, mc.frame_rate,
-                                      mc.decoder.channel_codebooks)
+        self.streamer = AudioStreamer(self.runner.request_codes, self.runner.decode_audio,
+                                      mc.sample_rate // mc.frame_rate, mc.frame_rate)
         self.stages = StageWorker({"encode": self.runner.encode_text, "decode": self.runner.decode_audio,
                                    "stream": self.streamer.decode}, self.device, threaded)
         self.listeners: list[Listener] = []

@@ -77,6 +77,16 @@ class Request:
         return self.windows[-1].last_step
 
     @property
+    def complete_frames(self) -> int:
+        """How many of the request's frames (counted from its first, across windows) have every codebook generated.
+        In the current window codebook c lags the first by c positions, so a step completes a frame only after the
+        delay pattern's K − 1 steps; the window's prompt frames (the previous window's kept ones) are complete from
+        its start, so the count never goes back at a window boundary."""
+        window = self.window
+        generated = window.prompt_frames + self.steps_done - window.first_step - (self.channel_codebooks - 1)
+        return window.offset + min(window.frames, max(window.prompt_frames, generated))
+
+    @property
     def position(self) -> int:
         """Delayed-sequence position of the next input token in the current window (host mirror of the device
         counter)."""

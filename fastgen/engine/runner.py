@@ -243,6 +243,26 @@ class ModelRunner:
         request.window_index += 1
         self._load_window(request, kept)
 
+    @torch.inference_mode()
+    def request_codes(self, request: Request, start: int, end: int) -> torch.Tensor:
+        """The running request's codes [K, end − start] (delay removed) for its frames [start, end), counted from its
+        first frame across windows, on the device. Frame f is in the slot at f − the window's offset; the frames
+        before the offset left the slot at earlier windows' ends for ``done_codes`` (host). A view of the slot when
+        every frame is in it: the slot keeps being written, so clone what is kept."""
+        offset = request.window.offset
+        if not 0 <= start <= end <= request.window.end:
+            raise ValueError(f"frames [{start}, {end}) are outside [0, {request.window.end}) of {request.request_id}")
+        in_slot = self.state.codes[request.slot, :, max(start, offset) - offset:max(end, offset) - offset]
+        if start >= offset:
+            return in_slot
+        left, first = [], 0  # done_codes: consecutive pieces covering frames [0, offset)
+        for piece in request.done_codes:
+            last = first + piece.shape[1]
+            if first < end and start < last:
+                left.append(piece[:, max(start - first, 0):min(end, last) - first])
+            first = last
+        return torch.cat([torch.cat(left, dim=1).to(self.device), in_slot], dim=1)
+
     def _delayed_prompt(self, codes: torch.Tensor, positions: int) -> torch.Tensor:
         """Prompt codes [K, P] → delayed tokens [K, positions]: position t of codebook k holds frame t − 1 − c."""
         c = self.config

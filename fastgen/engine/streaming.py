@@ -15,6 +15,10 @@ agreement with the one-shot decode is measured in tests/test_streaming.py and be
 README. Windows of requests that reach a chunk boundary in the same engine step are decoded in one EnCodec
 call when their lengths are equal (padding would change EnCodec's output), on the stage worker like the final decode.
 
+A long request (fastgen/engine/longform.py) streams across its window boundaries as if it had one window: frames are
+counted from the request's first, and a window's left context may reach back into the frames that already left the
+slot (the engine plans a window's last chunk before its slot is re-prefilled).
+
 Everything here is keyed on the request's own codes and progress, never on its batch-mates: the chunking of a request
 is the same whatever else runs beside it."""
 from __future__ import annotations
@@ -81,13 +85,14 @@ class Window:
 @dataclass
 class AudioStreamer:
     """Plans windows on the engine's loop thread (``due``, ``final``) and decodes them on the stage worker
-    (``decode``). ``read_codes(request, start, end)`` returns a request's codes [K, end − start] (delay removed) on
-    its device; ``decode_codes`` is the codec's batched decode (list of [K, frames] → list of [C, samples])."""
+    (``decode``). ``read_codes(request, start, end)`` returns a running request's codes [K, end − start] (delay
+    removed) for its frames [start, end) on its device, counted from its first frame across long-form windows
+    (ModelRunner.request_codes), ``request.complete_frames`` how many are complete; ``decode_codes`` is the codec's
+    batched decode (list of [K, frames] → list of [C, samples])."""
     read_codes: Callable[[Any, int, int], torch.Tensor]
     decode_codes: Callable[[list[torch.Tensor]], list[np.ndarray]]
     hop: int                          # samples per frame
     frame_rate: int
-    channel_codebooks: int            # the delay pattern's depth
     config: StreamConfig = field(default_factory=StreamConfig)
     _states: dict[str, tuple[StreamConfig, _StreamState]] = field(default_factory=dict)
 
@@ -108,10 +113,6 @@ class AudioStreamer:
     def drop(self, request: Any) -> None:
         self._states.pop(request.request_id, None)
 
-    def complete_frames(self, request: Any) -> int:
-        """Frames whose every codebook has been generated: codebook c lags the first by c positions."""
-        return min(request.total_frames, request.prompt_frames + request.steps_done - (self.channel_codebooks - 1))
-
     def due(self, requests: list[Any]) -> list[Window]:
         """Windows of running (not finishing) requests that passed their next chunk boundary in the last step."""
         windows = []
@@ -120,7 +121,7 @@ class AudioStreamer:
             if entry is None:
                 continue
             config, state = entry
-            emit_to = self.complete_frames(request) - config.lookahead_frames - config.crossfade_frames
+            emit_to = request.complete_frames - config.lookahead_frames - config.crossfade_frames
             wanted = state.first_frames if state.chunks == 0 else state.interval_frames
             if emit_to - state.emitted < wanted:
                 continue

@@ -51,7 +51,10 @@ class GenerateBody(BaseModel):
         {"prompt": "lofi beat with warm keys", "duration": 8, "seed": 1, "response_format": "wav", "stream": True}]})
     prompt: str | None = Field(None, description="text prompt; null: unconditional generation")
     duration: float | None = Field(None, description="seconds of new audio, > 0 (the request, prompt included, "
-                                                     "at most 30 s)")
+                                                     "at most the engine's max_duration_s; past the model's 30 s "
+                                                     "window it slides over windows, see extend_stride)")
+    extend_stride: float | None = Field(None, description="long-form: seconds each window after the first adds, in "
+                                                          "(0, window); null: 18 s of a 30 s window")
     max_new_tokens: int | None = Field(None, description="decode steps instead of duration, ≥ codebooks")
     guidance_scale: float | None = Field(None, description="classifier-free guidance in [0, 100]; ≤ 1: off")
     temperature: float | None = Field(None, description="in (0, 100]")
