@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     gen.add_argument("--manifest", type=Path,
                      help="a JSON-lines job: one object per line with prompt (string or null) and optionally name, "
-                          "audio_prompt, num_samples and any sampling field (duration, seed, top_k, extend_stride, …)")
+                          "audio_prompt, num_samples and any sampling field (duration, seed, top_k, extend_stride, "
+                          "…)")
     gen.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
     gen.add_argument("--out", type=Path, default=Path("out"),
                      help="output folder (default: out/); results.jsonl there records every finished file")

@@ -268,4 +268,3 @@ class FrameLimits:
             window = min(window, round(engine.window_s * model.frame_rate))
         request = round((engine.max_duration_s or DEFAULT_MAX_DURATION_S) * model.frame_rate)
         return cls(window, request, min(window, request))
-

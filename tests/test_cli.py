@@ -451,10 +451,9 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-@pytest.mark.parametrize("fmt", ["wav", "ogg"])
-def test_missing_soundfile_fails_before_loading(tmp_path, tiny_mono_dir, fmt):
+def test_missing_soundfile_fails_before_loading(tmp_path, tiny_mono_dir):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_SOUNDFILE, "generate", "x", "--format", fmt,
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_SOUNDFILE, "generate", "x", "--format", "flac",
                            *gen_args(tiny_mono_dir, out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == [
