@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from fastgen.audio import prepare_audio_prompt
-from fastgen.config import EngineConfig, ModelConfig
+from fastgen.config import EngineConfig, FrameLimits, ModelConfig
 from fastgen.engine import longform
 from fastgen.engine.engine import Engine
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
@@ -37,6 +36,11 @@ class CheckpointInfo:
     max_duration_s: float        # longest request (prompt included) the engine will accept
     defaults: SamplingParams     # generation_config.json over fastgen's built-in defaults
     channel_codebooks: int       # the delay pattern's depth (max_new_tokens counts it)
+    window_s: float              # long-form: the window a longer request slides over (extend_stride is below it)
+
+    def check_stride(self, extend_stride: float | None) -> None:
+        """RequestError unless ``extend_stride`` (None: the default) fits this engine's window, as Engine checks it."""
+        longform.stride_frames(extend_stride, round(self.window_s * self.frame_rate), self.frame_rate)
 
     @property
     def default_duration_s(self) -> float:
@@ -61,26 +65,26 @@ class MusicGen:
         """Load a MusicGen checkpoint folder (config.json, safetensors weights, tokenizer, generation_config.json)
         or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …)."""
         config = EngineConfig(**engine_options)  # bad options fail before the weights are read
-        with quiet_token_id_warnings():
-            model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                       quantization=config.quantization)
+        model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   quantization=config.quantization)
         return cls(Engine(model, config))
 
     @staticmethod
-    def inspect(name_or_path: str | Path, max_duration_s: float | None = None) -> CheckpointInfo:
+    def inspect(name_or_path: str | Path, max_duration_s: float | None = None, *,
+                window_s: float | None = None) -> CheckpointInfo:
         """Read a checkpoint's config.json and generation_config.json (no weights): its sample rate, channels,
-        default sampling parameters and the longest request an engine with ``max_duration_s`` would accept."""
+        default sampling parameters, and the longest request and the window of an engine built with these
+        ``max_duration_s`` and ``window_s`` (EngineConfig fields; the limits are the engine's own FrameLimits)."""
         from fastgen.model.loader import read_generation_config, resolve_checkpoint
+        engine_config = EngineConfig(max_duration_s=max_duration_s, window_s=window_s)  # validates them
         folder = resolve_checkpoint(name_or_path)
         config = ModelConfig.from_file(folder / "config.json")
         generation = read_generation_config(folder)
-        EngineConfig(max_duration_s=max_duration_s)  # validates it
-        max_frames = config.max_frames  # the same cap Engine applies
-        if max_duration_s is not None:
-            max_frames = min(max_frames, round(max_duration_s * config.frame_rate))
+        limits = FrameLimits.of(config, engine_config)
         defaults = SamplingParams.from_generation_config(generation).with_defaults(BUILTIN_DEFAULTS)
         return CheckpointInfo(folder, config.sample_rate, config.frame_rate, config.decoder.audio_channels,
-                              max_frames / config.frame_rate, defaults, config.decoder.channel_codebooks)
+                              limits.request / config.frame_rate, defaults, config.decoder.channel_codebooks,
+                              limits.window / config.frame_rate)
 
     @property
     def sample_rate(self) -> int:
@@ -319,30 +323,6 @@ def _failed(failures: dict[int, Exception], total: int,
     error.failures = dict(sorted(failures.items()))  # type: ignore[attr-defined]
     error.outputs = outputs  # type: ignore[attr-defined]
     return error
-
-
-class _TokenIdWarnings(logging.Filter):
-    """transformers warns that MusicGen's pad/bos id (= vocab_size, the extra embedding row) lies outside the
-    vocabulary whenever a MusicGen config is built, real checkpoints included. It is harmless for MusicGen."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("must be `None` or an integer within the vocabulary" in message
-                    and ("pad_token_id" in message or "bos_token_id" in message))
-
-
-@contextlib.contextmanager
-def quiet_token_id_warnings() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in (
-        "transformers.configuration_utils", "transformers.models.musicgen.configuration_musicgen")]
-    quiet = _TokenIdWarnings()
-    for logger in loggers:
-        logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(quiet)
 
 
 def _broadcast(value: Any, n: int, name: str) -> list[Any]:

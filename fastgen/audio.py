@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["prepare_audio_prompt", "read_audio", "resample", "safe_filename", "write_audio"]
+__all__ = ["check_can_write", "prepare_audio_prompt", "read_audio", "resample", "safe_filename", "write_audio"]
 
 # Subtypes stored as floats keep values outside [-1, 1]; every other one would wrap or saturate.
 _FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
@@ -121,6 +121,13 @@ def write_audio(
     # soundfile wants [frames, channels].
     _soundfile().write(path, audio.T, sample_rate, subtype=subtype, format=file_format)
     return path
+
+
+def check_can_write(extension: str) -> None:
+    """Raises now what write_audio would raise for files ending in ``extension`` (".wav", ".flac", ".ogg"): the one-line
+    ModuleNotFoundError naming soundfile when it is missing, ValueError for a format libsndfile cannot write. A job
+    calls it before generating, since the first file is written only after the first output is done."""
+    _file_subtype(_file_format(pathlib.Path(f"check{extension}")), _DEFAULT_SUBTYPE)
 
 
 def read_audio(path: str | pathlib.Path) -> tuple[np.ndarray, int]:

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     gen.add_argument("--manifest", type=Path,
                      help="a JSON-lines job: one object per line with prompt (string or null) and optionally name, "
-                          "audio_prompt, num_samples and any sampling field (duration, seed, top_k, …)")
+                          "audio_prompt, num_samples and any sampling field (duration, seed, top_k, extend_stride, "
+                          "…)")
     gen.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
     gen.add_argument("--out", type=Path, default=Path("out"),
                      help="output folder (default: out/); results.jsonl there records every finished file")
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--duration", type=float,
                      help="seconds of audio per output (default: the checkpoint's generation_config.json: 29.92 s "
                           "for musicgen-small and the other facebook checkpoints, 5.04 s for the built-in tiny model)")
+    gen.add_argument("--extend-stride", type=float, metavar="SECONDS",
+                     help="long-form: past the window, each new window adds this many seconds, continuing from the "
+                          "window's last (window - stride) seconds (default: 18 s of a 30 s window)")
     gen.add_argument("--audio-prompt", type=Path, help="an audio file every prompt continues (any rate and channels)")
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--temperature", type=float)
@@ -49,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     gen.add_argument("--max-slots", type=int, help="concurrent requests (default: what the KV-cache budget holds)")
     gen.add_argument("--max-duration", type=float, metavar="SECONDS",
-                     help="longest request (audio prompt included) the engine is sized for; smaller means more "
-                          "slots in the same memory (default: the model's limit)")
+                     help="longest request (audio prompt included) the engine accepts; below the window it also "
+                          "sizes the slots, so smaller means more slots in the same memory (default: 300 s, or the "
+                          "job's longest output up to 3600 s)")
+    gen.add_argument("--window", type=float, metavar="SECONDS",
+                     help="long-form: the window a longer output slides over, and a slot's span (default: the "
+                          "model's trained 30 s)")
     gen.add_argument("--kv-cache-gib", type=float, metavar="GIB",
                      help="KV-cache memory budget (default: 2 GiB on a CPU, 75%% of free memory on a GPU)")
     gen.add_argument("--compile", action="store_true",
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         return _generate(args, argv)
-    except (FastgenError, ValueError, OSError) as exc:  # OSError: unreadable --prompts-file, unwritable --out
+    # OSError: unreadable --prompts-file, unwritable --out; ModuleNotFoundError: an optional package (soundfile for
+    # the output files) is missing, said in one line naming it
+    except (FastgenError, ValueError, OSError, ModuleNotFoundError) as exc:
         print(f"fastgen: error: {exc}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -97,7 +107,7 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
 
     defaults = fastgen.SamplingParams(
         duration=args.duration, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, do_sample=False if args.greedy else None)
+        top_p=args.top_p, do_sample=False if args.greedy else None, extend_stride=args.extend_stride)
     if args.seed is not None:
         fastgen.SamplingParams(seed=args.seed)  # validates it
     if args.unconditional < 0:
@@ -122,7 +132,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         items = items_from_prompts(prompts, defaults, args.seed, args.audio_prompt)
 
     options = {"backend": args.backend}
-    for key, value in (("max_slots", args.max_slots), ("max_duration_s", args.max_duration)):
+    for key, value in (("max_slots", args.max_slots), ("max_duration_s", args.max_duration),
+                       ("window_s", args.window)):
         if value is not None:
             options[key] = value
     if args.kv_cache_gib is not None:
@@ -167,13 +178,11 @@ def _build_builtin() -> None:
     import shutil
     import tempfile
 
-    from fastgen.api import quiet_token_id_warnings
     from fastgen.tiny import build_tiny_checkpoint
     BUILTIN_DIR.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_DIR.name}-", dir=BUILTIN_DIR.parent))
     try:
-        with quiet_token_id_warnings():
-            build_tiny_checkpoint(staging, seed=0, overwrite=True)
+        build_tiny_checkpoint(staging, seed=0, overwrite=True)
         if not (BUILTIN_DIR / "config.json").is_file():  # a partial folder from an older fastgen
             shutil.rmtree(BUILTIN_DIR, ignore_errors=True)
         try:

@@ -251,3 +251,20 @@ class EngineConfig:
 
 def _is_seconds(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """How long a request, its windows and a slot may be, in codec frames: the one rule, used by the Engine to size its
+    slots and check requests, and by MusicGen.inspect to check a job before any weights load."""
+    window: int   # one window: the trained 30 s (or EngineConfig.window_s); a longer request slides over windows
+    request: int  # the longest request, prompt included: EngineConfig.max_duration_s (default 300 s)
+    slot: int     # what a slot holds: one window, or the longest request when that is shorter
+
+    @classmethod
+    def of(cls, model: ModelConfig, engine: EngineConfig) -> "FrameLimits":
+        window = model.max_frames
+        if engine.window_s is not None:
+            window = min(window, round(engine.window_s * model.frame_rate))
+        request = round((engine.max_duration_s or DEFAULT_MAX_DURATION_S) * model.frame_rate)
+        return cls(window, request, min(window, request))

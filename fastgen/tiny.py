@@ -37,6 +37,8 @@ from transformers import (
     T5Config,
 )
 
+from fastgen.model.codec import quiet_token_id_warnings
+
 __all__ = [
     "SIZES",
     "build_checkpoint",
@@ -481,14 +483,15 @@ def build_tiny_checkpoint(
     musicgen-stereo.
     """
     path = _prepare_dir(path, overwrite)
-    config = tiny_config(stereo=stereo)
-    with _seeded(seed, torch.float32):
-        model = MusicgenForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(seed)
-    _reinit_decoder(model, generator)
-    _reinit_codec(model.audio_encoder, generator)
-    _init_codebooks(model.audio_encoder, generator)
-    _save(path, model.eval(), generation_config(config, top_k=50, max_length=256), None)
+    with quiet_token_id_warnings():  # transformers' harmless pad/bos warnings about every MusicgenConfig
+        config = tiny_config(stereo=stereo)
+        with _seeded(seed, torch.float32):
+            model = MusicgenForConditionalGeneration(config)
+        generator = torch.Generator().manual_seed(seed)
+        _reinit_decoder(model, generator)
+        _reinit_codec(model.audio_encoder, generator)
+        _init_codebooks(model.audio_encoder, generator)
+        _save(path, model.eval(), generation_config(config, top_k=50, max_length=256), None)
     return path
 
 
@@ -512,11 +515,12 @@ def build_checkpoint(
     codebooks, which transformers leaves at zero, are random normal.
     """
     path = _prepare_dir(path, overwrite)
-    config = real_config(size, stereo=stereo)
-    with _seeded(seed, dtype):
-        model = MusicgenForConditionalGeneration(config)
-    _fill_zero_codebooks(model.audio_encoder, torch.Generator().manual_seed(seed))
-    _save(path, model.eval(), generation_config(config, top_k=250, max_length=1500), max_shard_size)
+    with quiet_token_id_warnings():
+        config = real_config(size, stereo=stereo)
+        with _seeded(seed, dtype):
+            model = MusicgenForConditionalGeneration(config)
+        _fill_zero_codebooks(model.audio_encoder, torch.Generator().manual_seed(seed))
+        _save(path, model.eval(), generation_config(config, top_k=250, max_length=1500), max_shard_size)
     return path
 
 

@@ -71,17 +71,46 @@ def test_duplicate_variant_names_are_refused(tmp_path):
 
 def test_limits_come_from_the_config_without_loading(tmp_path, tiny_mono_dir):
     info = fastgen.MusicGen.inspect(tiny_mono_dir)
-    assert info.max_duration_s == pytest.approx(10.16) and info.default_duration_s == pytest.approx(5.04)
-    ok = items_from_prompts(["a"], fastgen.SamplingParams(duration=10.0))
-    check_limits(ok, info)
-    with pytest.raises(ManifestError, match="over this model's limit of 10.16 s"):
-        check_limits(items_from_prompts(["a"], fastgen.SamplingParams(duration=11.0)), info)
+    assert info.max_duration_s == 300.0 and info.window_s == pytest.approx(10.16)  # long-form: past the window
+    assert info.default_duration_s == pytest.approx(5.04)
+    ok = items_from_prompts(["a"], fastgen.SamplingParams(duration=11.0))
+    assert check_limits(ok, info) == 11.0  # the longest output's span
+    with pytest.raises(ManifestError, match="over the limit of 300.00 s"):
+        check_limits(items_from_prompts(["a"], fastgen.SamplingParams(duration=301.0)), info)
     with pytest.raises(ManifestError, match="limit of 2.00 s"):  # --max-duration shrinks the limit
         check_limits(ok, fastgen.MusicGen.inspect(tiny_mono_dir, max_duration_s=2.0))
     intro = tmp_path / "intro.wav"
     soundfile.write(intro, np.zeros(16000 * 3, np.float32), 16000)  # 3 s at another rate
+    with_intro = items_from_prompts(["a"], fastgen.SamplingParams(duration=8.0), audio_prompt=intro)
+    assert check_limits(with_intro, info) == 11.0
     with pytest.raises(ManifestError, match=r"\+ 3.00 s of audio prompt"):
-        check_limits(items_from_prompts(["a"], fastgen.SamplingParams(duration=8.0), audio_prompt=intro), info)
+        check_limits(with_intro, fastgen.MusicGen.inspect(tiny_mono_dir, max_duration_s=10.0))
+    # extend_stride must fit the window the engine will have (the tiny model's 10.16 s, or window_s)
+    assert check_limits(items_from_prompts(["a"], fastgen.SamplingParams(duration=4.0, extend_stride=10.0)), info)
+    too_long = items_from_prompts(["a"], fastgen.SamplingParams(duration=4.0, extend_stride=1.0))
+    with pytest.raises(ManifestError, match=r"\(field 'extend_stride'\): extend_stride must be in \(0, 0.50\) s"):
+        check_limits(too_long, fastgen.MusicGen.inspect(tiny_mono_dir, window_s=0.5))
+
+
+@pytest.mark.parametrize("options", [{}, {"max_duration_s": 0.5}, {"window_s": 1.0, "max_duration_s": 20.0},
+                                     {"window_s": 29.0, "max_duration_s": 3000.0}], ids=str)
+def test_inspect_applies_the_engines_own_limits(tiny_mono_model, options):
+    """inspect (a job checked before loading) and Engine (requests checked when made) use one rule, FrameLimits."""
+    engine = fastgen.Engine(tiny_mono_model, fastgen.EngineConfig(max_slots=1, **options))
+    info = fastgen.MusicGen.inspect(tiny_mono_model.folder, options.get("max_duration_s"),
+                                    window_s=options.get("window_s"))
+    assert info.max_duration_s * info.frame_rate == engine.max_frames
+    assert info.window_s * info.frame_rate == engine.window_frames
+    longest = fastgen.SamplingParams(duration=info.max_duration_s)
+    engine.make_request("a", longest)  # what inspect allows, the engine accepts …
+    with pytest.raises(fastgen.RequestError, match="over the limit"):  # … and no more
+        engine.make_request("a", fastgen.SamplingParams(duration=info.max_duration_s + 0.02))
+
+
+@pytest.fixture(scope="module")
+def tiny_mono_model(tiny_mono_dir):
+    from fastgen.model.musicgen import MusicgenModel
+    return MusicgenModel.load(tiny_mono_dir, dtype="float32")
 
 
 def test_out_dir_checks(tmp_path):

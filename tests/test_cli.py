@@ -173,6 +173,11 @@ def test_argparse_errors_exit_2(capsys, argv):
     (["--guidance-scale", "-1"], "guidance_scale"),
     (["--max-slots", "0"], "max_slots"),
     (["--max-duration", "0"], "max_duration_s"),
+    (["--duration", "20", "--max-duration", "10"], "over the limit of 10.00 s"),
+    (["--duration", "3599", "--audio-prompt", "INTRO"], "+ 2.00 s of audio prompt is over the limit of 3600.00 s"),
+    (["--extend-stride", "20"], "extend_stride must be in (0, 10.16) s"),  # the tiny model's window
+    (["--extend-stride", "0.5", "--window", "0.5"], "extend_stride must be in (0, 0.50) s"),
+    (["--window", "40"], "window_s"),
     (["--kv-cache-gib", "0"], "--kv-cache-gib"),
     (["--device", "gpu"], "--device 'gpu'"),
     (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], "--device"),
@@ -192,7 +197,8 @@ def test_bad_values_exit_2_with_one_line(capsys, tmp_path, tiny_mono_dir, monkey
     (tmp_path / "existing.txt").write_text("x")
     substitutes = {"MISSING": str(tmp_path / ("missing.txt" if "--prompts-file" in extra else "no-such-checkpoint")),
                    "BAD_CONFIG": str(bad_config), "FILE": str(tmp_path / "existing.txt"),
-                   "SONG": str(tmp_path / "song.wav")}
+                   "SONG": str(tmp_path / "song.wav"), "INTRO": str(tmp_path / "intro.wav")}
+    soundfile.write(tmp_path / "intro.wav", np.zeros(2 * 16000, np.float32), 16000)
     extra = [substitutes.get(a, a) for a in extra]
     args = gen_args(tiny_mono_dir, tmp_path / "out", duration="0.2")
     for flag in ("--duration", "--out", "--device"):
@@ -333,12 +339,14 @@ def test_manifest_job(capsys, tmp_path, tiny_mono_dir):
 
 def test_bad_manifest_line_fails_before_loading(capsys, tmp_path, tiny_mono_dir, monkeypatch):
     manifest = tmp_path / "jobs.jsonl"
-    manifest.write_text('{"prompt": "ok", "duration": 0.2}\n{"prompt": "long", "duration": 11}\n')
+    soundfile.write(tmp_path / "intro.wav", np.zeros(32000, np.float32), 32000)  # 1 s
+    manifest.write_text('{"prompt": "ok", "duration": 0.2}\n'
+                        '{"prompt": "long", "duration": 3599.5, "audio_prompt": "intro.wav"}\n')
     monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", None)
     code, _, stderr = run(capsys, "--manifest", str(manifest), *gen_args(tiny_mono_dir, tmp_path / "out"))
     assert code == 2
     (line,) = stderr.strip().splitlines()
-    assert "jobs.jsonl line 2 (field 'duration')" in line and "limit of 10.16 s" in line
+    assert "jobs.jsonl line 2 (field 'duration')" in line and "limit of 3600.00 s" in line
     assert not (tmp_path / "out").exists()
     code, _, stderr = run(capsys, "--manifest", str(manifest), "extra prompt", *gen_args(tiny_mono_dir, tmp_path / "o"))
     assert code == 2 and "--manifest holds the whole job" in stderr
@@ -377,3 +385,78 @@ def test_progress_in_audio_seconds(tmp_path):
     lines = Progress(4, 12.0, stream=log, tty=False, interval_s=0.0)
     lines.update(stream)
     assert log.getvalue().startswith("progress: 1/4 clips, 3.0/12.0 s of audio,") and "ETA" in log.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- long-form
+def test_long_durations_slide_over_windows(capsys, tmp_path, tiny_mono_dir):
+    """Outputs longer than the window (--window 0.5 s here, to stay quick) come out whole: --extend-stride from the
+    command line, extend_stride from a manifest line, both recorded in results.jsonl."""
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "lofi", "name": "flag", "seed": 3},                           # --extend-stride 0.3
+        {"prompt": "lofi", "name": "line", "seed": 3, "extend_stride": 0.2},     # its own
+    ]) + "\n")
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "--manifest", str(manifest), "--window", "0.5", "--extend-stride", "0.3",
+                               *gen_args(tiny_mono_dir, out, duration="1.3"))
+    assert code == 0, stderr
+    assert "up to 300.00 s per request" in stderr  # the engine's long-form default, not the window
+    for name in ("flag", "line"):
+        info = soundfile.info(out / f"{name}.wav")
+        assert info.frames == round(1.3 * 50) * HOP  # every frame of 2–5 windows, none twice
+    results = recorded(out)
+    assert results == {r["name"]: r for r in records(stdout)}
+    assert results["flag"]["params"]["extend_stride"] == 0.3 and results["line"]["params"]["extend_stride"] == 0.2
+    assert all(r["seconds"] == 1.3 and r["params"]["duration"] == 1.3 for r in results.values())
+    # same prompt and seed: only the window plan differs, so the codes do too (from the second window on)
+    assert results["flag"]["codes_sha256"] != results["line"]["codes_sha256"]
+
+
+def test_a_job_longer_than_the_engine_default_raises_its_limit(capsys, tmp_path, tiny_mono_dir, monkeypatch):
+    """max_duration_s: the engine's 300 s default, the job's longest output above it (audio prompt included), or
+    --max-duration as given; decided (and checked) before the model loads."""
+    loads = []
+
+    def from_pretrained(model, **options):
+        loads.append(options.get("max_duration_s"))
+        raise fastgen.FastgenError("not loading in this test")
+    monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", from_pretrained)
+    intro = tmp_path / "intro.wav"
+    soundfile.write(intro, np.zeros(16000, np.float32), 16000)  # 1 s
+    for extra in (["--duration", "8"], ["--duration", "400"], ["--duration", "400", "--audio-prompt", str(intro)],
+                  ["--duration", "400", "--max-duration", "500"]):
+        code, _, stderr = run(capsys, "x", *gen_args(tiny_mono_dir, tmp_path / "out"), *extra)  # last --duration wins
+        assert code == 2 and "not loading in this test" in stderr
+    assert loads == [None, 400.0, 401.0, 500.0]
+
+
+_WITHOUT_SOUNDFILE = r'''
+import sys
+
+class Blocker:  # a machine without soundfile (the GPU machines have none)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "soundfile":
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+sys.modules["soundfile"] = None
+import fastgen
+from fastgen.cli import main
+
+def from_pretrained(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+fastgen.MusicGen.from_pretrained = from_pretrained
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_missing_soundfile_fails_before_loading(tmp_path, tiny_mono_dir):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_SOUNDFILE, "generate", "x", "--format", "flac",
+                           *gen_args(tiny_mono_dir, out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "fastgen: error: reading or writing audio files needs the soundfile package: pip install soundfile "
+        "(or pip install 'fastgen[audio]')"]
+    assert not out.exists()

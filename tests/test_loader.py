@@ -497,3 +497,33 @@ def test_relative_path_that_looks_like_hub_id(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="not a local folder"):
         load("checkpoints/musicgen")
+
+
+
+@pytest.mark.parametrize("entry", ["Engine", "AsyncEngine", "MusicGen"])
+def test_loading_logs_no_pad_or_bos_token_warnings(tiny_mono_dir, entry):
+    """transformers warns that MusicGen's pad/bos id lies outside the vocabulary when AutoTokenizer builds a
+    MusicgenConfig; it is silenced where the model loads, so every entry point is quiet."""
+    import logging
+    messages: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+    handler = Record()
+    logging.getLogger("transformers").addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: the fixture's build was first
+    try:
+        if entry == "Engine":
+            fastgen.Engine.from_pretrained(tiny_mono_dir, max_slots=1).close()
+        elif entry == "AsyncEngine":
+            fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, max_slots=1).shutdown_sync()
+        else:
+            fastgen.MusicGen.from_pretrained(tiny_mono_dir, max_slots=1)
+        # the filter ends with the load: the same warning afterwards does come through (the handler hears it)
+        logging.getLogger("transformers.configuration_utils").warning_once(
+            "CONTROL: pad_token_id must be `None` or an integer within the vocabulary")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [m for m in messages if "within the vocabulary" in m] == [
+        "CONTROL: pad_token_id must be `None` or an integer within the vocabulary"]

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from fastgen.api import CheckpointInfo
 from fastgen.audio import safe_filename
+from fastgen.config import MAX_REQUEST_DURATION_S
 from fastgen.errors import RequestError
 from fastgen.sampling_params import SEED_MAX, SamplingParams
 
@@ -179,13 +180,22 @@ def check_names(items: list[JobItem]) -> list[JobItem]:
     return items
 
 
-def check_limits(items: list[JobItem], info: CheckpointInfo) -> None:
-    """Every output's length (audio prompt included) within what the engine will accept, before loading it."""
+def check_limits(items: list[JobItem], info: CheckpointInfo) -> float:
+    """Every output's length (audio prompt included) within what the engine will accept, and its extend_stride within
+    the window, before loading it. Returns the longest output's span in seconds (what the engine must accept)."""
     limit_frames = round(info.max_duration_s * info.frame_rate)
     hop = info.sample_rate // info.frame_rate
     prompt_frames: dict[Path, int] = {}
+    strides_ok: set[float | None] = set()
+    longest = 0
     for item in items:
         params = item.params
+        if params.extend_stride not in strides_ok:
+            try:
+                info.check_stride(params.extend_stride)
+            except RequestError as exc:
+                raise ManifestError(f"{item.source} (field 'extend_stride'): {exc}") from None
+            strides_ok.add(params.extend_stride)
         if params.duration is not None:
             frames = max(1, round(params.duration * info.frame_rate))
         elif params.max_new_tokens is not None:
@@ -203,8 +213,11 @@ def check_limits(items: list[JobItem], info: CheckpointInfo) -> None:
             what = f" + {extra / info.frame_rate:.2f} s of audio prompt"
         if frames + extra > limit_frames:
             raise ManifestError(
-                f"{item.source} (field 'duration'): {frames / info.frame_rate:.2f} s{what} is over this model's "
-                f"limit of {info.max_duration_s:.2f} s per request")
+                f"{item.source} (field 'duration'): {frames / info.frame_rate:.2f} s{what} is over the limit of "
+                f"{info.max_duration_s:.2f} s per request (max_duration_s, --max-duration; at most "
+                f"{MAX_REQUEST_DURATION_S:g} s)")
+        longest = max(longest, frames + extra)
+    return longest / info.frame_rate
 
 
 def _audio_frames(item: JobItem, sample_rate: int, hop: int) -> int:

@@ -4,6 +4,7 @@ its results, load the model only if work is left, generate and write, stop clean
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from fastgen.audio import check_can_write
 from fastgen.batch.job import GRACE_S, JobResult, Progress, StopSignal, run_items
 from fastgen.batch.manifest import JobItem, check_limits
 from fastgen.batch.writer import OutputFolder, check_out_dir
+from fastgen.config import DEFAULT_MAX_DURATION_S, MAX_REQUEST_DURATION_S
 
 EXIT_FAILED = 1
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -75,14 +78,13 @@ def check_dtype(dtype: str | None) -> None:
 
 def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = None) -> int:
     """Run the job; returns the exit status (0 done, 1 some outputs failed, 128 + signal when interrupted)."""
-    from fastgen.api import MusicGen
     log, records = log or sys.stderr, records or sys.stdout
     with _signals() as stop:
         device = check_device(spec.device)
         check_dtype(spec.dtype)
         check_out_dir(spec.out)
-        info = MusicGen.inspect(spec.model, spec.engine_options.get("max_duration_s"))
-        check_limits(spec.items, info)
+        check_can_write(spec.extension)  # (soundfile is imported lazily: find out now, not after generating)
+        spec = _sized_for(spec)
         folder = OutputFolder(spec.out, spec.extension)
         with folder:
             removed = folder.remove_temporaries()
@@ -107,6 +109,19 @@ def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = N
             else:
                 result = _run_local(spec, items, device, name, stop, log, records)
     return _report(spec, result, stop, log)
+
+
+def _sized_for(spec: JobSpec) -> JobSpec:
+    """Check every item against the engine's limits before loading anything. Without a max_duration_s of the user's,
+    the engine is made to accept the job's longest item (its default, raised up to MAX_REQUEST_DURATION_S)."""
+    from fastgen.api import MusicGen
+    options = spec.engine_options
+    given = options.get("max_duration_s")
+    info = MusicGen.inspect(spec.model, given or MAX_REQUEST_DURATION_S, window_s=options.get("window_s"))
+    longest = check_limits(spec.items, info)
+    if given is not None or longest <= DEFAULT_MAX_DURATION_S:
+        return spec
+    return dataclasses.replace(spec, engine_options={**options, "max_duration_s": longest})
 
 
 def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop: "_Stop", log: TextIO,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fastgen.audio import prepare_audio_prompt
-from fastgen.config import DEFAULT_MAX_DURATION_S, EngineConfig
+from fastgen.config import EngineConfig, FrameLimits
 from fastgen.engine import longform
 from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.stage_worker import StageWorker
@@ -55,11 +55,8 @@ class Engine:
         self.frame_rate, self.sample_rate = mc.frame_rate, mc.sample_rate
         # long-form: requests up to max_frames slide over windows of window_frames; a slot holds one window, or the
         # longest request when that is shorter
-        self.window_frames = mc.max_frames
-        if config.window_s is not None:
-            self.window_frames = min(self.window_frames, round(config.window_s * mc.frame_rate))
-        self.max_frames = round((config.max_duration_s or DEFAULT_MAX_DURATION_S) * mc.frame_rate)
-        self.slot_frames = min(self.window_frames, self.max_frames)
+        limits = FrameLimits.of(mc, config)  # (MusicGen.inspect checks jobs by the same rule)
+        self.window_frames, self.max_frames, self.slot_frames = limits.window, limits.request, limits.slot
         backend = config.backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"

@@ -5,7 +5,9 @@ the product users hear."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,6 +31,32 @@ def _as_checkpoint_error(section: str):
     except Exception as exc:
         raise CheckpointError(f"config.json: the {section} section cannot build its model "
                               f"({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+class _TokenIdWarnings(logging.Filter):
+    """transformers warns that MusicGen's pad/bos id (= vocab_size, the extra embedding row) lies outside the
+    vocabulary whenever a MusicGen config is built (AutoTokenizer builds one from config.json), real checkpoints
+    included. It is harmless for MusicGen."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("must be `None` or an integer within the vocabulary" in message
+                    and ("pad_token_id" in message or "bos_token_id" in message))
+
+
+@contextlib.contextmanager
+def quiet_token_id_warnings() -> Iterator[None]:
+    """Drop those two warnings (only) while transformers builds a MusicGen config: loading, building a tiny one."""
+    loggers = [logging.getLogger(name) for name in (
+        "transformers.configuration_utils", "transformers.models.musicgen.configuration_musicgen")]
+    quiet = _TokenIdWarnings()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 class TextEncoder:

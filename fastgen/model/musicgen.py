@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fastgen.config import ModelConfig
-from fastgen.model.codec import AudioCodec, TextEncoder
+from fastgen.model.codec import AudioCodec, TextEncoder, quiet_token_id_warnings
 from fastgen.model.decoder import MusicgenDecoder
 from fastgen.model.loader import load_parts
 from fastgen.model.quantize import validate_quantization
@@ -75,7 +75,8 @@ class MusicgenModel:
         config = parts.config
         decoder = MusicgenDecoder(config.decoder, parts.weights, text_hidden_size=config.text_hidden_size,
                                   device=device, dtype=dtype, quantization=quantization)
-        text_encoder = TextEncoder(parts.folder, config.text_encoder, parts.weights, device)
+        with quiet_token_id_warnings():  # AutoTokenizer builds a MusicgenConfig from config.json
+            text_encoder = TextEncoder(parts.folder, config.text_encoder, parts.weights, device)
         codec = AudioCodec(config.audio_encoder, parts.weights, device, config.decoder.audio_channels)
         defaults = SamplingParams.from_generation_config(parts.generation_config).with_defaults(BUILTIN_DEFAULTS)
         return cls(parts.folder, config, decoder, text_encoder, codec, defaults)
