@@ -63,14 +63,6 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def decoder_bytes(decoder) -> int:
-    tensors = [decoder.embed, decoder.lm_heads, *decoder.final_norm]
-    for layer in decoder.layers:
-        tensors += [layer.qkv, layer.self_out_t, layer.cross_q, layer.cross_kv, layer.cross_out_t, layer.fc1,
-                    layer.fc2_t, *layer.self_norm, *layer.cross_norm, *layer.ffn_norm]
-    return tensor_bytes(t for t in tensors if isinstance(t, torch.Tensor))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +102,7 @@ def main() -> None:
     while min(r.position for r in requests) < position:  # the whole batch steps to the position first
         engine.step()
     snapshot = runner.state.position.clone()
-    weights = decoder_bytes(decoder)
+    weights = decoder.step_weight_bytes()  # what a step streams, at the stored width
     config = decoder.config
     element = torch.finfo(dtype).bits // 8
     text_tokens = max(len(r.text_ids) for r in requests)
