@@ -40,7 +40,9 @@ def worker(args: argparse.Namespace) -> dict:
     slot = requests[0].slot
     d = decoder.config.hidden_size
     x = {width: torch.randn(2, width, dtype=decoder.dtype) for width in (d, decoder.config.ffn_dim)}
-    linears = [(linear, x[d] if i % 6 != 5 or linear is decoder.lm_heads else x[decoder.config.ffn_dim])
+    # the LM heads run as the step runs them (head_logits: fp32 logits, the head kept in fp32 off CUDA)
+    linears = [(decoder.head_logits if linear is decoder.lm_heads else linear,
+                x[d] if i % 6 != 5 or linear is decoder.lm_heads else x[decoder.config.ffn_dim])
                for i, linear in enumerate(decoder.linears())]
     results = {}
     with torch.inference_mode():
