@@ -345,7 +345,8 @@ class Engine:
                     request.first_step_time = now
             self.runner.step(self._plan, running)
             done, window_ends = self.scheduler.advance(self.config.steps_per_call)
-            windows = self.streamer.due([r for r in running if r.steps_done < r.steps_total])
+            windows = (self.streamer.due([r for r in running if r.steps_done < r.steps_total])
+                       if self.streamer.active else [])
             if windows:
                 self.stages.submit("stream", [w.request for w in windows], windows)
             if window_ends:  # after the streamer has read the finished window's codes from the slot

@@ -113,6 +113,11 @@ class AudioStreamer:
     def drop(self, request: Any) -> None:
         self._states.pop(request.request_id, None)
 
+    @property
+    def active(self) -> bool:
+        """Whether any request streams (the engine skips the per-step check otherwise)."""
+        return bool(self._states)
+
     def due(self, requests: list[Any]) -> list[Window]:
         """Windows of running (not finishing) requests that passed their next chunk boundary in the last step."""
         windows = []
