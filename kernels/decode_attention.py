@@ -325,16 +325,22 @@ def _run_kernels_no_append(q, k_cache, v_cache, cache_row, length, scale, span, 
     _run_kernels(q, None, None, k_cache, v_cache, cache_row, length, scale, span, out, scratch)
 
 
+def _launches(q, *args) -> int:
+    """Triton launches of one call (fastgen.engine.launch_count): the split kernel, and the merge unless direct."""
+    span = args[-3]
+    return 1 if launch_config(span, q.shape[2])["direct"] else 2
+
+
 # The scratch is an argument (mutated), not looked up inside: a recorded or captured call keeps using the buffer it
 # was given, as a CUDA graph keeps its pointer.
 _attention_op = define_kernel_op(
     "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_row, Tensor length, float scale, "
     "int span, Tensor(a!) out, Tensor(b!) scratch) -> ()",
-    _run_kernels_no_append)
+    _run_kernels_no_append, launches=_launches)
 _attention_append_op = define_kernel_op(
     "decode_attention_append(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
     "Tensor cache_row, Tensor length, float scale, int span, Tensor(c!) out, Tensor(d!) scratch) -> ()",
-    _run_kernels)
+    _run_kernels, launches=_launches)
 
 
 def decode_attention(
