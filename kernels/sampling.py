@@ -14,6 +14,12 @@ delayed position t + 1 (t = position[s], the position of the current input token
     otherwise                      → the sampled token, also written to codes[s, k, f]
 The token goes to tokens[s, k] (next decode input). nonfinite[s] is set to 1 when any guided logit is NaN/±inf.
 
+As the last kernel of a decode step it also advances the batch (given ``step_length``, the step's position + 1 of
+each row, as the embedding kernel wrote it): position[s] ← step_length[b], except the dummy slot that graph padding
+rows point at, which goes back to 0 so its rows stay cheap and in range. The programs of a row read the step's
+position from step_length, never from position[s], which the row's codebook-0 program overwrites meanwhile; several
+padding rows store the same 0 to the dummy slot, and a real slot appears in one row only.
+
 Randomness is a stateless counter hash of (seed, position, codebook, token): a request's samples depend on
 nothing else — not on its batch neighbours, its row, or how many steps run per graph replay. The request's 63-bit seed
 is folded once, on the host, into a 32-bit stream seed (`seed_key`); per step one lowbias32 round keys the stream of
@@ -184,6 +190,8 @@ def sample_next_tokens_ref(
     max_top_k: int = -1,
     any_top_p: bool = True,
     rows: RowParams | None = None,  # the per-row gather of the [S] parameters above, if already made
+    step_length: torch.Tensor | None = None,  # [≥ B] int32: the step's position + 1 of row b; given, the positions
+    dummy_slot: int = -1,                     # are read from it and advanced (the dummy slot back to 0)
 ) -> None:
     # Written for few operator calls (on a CPU the step's cost is mostly per-call overhead): per-row values are
     # gathered once, and work the hints rule out is skipped.
@@ -199,7 +207,7 @@ def sample_next_tokens_ref(
         scale = rows.guidance_scale
         guided = torch.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
     token = guided.argmax(dim=-1)
-    position_b = position[slots].view(-1, 1)
+    position_b = (position[slots] if step_length is None else step_length[:batch] - 1).view(-1, 1)
     codebook_ids = torch.arange(codebooks, device=device)
     if any_sampling:
         temp = rows.temperature
@@ -225,6 +233,8 @@ def sample_next_tokens_ref(
     # a sum is non-finite iff some element is (finite logits cannot overflow float32 in a 2048-wide sum)
     bad = torch.isfinite(guided.sum(dim=(1, 2))).logical_not_().to(nonfinite.dtype)
     nonfinite.scatter_reduce_(0, slots, bad, reduce="amax")
+    if step_length is not None:
+        position[slots] = torch.where(slots == dummy_slot, 0, step_length[:batch])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +313,7 @@ def _order_key(x):
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dummy_slot"])  # one compiled variant whatever the slot count
 def _sample_next_tokens_kernel(
     logits_ptr,         # [2B, K, V], last dim contiguous: rows [0, B) cond, [B, 2B) uncond
     slots_ptr,          # [B] int64
@@ -312,16 +322,18 @@ def _sample_next_tokens_kernel(
     top_k_ptr,          # [S] int32
     top_p_ptr,          # [S] fp32
     seed_ptr,           # [S] int64
-    position_ptr,       # [S] int32
+    position_ptr,       # [S] int32 (ADVANCE: out)
     num_frames_ptr,     # [S] int32
     prompt_frames_ptr,  # [S] int32
     tokens_ptr,         # [S, K] int64 out, last dim contiguous
     codes_ptr,          # [S, K, F_max] int64 in/out, last dim contiguous
     nonfinite_ptr,      # [S] int32 out
+    step_length_ptr,    # [≥ B] int32 (read only when ADVANCE): the step's position + 1 of each row
     batch,
     vocab,
     max_frames,
     pad_id,
+    dummy_slot,
     stride_logits_row,
     stride_logits_k,
     stride_tokens,
@@ -330,6 +342,7 @@ def _sample_next_tokens_kernel(
     CHANNEL_SHIFT: tl.constexpr,  # codebook → channel codebook: k >> 0 (mono) or k >> 1 (stereo)
     BLOCK_V: tl.constexpr,
     PRECISE_EXP: tl.constexpr,    # libdevice expf (compiled); False under the interpreter, which lacks libdevice
+    ADVANCE: tl.constexpr,        # read positions from step_length, then advance them (the module docstring)
 ):
     row = tl.program_id(0)
     codebook = tl.program_id(1)
@@ -351,7 +364,10 @@ def _sample_next_tokens_kernel(
     guided = tl.where(in_vocab, guided, -float("inf"))
 
     # Delay pattern: which frame this (step, codebook) predicts, and whether it is pad, prompt or sampled.
-    position = tl.load(position_ptr + slot)
+    if ADVANCE:
+        position = tl.load(step_length_ptr + row) - 1
+    else:
+        position = tl.load(position_ptr + slot)
     frame = position.to(tl.int64) - (codebook >> CHANNEL_SHIFT)
     in_range = (frame >= 0) & (frame < tl.load(num_frames_ptr + slot))
     from_prompt = frame < tl.load(prompt_frames_ptr + slot)
@@ -403,6 +419,9 @@ def _sample_next_tokens_kernel(
                 token = tl.argmax(scores + gumbel, axis=0).to(tl.int64)
             tl.store(code_ptr, token)
     tl.store(tokens_ptr + slot * stride_tokens + codebook, token)
+    if ADVANCE:
+        if codebook == 0:
+            tl.store(position_ptr + slot, tl.where(slot == dummy_slot, 0, position + 1))
 
 
 def launch_config(vocab: int) -> tuple[int, int]:
@@ -432,6 +451,8 @@ def sample_next_tokens(
     any_guidance: bool = True,     # ignored (the kernel branches per row on the device)
     max_top_k: int = -1,
     any_top_p: bool = True,
+    step_length: torch.Tensor | None = None,  # [≥ B] int32: the step's position + 1 of row b; given, the positions
+    dummy_slot: int = -1,                     # are read from it and advanced (the dummy slot back to 0)
 ) -> None:
     assert logits.dim() == 3 and logits.shape[0] % 2 == 0 and logits.stride(2) == 1 \
         and logits.dtype in (torch.float32, torch.float16, torch.bfloat16), \
@@ -454,33 +475,43 @@ def sample_next_tokens(
         f"codes must be int64 [S, {codebooks}, F_max] with a contiguous last dim, got {tuple(codes.shape)}"
     assert audio_channels in (1, 2) and codebooks % audio_channels == 0, \
         f"audio_channels must be 1 or 2 and divide K = {codebooks}, got {audio_channels}"
-    devices = {t.device for t in (logits, slots, guidance_scale, temperature, top_k, top_p, seed, position,
-                                  num_frames, prompt_frames, tokens, codes, nonfinite)}
+    tensors = [logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
+               tokens, codes, nonfinite]
+    if step_length is not None:
+        assert step_length.dtype == torch.int32 and step_length.dim() == 1 and step_length.shape[0] >= batch \
+            and step_length.is_contiguous(), \
+            f"step_length must be contiguous int32 [>= {batch}], got {step_length.dtype} {tuple(step_length.shape)}"
+        assert 0 <= dummy_slot < num_slots, f"dummy_slot must be a slot in [0, {num_slots}), got {dummy_slot}"
+        tensors.append(step_length)
+    devices = {t.device for t in tensors}
     assert len(devices) == 1, f"all tensors must be on one device, got {devices}"
     if batch == 0:
         return
     _sample_op(logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
-               tokens, codes, nonfinite, pad_id, audio_channels)
+               tokens, codes, nonfinite, pad_id, audio_channels, step_length, dummy_slot)
 
 
 def _launch(logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
-            tokens, codes, nonfinite, pad_id, audio_channels) -> None:
+            tokens, codes, nonfinite, pad_id, audio_channels, step_length, dummy_slot) -> None:
     batch, codebooks, vocab = logits.shape[0] // 2, logits.shape[1], logits.shape[2]
     block, warps = launch_config(vocab)
+    advance = step_length is not None
     _sample_next_tokens_kernel[(batch, codebooks)](
         logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames, prompt_frames,
-        tokens, codes, nonfinite, batch, vocab, codes.shape[2], pad_id,
-        logits.stride(0), logits.stride(1), tokens.stride(0), codes.stride(0), codes.stride(1),
-        CHANNEL_SHIFT=audio_channels - 1, BLOCK_V=block, PRECISE_EXP=_COMPILED, num_warps=warps,
+        tokens, codes, nonfinite, step_length if advance else position, batch, vocab, codes.shape[2], pad_id,
+        dummy_slot, logits.stride(0), logits.stride(1), tokens.stride(0), codes.stride(0), codes.stride(1),
+        CHANNEL_SHIFT=audio_channels - 1, BLOCK_V=block, PRECISE_EXP=_COMPILED, ADVANCE=advance, num_warps=warps,
         enable_fp_fusion=False,  # uncond + g·(cond − uncond) rounded like the reference, not fused into an FMA
     )
 
 
 _COMPILED = not isinstance(_sample_next_tokens_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 at import or not
+# position is declared written: the step's call (step_length given) advances it
 _sample_op = define_kernel_op(
     "sample_next_tokens(Tensor logits, Tensor slots, Tensor guidance_scale, Tensor temperature, Tensor top_k, "
-    "Tensor top_p, Tensor seed, Tensor position, Tensor num_frames, Tensor prompt_frames, Tensor(a!) tokens, "
-    "Tensor(b!) codes, Tensor(c!) nonfinite, int pad_id, int audio_channels) -> ()", _launch)
+    "Tensor top_p, Tensor seed, Tensor(a!) position, Tensor num_frames, Tensor prompt_frames, Tensor(b!) tokens, "
+    "Tensor(c!) codes, Tensor(d!) nonfinite, int pad_id, int audio_channels, Tensor? step_length, "
+    "int dummy_slot) -> ()", _launch)
 
 
 def _engine_configs() -> list[KernelConfig]:
@@ -488,23 +519,27 @@ def _engine_configs() -> list[KernelConfig]:
     for dtype in ("fp32", "bf16", "fp16"):
         for vocab in (2048, 48):  # MusicGen's codebook size, and the tests' tiny vocabulary
             block, warps = launch_config(vocab)
-            for channels, batch_one in ((1, False), (2, False), (1, True)):
-                # the JIT turns an integer argument equal to 1 into a constexpr: batch = 1 is its own variant
+            # the engine's step advances (ADVANCE); one mono variant without, for callers outside the engine.
+            # The JIT turns an integer argument equal to 1 into a constexpr: batch = 1 is its own variant.
+            for channels, batch_one, advance in ((1, False, True), (2, False, True), (1, True, True),
+                                                 (1, False, False)):
                 configs.append(make_config(
-                    f"sampling {dtype} BLOCK_V={block} channels={channels}" + (" B=1" if batch_one else ""),
+                    f"sampling {dtype} BLOCK_V={block} channels={channels}" + (" B=1" if batch_one else "")
+                    + (" advance" if advance else ""),
                     _sample_next_tokens_kernel,
                     {"logits_ptr": f"*{dtype}", "slots_ptr": "*i64", "guidance_ptr": "*fp32",
                      "temperature_ptr": "*fp32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "seed_ptr": "*i64",
                      "position_ptr": "*i32", "num_frames_ptr": "*i32", "prompt_frames_ptr": "*i32",
-                     "tokens_ptr": "*i64", "codes_ptr": "*i64", "nonfinite_ptr": "*i32", "batch": "i32",
-                     "vocab": "i32", "max_frames": "i32", "pad_id": "i32", "stride_logits_row": "i32",
-                     "stride_logits_k": "i32", "stride_tokens": "i32", "stride_codes_s": "i32",
-                     "stride_codes_k": "i32"},
-                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block, "PRECISE_EXP": True}
+                     "tokens_ptr": "*i64", "codes_ptr": "*i64", "nonfinite_ptr": "*i32", "step_length_ptr": "*i32",
+                     "batch": "i32", "vocab": "i32", "max_frames": "i32", "pad_id": "i32", "dummy_slot": "i32",
+                     "stride_logits_row": "i32", "stride_logits_k": "i32", "stride_tokens": "i32",
+                     "stride_codes_s": "i32", "stride_codes_k": "i32"},
+                    {"CHANNEL_SHIFT": channels - 1, "BLOCK_V": block, "PRECISE_EXP": True, "ADVANCE": advance}
                     | ({"batch": 1} if batch_one else {}),
                     aligned=("logits_ptr", "slots_ptr", "guidance_ptr", "temperature_ptr", "top_k_ptr", "top_p_ptr",
                              "seed_ptr", "position_ptr", "num_frames_ptr", "prompt_frames_ptr", "tokens_ptr",
-                             "codes_ptr", "nonfinite_ptr", "stride_logits_row", "stride_logits_k")
+                             "codes_ptr", "nonfinite_ptr", "step_length_ptr", "stride_logits_row",
+                             "stride_logits_k")
                     + (("vocab",) if vocab % 16 == 0 else ()),
                     num_warps=warps, num_stages=1, enable_fp_fusion=False))
     return configs

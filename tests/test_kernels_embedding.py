@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastgen.kernels.codebook_embedding import codebook_embedding, codebook_embedding_ref
+from fastgen.kernels.codebook_embedding import StepRows, codebook_embedding, codebook_embedding_ref
 
 from kernel_checks import DEVICE, assert_close_report
 
@@ -48,6 +48,43 @@ def test_matches_reference(slots_total, codebooks, vocab, dim, copies, slots, si
         assert torch.equal(out[c * batch:(c + 1) * batch], out[:batch]), f"copy {c} differs from copy 0"
 
 
+ROW_CASES = [
+    # slots S, codebooks K, width D, copies, slots of the rows (the last slot is the dummy padding points at)
+    (2, 4, 16, 2, [0]),                          # B = 1
+    (6, 4, 40, 2, [3, 1, 5, 5, 5]),              # odd B, three padding rows on the dummy, width not a multiple of 16
+    (9, 8, 600, 2, [8, 7, 2, 0, 4, 5, 6]),       # stereo K, two column blocks (only the first writes the rows)
+    (5, 4, 24, 3, [1, 4, 4]),                    # more than two copies: only the first attends to text
+]
+
+
+@pytest.mark.parametrize("slots_total,codebooks,dim,copies,slots", ROW_CASES)
+def test_step_rows_match_reference(slots_total, codebooks, dim, copies, slots):
+    """The decode step's bookkeeping, written by the embedding launch: cache rows s + c·offset, self lengths
+    position + 1 for every copy, text lengths for the first copy and 0 after; poisoned outputs all overwritten."""
+    dtype = torch.float32
+    tokens, position, slot_ids, tables, sinusoid = make_inputs(slots_total, codebooks, 20, dim, 50, slots, dtype,
+                                                               None, seed=slots_total * 7 + dim)
+    gen = torch.Generator().manual_seed(dim)
+    text_length = torch.randint(0, 30, (slots_total,), generator=gen, dtype=torch.int32).to(DEVICE)
+    rows_count = copies * len(slots)
+    got, want = (StepRows.allocate(text_length, slots_total + 1, rows_count) for _ in range(2))
+    for tensor in (got.cache_row, got.self_length, got.cross_length):
+        tensor.fill_(-99)  # poison
+    out = torch.full((rows_count, dim), float("nan"), dtype=dtype, device=DEVICE)
+    codebook_embedding(tokens, position, slot_ids, tables, sinusoid, out, got)
+    expected = codebook_embedding_ref(tokens, position, slot_ids, tables, sinusoid, torch.empty_like(out), want)
+    assert_close_report(out, expected, 1e-6, 1e-6)
+    for name in ("cache_row", "self_length", "cross_length"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), \
+            f"{name}: got {getattr(got, name).tolist()}, want {getattr(want, name).tolist()}"
+    # the reference spelled out for one row and its copies
+    b, slot = len(slots) - 1, slots[-1]
+    rows = [c * len(slots) + b for c in range(copies)]
+    assert got.cache_row[rows].tolist() == [slot + c * (slots_total + 1) for c in range(copies)]
+    assert got.self_length[rows].tolist() == [int(position[slot]) + 1] * copies
+    assert got.cross_length[rows].tolist() == [int(text_length[slot])] + [0] * (copies - 1)
+
+
 def test_writes_only_its_rows_of_a_strided_out():
     """`out` may be a view into a wider buffer (row stride > D): nothing outside the view is touched."""
     inputs = make_inputs(5, 4, 16, 32, 20, [4, 0, 2], torch.float32, None, seed=4)
@@ -67,3 +104,10 @@ def test_launcher_rejects_bad_inputs():
         codebook_embedding(tokens, position.long(), slots, tables, sinusoid, out)
     with pytest.raises(AssertionError, match="out"):
         codebook_embedding(tokens, position, slots, tables, sinusoid, torch.empty(3, 16, device=DEVICE))
+    rows = StepRows.allocate(torch.zeros(3, dtype=torch.int32, device=DEVICE), 3, 4)
+    with pytest.raises(AssertionError, match="rows.self_length"):
+        codebook_embedding(tokens, position, slots, tables, sinusoid, out,
+                           StepRows(rows.text_length, 3, rows.cache_row, rows.self_length.long(), rows.cross_length))
+    with pytest.raises(AssertionError, match="rows.text_length"):
+        codebook_embedding(tokens, position, slots, tables, sinusoid, out,
+                           StepRows(rows.text_length[:2], 3, rows.cache_row, rows.self_length, rows.cross_length))

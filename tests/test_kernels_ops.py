@@ -49,13 +49,22 @@ def sampling_args():
              torch.full((slots,), 6, dtype=torch.int32, device=DEVICE),
              torch.full((slots,), 12, dtype=torch.int32, device=DEVICE), torch.zeros(slots, dtype=torch.int32,
                                                                                     device=DEVICE)]
+    step_length = torch.tensor([4, 1, 4, 1], dtype=torch.int32, device=DEVICE)  # the step's: it advances position
     return (rand(4, codebooks, vocab), torch.tensor([2, 0], device=DEVICE), *state,
             torch.zeros(slots, codebooks, dtype=torch.int64, device=DEVICE), ints(slots, codebooks, 12, high=vocab),
-            torch.zeros(slots, dtype=torch.int32, device=DEVICE), vocab, 1)
+            torch.zeros(slots, dtype=torch.int32, device=DEVICE), vocab, 1, step_length, 1)
+
+
+def embedding_rows_args():
+    tokens, position, slots, tables, sinusoid, out = embedding_args()
+    text_length = ints(3, high=7, dtype=torch.int32)
+    rows = [torch.empty(4, dtype=dtype, device=DEVICE) for dtype in (torch.int64, torch.int32, torch.int32)]
+    return tokens, position, slots, tables, sinusoid, text_length, 3, out, *rows
 
 
 CASES = {
     "codebook_embedding": embedding_args,
+    "codebook_embedding_rows": embedding_rows_args,
     "decode_attention": lambda: attention_args(append=False),
     "decode_attention_append": lambda: attention_args(append=True),
     "sample_next_tokens": sampling_args,

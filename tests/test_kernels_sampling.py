@@ -44,11 +44,11 @@ def make_state(slots: int, codebooks: int, max_frames: int, gen: torch.Generator
     return {k: v.to(DEVICE) for k, v in state.items()}
 
 
-def run(fn, logits, slots, state, channels=1, pad_id=PAD) -> dict:
+def run(fn, logits, slots, state, channels=1, pad_id=PAD, **advance) -> dict:
     out = {k: v.clone() for k, v in state.items()}
     fn(logits, slots, out["guidance_scale"], out["temperature"], out["top_k"], out["top_p"], out["seed"],
        out["position"], out["num_frames"], out["prompt_frames"], out["tokens"], out["codes"], out["nonfinite"],
-       pad_id, channels)
+       pad_id, channels, **advance)
     return out
 
 
@@ -129,6 +129,39 @@ def test_matches_reference(dtype, batch, codebooks, vocab, channels):
     untouched[slots] = False
     assert bool((got["tokens"][untouched] == POISON).all()), "rows of inactive slots were written"
     assert bool((got["tokens"][slots] != POISON).all()), "an active row was not written"
+
+
+@pytest.mark.parametrize("batch,padding,codebooks,vocab,channels", [(1, 0, 4, 48, 1), (3, 2, 4, 33, 1),
+                                                                    (2, 3, 8, 48, 2)])
+def test_advance_reads_the_step_positions_and_advances_them(batch, padding, codebooks, vocab, channels):
+    """The decode step's form: positions come from step_length (the step's position + 1 of each row, as the
+    embedding kernel wrote it), not from the per-slot positions, which the kernel then advances; padding rows all
+    point at the dummy slot (the last), which goes back to 0; slots outside the batch keep theirs."""
+    gen = generator(batch * 10 + padding)
+    slots_total = batch + 3
+    dummy = slots_total - 1
+    slots = torch.cat([torch.randperm(slots_total - 1, generator=gen)[:batch], torch.full((padding,), dummy)])
+    rows = batch + padding
+    logits = (torch.randn(2 * rows, codebooks, vocab, generator=gen) * 3).to(DEVICE)
+    slots = slots.to(DEVICE)
+    state = make_state(slots_total, codebooks, 16, gen, top_k=0, top_p=1.0)  # the interpreter's bisection is slow
+    state["position"][dummy] = 5
+    step_length = torch.cat([state["position"][slots] + 1, torch.full((rows,), -77, device=DEVICE,
+                                                                        dtype=torch.int32)]).int()  # [2B]: uncond copy
+    plain = run(sample_next_tokens_ref, logits, slots, state, channels)  # positions read from the slots
+    poisoned = dict(state, position=torch.full_like(state["position"], 3))  # must not be read when advancing
+    advance = dict(step_length=step_length, dummy_slot=dummy)
+    want = run(sample_next_tokens_ref, logits, slots, poisoned, channels, **advance)
+    got = run(sample_next_tokens, logits, slots, poisoned, channels, **advance)
+    assert_same_outputs(got, want)
+    real = slots[:batch]
+    assert_equal_report(want["tokens"][real], plain["tokens"][real], "advancing reads the step's positions")
+    expected = poisoned["position"].clone()
+    expected[real] = state["position"][real] + 1
+    if padding:
+        expected[dummy] = 0
+    assert_equal_report(got["position"], expected, "positions after the step")
+    assert_equal_report(want["position"], expected, "reference positions after the step")
 
 
 def test_greedy_is_first_argmax_and_scale_one_is_exact_cond():
@@ -313,3 +346,9 @@ def test_launcher_rejects_bad_inputs():
         run(sample_next_tokens, logits, torch.zeros(2, dtype=torch.int32, device=DEVICE), state)
     with pytest.raises(AssertionError, match="audio_channels"):
         run(sample_next_tokens, logits, torch.zeros(2, dtype=torch.int64, device=DEVICE), state, channels=3)
+    slots = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(AssertionError, match="step_length"):
+        run(sample_next_tokens, logits, slots, state, step_length=torch.ones(2, device=DEVICE), dummy_slot=1)
+    with pytest.raises(AssertionError, match="dummy_slot"):
+        run(sample_next_tokens, logits, slots, state, step_length=torch.ones(2, dtype=torch.int32, device=DEVICE),
+            dummy_slot=2)

@@ -315,20 +315,13 @@ class ModelRunner:
 
     def decode_step(self, slot_ids: torch.Tensor, hints: SamplerHints, kv_span: int | None,
                     text_span: int | None) -> None:
-        """The step proper, on device tensors only: no host syncs, no data-dependent shapes (CUDA-graph safe)."""
-        st, c = self.state, self.config
-        rows = torch.cat([slot_ids, slot_ids + self.total_slots])
-        position = st.position[slot_ids].to(torch.int64)
-        position = torch.cat([position, position])
-        text_length = torch.cat([st.text_length[slot_ids], torch.zeros_like(slot_ids, dtype=torch.int32)])
-        hidden = torch.empty(rows.shape[0], c.hidden_size, dtype=self.decoder.dtype, device=self.device)
-        self.ops.embed(st.tokens, st.position, slot_ids, self.decoder.embed, self.decoder.sinusoid, hidden)
-        logits = self.decoder.decode(self.ops, hidden, self.cache, rows, position, text_length, kv_span, text_span)
-        self.ops.sample(logits, slot_ids, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
-                        st.position, st.num_frames, st.prompt_frames, st.tokens, st.codes, st.nonfinite,
-                        c.pad_token_id, c.audio_channels, hints=hints)
-        st.position.index_add_(0, slot_ids, torch.ones_like(slot_ids, dtype=torch.int32))
-        st.position[self.dummy_slot:].zero_()  # padding rows may have bumped the dummy; keep it in range
+        """The step proper, on device tensors only: no host syncs, no data-dependent shapes (CUDA-graph safe).
+        Embed (and, on the triton backend, write the rows' bookkeeping), the layers, sample (and advance)."""
+        c, decoder = self.config, self.decoder
+        hidden, ctx = self.ops.begin_step(slot_ids, self.state, self.total_slots, decoder.embed, decoder.sinusoid,
+                                          kv_span, text_span)
+        logits = decoder.decode(self.ops, hidden, self.cache, ctx)
+        self.ops.end_step(ctx, logits, self.state, c.pad_token_id, c.audio_channels, self.dummy_slot, hints)
 
     # ---------------------------------------------------------------------------------------------- retire
     @torch.inference_mode()

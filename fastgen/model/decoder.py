@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
 from fastgen.model.linear import Linear, build_linears
-from fastgen.model.ops import Ops
+from fastgen.model.ops import Ops, StepContext
 from fastgen.model.quantize import validate_quantization
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which transformers' MusicGen uses
@@ -191,14 +191,13 @@ class MusicgenDecoder:
             cache.cross_k[i, rows, :, :length] = kv[0]
             cache.cross_v[i, rows, :, :length] = kv[1]
 
-    def decode(self, ops: Ops, hidden: torch.Tensor, cache: KVCache, rows: torch.Tensor, position: torch.Tensor,
-               text_length: torch.Tensor, kv_span: int | None, text_span: int | None) -> torch.Tensor:
-        """One decode step for R rows. hidden [R, D] (embedded inputs); rows [R] cache rows; position [R] int64
-        of the input token; text_length [R]. Returns logits [R, K, V]. No host syncs, static shapes."""
+    def decode(self, ops: Ops, hidden: torch.Tensor, cache: KVCache, ctx: StepContext) -> torch.Tensor:
+        """One decode step for R rows. hidden [R, D] (embedded inputs); ctx: the rows' cache rows, positions and
+        text lengths (``ops.begin_step`` or ``ops.context``). Returns logits [R, K, V]. No host syncs, static
+        shapes."""
         num_rows = hidden.shape[0]
         c = self.config
         heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
-        ctx = ops.begin_step(rows, position, text_length, kv_span, text_span, self.dtype)
         for i, layer in enumerate(self.layers):
             x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
             q, k, v = layer.qkv(x).view(num_rows, 3, heads, head_dim).unbind(1)

@@ -4,9 +4,15 @@
   one ``scaled_dot_product_attention`` call over the gathered cache rows (up to a host-known bound), so a step on a
   CPU costs about a hundred operator calls. The math is that of the references in ``fastgen.kernels``.
 - "triton": the kernels in ``fastgen.kernels`` (embedding, split-KV decode attention, fused CFG + sampling), which
-  read exactly each row's filled part of the cache.
+  read exactly each row's filled part of the cache. The step's bookkeeping runs inside them: the embedding kernel
+  writes each row's cache row and attention lengths, the sampler advances the positions, so nothing launches
+  between the kernels but the decoder's own layers.
 
-Both write the step's new K/V into the static cache and never sync with the host."""
+A step is ``begin_step`` (embed the batch's input tokens, make the StepContext), the decoder's layers (which call
+``self_attention`` / ``cross_attention``), then ``end_step`` (sample the next tokens, advance the positions). Both
+backends write the step's new K/V into the static cache and never sync with the host. ``state`` is the runner's
+per-slot tensors (fastgen.engine.runner.SlotState); row b of a batch of B is slot ``slots[b]``'s cond row, row
+B + b its uncond row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,9 +37,10 @@ class SamplerHints:
 
 @dataclass
 class StepContext:
-    rows: torch.Tensor           # [R] cache rows
-    position: torch.Tensor       # [R] int64 position of the input token
-    text_length: torch.Tensor    # [R] int32
+    rows: torch.Tensor           # [R] int64 cache rows
+    position: torch.Tensor | None  # torch backend: [R] int64 position of the input token
+    text_length: torch.Tensor    # [R] int32 (0: the null condition)
+    slots: torch.Tensor | None = None        # [B] int64 slot of each batch row (a step's context)
     self_length: torch.Tensor | None = None  # triton backend: [R] int32, position + 1
     self_bias: torch.Tensor | None = None   # torch backend: additive masks [R, 1, 1, span]
     cross_bias: torch.Tensor | None = None
@@ -44,11 +51,23 @@ class StepContext:
 class TorchOps:
     name = "torch"
 
-    def embed(self, tokens, position, slots, tables, sinusoid, out):
-        return codebook_embedding_ref(tokens, position, slots, tables, sinusoid, out)
+    def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int, text_span: int
+                   ) -> tuple[torch.Tensor, StepContext]:
+        """hidden [2B, D] (the batch's embedded input tokens, in both CFG rows) and the step's context; the cache
+        is read up to the host-known spans."""
+        hidden = torch.empty(2 * slots.shape[0], tables.shape[2], dtype=tables.dtype, device=tables.device)
+        codebook_embedding_ref(state.tokens, state.position, slots, tables, sinusoid, hidden)
+        rows = torch.cat([slots, slots + row_offset])
+        position = state.position[slots].to(torch.int64)
+        text_length = torch.cat([state.text_length[slots], torch.zeros_like(slots, dtype=torch.int32)])
+        ctx = self.context(rows, torch.cat([position, position]), text_length, kv_span, text_span, tables.dtype)
+        ctx.slots = slots
+        return hidden, ctx
 
-    def begin_step(self, rows, position, text_length, kv_span: int, text_span: int,
-                   dtype: torch.dtype = torch.float32) -> StepContext:
+    def context(self, rows, position, text_length, kv_span: int, text_span: int,
+                dtype: torch.dtype = torch.float32) -> StepContext:
+        """The context of rows given directly (cache rows [R], positions [R] int64, text lengths [R] int32): the
+        attention masks, built once for all layers. For callers that run the decoder outside the engine's slots."""
         ctx = StepContext(rows, position, text_length, kv_span=kv_span, text_span=text_span)
         # a large negative bias, not -inf: a row with no text (null condition) then averages its zero K/V rows
         # instead of producing NaN, and padding keys get exactly zero weight whenever one real key exists
@@ -69,9 +88,18 @@ class TorchOps:
     def cross_attention(self, ctx: StepContext, k_cache, v_cache, q, scale: float) -> torch.Tensor:
         return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.text_span, ctx.cross_bias, scale)
 
-    def sample(self, *args, hints: SamplerHints = SamplerHints(), **kwargs) -> None:
-        sample_next_tokens_ref(*args, **kwargs, any_sampling=hints.any_sampling, any_guidance=hints.any_guidance,
-                               max_top_k=hints.max_top_k, any_top_p=hints.any_top_p, rows=hints.rows)
+    def end_step(self, ctx: StepContext, logits, state, pad_id: int, audio_channels: int, dummy_slot: int,
+                 hints: SamplerHints = SamplerHints()) -> None:
+        """Sample the batch's next tokens from logits [2B, K, V], then advance its positions by one (the dummy slot
+        that graph padding points at stays at 0)."""
+        st = state
+        sample_next_tokens_ref(logits, ctx.slots, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
+                               st.position, st.num_frames, st.prompt_frames, st.tokens, st.codes, st.nonfinite,
+                               pad_id, audio_channels, any_sampling=hints.any_sampling,
+                               any_guidance=hints.any_guidance, max_top_k=hints.max_top_k,
+                               any_top_p=hints.any_top_p, rows=hints.rows)
+        st.position.index_add_(0, ctx.slots, torch.ones_like(ctx.slots, dtype=torch.int32))
+        st.position[dummy_slot:].zero_()  # padding rows may have bumped the dummy; keep it in range
 
 
 def _gathered_attention(q, k_cache, v_cache, rows, span, bias, scale) -> torch.Tensor:
@@ -93,17 +121,23 @@ class TritonOps:
 
     def __init__(self) -> None:
         # imported here: the kernels need triton's JIT (or TRITON_INTERPRET=1 on a CPU)
-        from fastgen.kernels.codebook_embedding import codebook_embedding
+        from fastgen.kernels.codebook_embedding import StepRows, codebook_embedding
         from fastgen.kernels.decode_attention import decode_attention, decode_attention_append
         from fastgen.kernels.sampling import sample_next_tokens
-        self.embed = codebook_embedding
+        self._embed = codebook_embedding
+        self._step_rows = StepRows
         self._attention = decode_attention
         self._attention_append = decode_attention_append
         self._sample = sample_next_tokens
 
-    def begin_step(self, rows, position, text_length, kv_span: int | None, text_span: int | None,
-                   dtype: torch.dtype | None = None) -> StepContext:
-        return StepContext(rows, position, text_length, self_length=(position + 1).to(torch.int32))
+    def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int | None,
+                   text_span: int | None) -> tuple[torch.Tensor, StepContext]:
+        """One launch: the embedding kernel also writes each row's cache row and attention lengths (the kernels
+        read exactly each row's filled cache, so the spans are not needed)."""
+        hidden = torch.empty(2 * slots.shape[0], tables.shape[2], dtype=tables.dtype, device=tables.device)
+        rows = self._step_rows.allocate(state.text_length, row_offset, hidden.shape[0])
+        self._embed(state.tokens, state.position, slots, tables, sinusoid, hidden, rows)
+        return hidden, StepContext(rows.cache_row, None, rows.cross_length, slots, self_length=rows.self_length)
 
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
         # the kernel writes this step's K/V at position length − 1 itself (no scatter launches)
@@ -112,8 +146,13 @@ class TritonOps:
     def cross_attention(self, ctx: StepContext, k_cache, v_cache, q, scale: float) -> torch.Tensor:
         return self._attention(q, k_cache, v_cache, ctx.rows, ctx.text_length, scale)
 
-    def sample(self, *args, hints: SamplerHints | None = None, **kwargs) -> None:
-        self._sample(*args, **kwargs)
+    def end_step(self, ctx: StepContext, logits, state, pad_id: int, audio_channels: int, dummy_slot: int,
+                 hints: SamplerHints | None = None) -> None:
+        """One launch: the sampler reads the step's positions from ctx.self_length and advances them itself."""
+        st = state
+        self._sample(logits, ctx.slots, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed, st.position,
+                     st.num_frames, st.prompt_frames, st.tokens, st.codes, st.nonfinite, pad_id, audio_channels,
+                     step_length=ctx.self_length, dummy_slot=dummy_slot)
 
 
 Ops = TorchOps | TritonOps

@@ -52,8 +52,8 @@ def teacher_forced_logits(decoder, text_states: torch.Tensor, text_mask: torch.T
     for t in range(steps):
         hidden = (decoder.embed[codebook, tokens[:, t].to(device)].sum(0) + decoder.sinusoid[t]).expand(2, -1)
         position = torch.full((2,), t, dtype=torch.int64, device=device)
-        logits = decoder.decode(ops, hidden.contiguous(), cache, rows, position, text_length, t + 1,
-                                text_mask.shape[1]).float()
+        ctx = ops.context(rows, position, text_length, t + 1, text_mask.shape[1], decoder.dtype)
+        logits = decoder.decode(ops, hidden.contiguous(), cache, ctx).float()
         guided.append(logits[1] + 3.0 * (logits[0] - logits[1]))
     return torch.stack(guided)
 
