@@ -97,18 +97,8 @@ def _codebook_embedding_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < dim
     slot = tl.load(slots_ptr + row).to(tl.int64)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    table = tables_ptr
-    for k in tl.static_range(CODEBOOKS):
-        token = tl.load(tokens_ptr + slot * stride_tokens + k).to(tl.int64)
-        acc += tl.load(table + token * stride_table_v + cols, mask=mask).to(tl.float32)
-        table += stride_table_k  # 64-bit pointer arithmetic: no int32 product k · stride
     position = tl.load(position_ptr + slot)
-    acc += tl.load(sinusoid_ptr + position.to(tl.int64) * stride_sinusoid + cols, mask=mask).to(tl.float32)
-    value = acc.to(out_ptr.dtype.element_ty)
-    for c in tl.static_range(COPIES):
-        tl.store(out_ptr + (c * batch + row).to(tl.int64) * stride_out + cols, value, mask=mask)
-    if WRITE_ROWS:
+    if WRITE_ROWS:  # first: nothing of it stays live across the table loads
         if tl.program_id(1) == 0:  # each output row is written by its own program: padding rows never collide
             text_length = tl.load(text_length_ptr + slot)
             for c in tl.static_range(COPIES):
@@ -118,6 +108,16 @@ def _codebook_embedding_kernel(
                     tl.store(cross_length_ptr + row, text_length)
                 else:
                     tl.store(cross_length_ptr + c * batch + row, 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    table = tables_ptr
+    for k in tl.static_range(CODEBOOKS):
+        token = tl.load(tokens_ptr + slot * stride_tokens + k).to(tl.int64)
+        acc += tl.load(table + token * stride_table_v + cols, mask=mask).to(tl.float32)
+        table += stride_table_k  # 64-bit pointer arithmetic: no int32 product k · stride
+    acc += tl.load(sinusoid_ptr + position.to(tl.int64) * stride_sinusoid + cols, mask=mask).to(tl.float32)
+    value = acc.to(out_ptr.dtype.element_ty)
+    for c in tl.static_range(COPIES):
+        tl.store(out_ptr + (c * batch + row).to(tl.int64) * stride_out + cols, value, mask=mask)
 
 
 def launch_config(dim: int) -> tuple[int, int]:
