@@ -219,6 +219,10 @@ class EngineConfig:
     # by it (its requests are the caller's list)
     max_waiting: int | None = DEFAULT_MAX_WAITING
     quantization: str | None = None       # "int8": weight-only int8 decoder projections (from_pretrained loads so)
+    # the decode step's projections: "triton" (fused, batch-invariant kernels: fastgen.kernels.fused_linear) or
+    # "torch" (LayerNorm / GEMM / activation / add as separate operators); None: "triton" where the backend resolves
+    # to triton on CUDA, else "torch" (the CPU interpreter runs the fused kernels only when asked: they are slow there)
+    linear_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_slots is not None and (not isinstance(self.max_slots, int) or self.max_slots < 1):
@@ -245,6 +249,11 @@ class EngineConfig:
                              f"got {self.steps_per_call!r}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.linear_backend not in (None, "triton", "torch"):
+            raise ValueError(f"linear_backend must be None, 'triton' or 'torch', got {self.linear_backend!r}")
+        if self.linear_backend == "triton" and self.backend == "torch":
+            raise ValueError("linear_backend='triton' needs backend='triton' (or 'auto' on CUDA): the fused "
+                             "projections are Triton kernels; use linear_backend='torch' with backend='torch'")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")
 

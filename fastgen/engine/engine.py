@@ -67,9 +67,16 @@ class Engine:
             raise ValueError(f"backend='triton' on a CPU runs Triton's interpreter, which computes "
                              f"{str(model.decoder.dtype).removeprefix('torch.')} wrongly; load with dtype=float32")
         self.ops = get_ops(backend)
+        linear_backend = config.linear_backend
+        if linear_backend is None:
+            linear_backend = "triton" if backend == "triton" and self.device.type == "cuda" else "torch"
+        if linear_backend == "triton" and backend != "triton":
+            raise ValueError(f"linear_backend='triton' needs backend='triton', but backend resolved to {backend!r} "
+                             f"on {self.device.type}: the fused projections are Triton kernels")
         if config.compile_step and backend != "torch":
             raise ValueError(f"compile_step applies to the torch backend (the CPU default), not {backend!r}: the "
                              "Triton kernels are compiled already and run as CUDA graphs")
+        model.decoder.set_linear_backend(linear_backend)  # before graph capture: the graphs record its launches
         num_slots = self._plan_slots()
         self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
                                   max_frames=self.slot_frames, max_text_tokens=config.max_text_tokens,

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
-from fastgen.model.linear import Linear, build_linears
+from fastgen.model.linear import DenseLinear, Linear, build_linears
 from fastgen.model.ops import Ops, StepContext
+from fastgen.model.projections import LINEAR_BACKENDS, FusedProjections, TorchProjections
 from fastgen.model.quantize import validate_quantization
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which transformers' MusicGen uses
@@ -87,6 +88,9 @@ class KVCache:
             cache[:, rows] = 0
 
 
+Projections = TorchProjections | FusedProjections
+
+
 class MusicgenDecoder:
     """Holds the decoder weights (one device, one dtype) and runs its forward passes."""
 
@@ -154,6 +158,28 @@ class MusicgenDecoder:
             self.text_proj = (w.take("enc_to_dec_proj.weight", (d, text_hidden_size)),
                               w.take("enc_to_dec_proj.bias", (d,)))
         w.finish()
+        self.projections: Projections = TorchProjections(self.activation, self.final_norm, self.head_logits,
+                                                         LAYER_NORM_EPS)
+
+    @property
+    def linear_backend(self) -> str:
+        return self.projections.name
+
+    def set_linear_backend(self, backend: str) -> None:
+        """How decode runs the projections (fastgen.model.projections): "torch", or "triton" (the fused,
+        batch-invariant kernels, on plain weights: a packed CPU layout goes back to [N, K]). Prefill is unaffected."""
+        if backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            self.projections = TorchProjections(self.activation, self.final_norm, self.head_logits, LAYER_NORM_EPS)
+            return
+        self.use_stock_linears()
+        heads = self.lm_heads
+        if isinstance(heads, DenseLinear) and heads.weight.dtype != self.dtype:
+            # kept in fp32 for the torch path where no GEMM writes fp32 from 16-bit inputs; the kernel does
+            heads = DenseLinear(heads.weight.to(self.dtype))
+        self.projections = FusedProjections(self.config.activation, self.activation, self.final_norm, heads,
+                                            LAYER_NORM_EPS)
 
     def linears(self) -> list[Linear]:
         """Every projection a decode step streams (the LM heads included)."""
@@ -194,25 +220,23 @@ class MusicgenDecoder:
     def decode(self, ops: Ops, hidden: torch.Tensor, cache: KVCache, ctx: StepContext) -> torch.Tensor:
         """One decode step for R rows. hidden [R, D] (embedded inputs); ctx: the rows' cache rows, positions and
         text lengths (``ops.begin_step`` or ``ops.context``). Returns logits [R, K, V]. No host syncs, static
-        shapes."""
+        shapes. On the triton linear backend the residual adds write into ``hidden`` in place (it is the step's own
+        buffer)."""
         num_rows = hidden.shape[0]
         c = self.config
         heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
+        p = self.projections
         for i, layer in enumerate(self.layers):
-            x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
-            q, k, v = layer.qkv(x).view(num_rows, 3, heads, head_dim).unbind(1)
+            q, k, v = p.normed(layer.qkv, hidden, layer.self_norm).view(num_rows, 3, heads, head_dim).unbind(1)
             attn = ops.self_attention(ctx, cache.self_k_layers[i], cache.self_v_layers[i], q, k, v, self.scale)
-            hidden = layer.self_out.add_to(hidden, attn.reshape(num_rows, d))
+            hidden = p.add_to(layer.self_out, hidden, attn.reshape(num_rows, d))
 
-            x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
-            q = layer.cross_q(x).view(num_rows, heads, head_dim)
+            q = p.normed(layer.cross_q, hidden, layer.cross_norm).view(num_rows, heads, head_dim)
             attn = ops.cross_attention(ctx, cache.cross_k_layers[i], cache.cross_v_layers[i], q, self.scale)
-            hidden = layer.cross_out.add_to(hidden, attn.reshape(num_rows, d))
+            hidden = p.add_to(layer.cross_out, hidden, attn.reshape(num_rows, d))
 
-            x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = layer.fc2.add_to(hidden, self.activation(layer.fc1(x)))
-        hidden = F.layer_norm(hidden, (d,), *self.final_norm, LAYER_NORM_EPS)
-        return self.head_logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
+            hidden = p.add_to(layer.fc2, hidden, p.normed_activated(layer.fc1, hidden, layer.ffn_norm))
+        return p.logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""

@@ -1,0 +1,94 @@
+"""Batch invariance: a row's result does not depend on its batch-mates.
+
+Kernel level: the fused projections (kernels/fused_linear.py) give a row bitwise the same output at M = 2, 6, 38 and
+512, each variant, with and without split-K. Engine level (linear_backend="triton", fp32, interpreter on a CPU): a
+request's greedy and sampled codes are the same alone and beside batch-mates that join at other times."""
+import numpy as np
+import pytest
+import torch
+
+import fastgen
+from fastgen.kernels.fused_linear import fused_linear, launch_config
+
+from kernel_checks import DEVICE
+
+ROW_COUNTS = (2, 6, 38, 512)
+# fp32 in the interpreter (slow at M = 512: its programs run one by one); the 16-bit types where they compile
+DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
+VARIANTS = {  # the decoder's uses of the kernel
+    "norm": {"norm": True},
+    "norm-gelu": {"norm": True, "activation": "gelu"},
+    "residual": {"accumulate": True},
+    "heads": {"norm": True, "out_dtype": torch.float32},
+    "int8-residual": {"int8": True, "accumulate": True},
+}
+# (N, K) by the weight's BLOCK_K family (fp32: 32, 16-bit and int8: 128): one unsplit, one split-K shape
+SHAPES = {"fp32": [(40, 24), (17, 160)], "narrow": [(40, 24), (17, 520)]}
+
+
+def run_rows(x_all, m, weight, spec, residual_all):
+    kwargs = dict(spec)
+    if kwargs.pop("accumulate", False):
+        out = residual_all[:m].clone()
+        return fused_linear(x_all[:m], weight, out=out, accumulate=True, **kwargs)
+    return fused_linear(x_all[:m], weight, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape", [0, 1])
+def test_kernel_rows_are_bitwise_the_same_at_any_batch_size(dtype, variant, shape):
+    n, k = SHAPES["fp32" if dtype == torch.float32 and "int8" not in variant else "narrow"][shape]
+    gen = torch.Generator().manual_seed(7 + shape)
+    spec = dict(VARIANTS[variant])
+    x_all = (2 * torch.randn(max(ROW_COUNTS), k, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    weight = torch.randn(n, k, generator=gen) / k ** 0.5
+    if spec.pop("int8", False):
+        scale = weight.abs().amax(1) / 127
+        spec["scale"] = scale.to(DEVICE)
+        weight = torch.round(weight / scale[:, None]).to(torch.int8)
+    else:
+        weight = weight.to(dtype)
+    weight = weight.to(DEVICE)
+    if spec.pop("norm", False):
+        spec["norm"] = (torch.randn(k, generator=gen).to(dtype).to(DEVICE),
+                        torch.randn(k, generator=gen).to(dtype).to(DEVICE))
+    residual_all = torch.randn(max(ROW_COUNTS), n, generator=gen).to(dtype).to(DEVICE)
+    outputs = {m: run_rows(x_all, m, weight, spec, residual_all) for m in ROW_COUNTS}
+    largest = outputs[max(ROW_COUNTS)]
+    for m, out in outputs.items():
+        torch.testing.assert_close(out, largest[:m], rtol=0, atol=0, msg=lambda text: f"M={m}: {text}")
+    if shape == 1:
+        assert launch_config(n, k, weight.dtype).split_k > 1, "this shape is meant to take the split-K path"
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+def codes_of(folder, schedule, max_slots):
+    """Run requests that join at given engine steps; codes by request id."""
+    engine = fastgen.Engine.from_pretrained(folder, max_slots=max_slots, backend="triton", linear_backend="triton",
+                                            dtype=torch.float32, max_duration_s=1.0, enforce_eager=True)
+    assert engine.model.decoder.linear_backend == "triton"
+    codes, step = {}, 0
+    while schedule or engine.has_unfinished():
+        for request_id, prompt, params in schedule.pop(step, []):
+            engine.add_request(prompt, params, request_id=request_id)
+        for request in engine.step():
+            assert request.error is None, request.error
+            codes[request.request_id] = request.output.codes
+        step += 1
+    return codes
+
+
+def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
+    """A greedy and a seeded sampled request, each alone (one slot: they run one after the other), then together
+    beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e. 4 → 6
+    kernel rows, and fewer as they end)."""
+    greedy = fastgen.SamplingParams(max_new_tokens=4, do_sample=False, guidance_scale=3.0)
+    sampled = fastgen.SamplingParams(max_new_tokens=4, seed=11, temperature=0.9, guidance_scale=2.0)
+    alone = codes_of(tiny_mono_dir, {0: [("greedy", "lofi beat", greedy), ("sampled", "jazz piano", sampled)]}, 1)
+    mates = fastgen.SamplingParams(max_new_tokens=4, seed=3, guidance_scale=3.0)
+    together = codes_of(tiny_mono_dir, {0: [("mate", "a much longer prompt about drums", mates),
+                                            ("greedy", "lofi beat", greedy)],
+                                        1: [("sampled", "jazz piano", sampled)]}, 3)
+    for request_id in ("greedy", "sampled"):
+        np.testing.assert_array_equal(together[request_id], alone[request_id], err_msg=request_id)
