@@ -7,8 +7,8 @@ implementation) and the profiler (``fastgen::decode_attention`` ...).
 In-place outputs are declared mutable in the schema (``Tensor(a!)``); the ops return nothing, the launchers return
 their outputs. CPU is registered too: the kernels run there under TRITON_INTERPRET=1.
 
-Each op also records its fake implementation and how many Triton launches one call makes (one, unless declared),
-for fastgen.engine.launch_count, which counts a step's kernels without running them."""
+Each op is one Triton launch, and records its fake implementation for fastgen.engine.launch_count, which counts a
+step's kernels without running them."""
 from __future__ import annotations
 
 from typing import Callable
@@ -18,17 +18,15 @@ import torch
 NAMESPACE = "fastgen"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: registrations die with the object
 _FAKES: dict[torch._ops.OpOverload, Callable] = {}
-_LAUNCHES: dict[torch._ops.OpOverload, Callable[..., int]] = {}
 
 
 def _no_output(*args, **kwargs) -> None:
     """Fake implementation of an op that only writes its mutable arguments."""
 
 
-def define_kernel_op(schema: str, kernel: Callable, fake: Callable = _no_output,
-                     launches: Callable[..., int] | None = None) -> torch._ops.OpOverload:
-    """Register ``fastgen::<schema>`` with ``kernel`` for CUDA and CPU and ``fake`` for tracing; returns the op.
-    ``launches``, called with the op's arguments, says how many Triton launches ``kernel`` makes (default 1)."""
+def define_kernel_op(schema: str, kernel: Callable, fake: Callable = _no_output) -> torch._ops.OpOverload:
+    """Register ``fastgen::<schema>`` with ``kernel`` (one Triton launch) for CUDA and CPU and ``fake`` for tracing;
+    returns the op."""
     name = schema.split("(", 1)[0]
     _LIBRARY.define(schema)
     for key in ("CUDA", "CPU"):
@@ -36,15 +34,7 @@ def define_kernel_op(schema: str, kernel: Callable, fake: Callable = _no_output,
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
     _FAKES[op] = fake
-    if launches is not None:
-        _LAUNCHES[op] = launches
     return op
-
-
-def kernel_launches(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> int:
-    """Triton launches one call of the fastgen op ``op`` makes with these arguments."""
-    declared = _LAUNCHES.get(op)
-    return 1 if declared is None else declared(*args, **kwargs)
 
 
 def fake_result(op: torch._ops.OpOverload, args: tuple, kwargs: dict):

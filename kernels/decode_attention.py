@@ -5,12 +5,16 @@ A row with length 0 (unconditional cross-attention, graph padding) gets exactly 
 Serves self-attention (length = position + 1) and cross-attention (length = text tokens; 0 for the null condition).
 Floor: reads 2·length·H·Dh cache elements per row (bf16, H·Dh = 1024, length 1500: 6 MiB per row per layer).
 
-Flash-decoding in two launches. Stage one: one program per (row, head, split of SPLIT = 256 keys) runs an online
-softmax over its split and writes a partial output and its log-sum-exp (base 2) to scratch; splits past the row's
-length exit at once. Stage two merges the splits of each (row, head). The split size is fixed, so a row's result does
-not depend on its batch-mates or on `max_length`; the grid is sized from `max_length` (or L), never from device values,
-so both launches can be captured in a CUDA graph. When one split covers `max_length` (cross-attention over text,
-short prompts) stage one writes the output directly: bit-identical to the merged result (weight exp2(0) = 1).
+Flash-decoding in one launch: one program per (row, head, split of SPLIT = 256 keys) runs an online softmax over its
+split and writes a partial output and its log-sum-exp (base 2) to scratch; splits past the row's length exit at once.
+Then it takes a ticket (an atomic counter per (row, head), acquire-release at GPU scope, after a barrier so that every
+thread's partial is stored): the program that draws the last ticket of its row's used splits merges them, in split
+order, writes the output and resets the counter to 0 for the next launch. An empty row's first split writes its zero
+output. The split size is fixed and the merge order is the split order, so a row's result does not depend on its
+batch-mates, on which program arrives last, or on `max_length`; the grid is sized from `max_length` (or L), never
+from device values, so the launch can be captured in a CUDA graph. When one split covers `max_length`
+(cross-attention over text, short prompts) the program writes the output directly, no ticket: bit-identical to the
+merged result (weight exp2(0) = 1).
 Stage one is a GEMV per (row, head): 64-key × Dh tiles of K and V are loaded together and reduced with tl.sum in
 fp32 (4 warps); with one query per head a tl.dot would run mostly on padding, and its cp.async pipelining is the
 only thing it would add — worth measuring on a GPU (bench/kernels.py) before switching.
@@ -83,8 +87,9 @@ def decode_attention_append_ref(
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_attention_split_kernel(
-    out_ptr,          # [R, H, Dh], last dim contiguous (written only when DIRECT)
+    out_ptr,          # [R, H, Dh], last dim contiguous
     scratch_ptr,      # fp32: [R, H, splits, Dh] partial outputs, then at lse_offset [R, H, splits] log2-sum-exp2
+    ticket_ptr,       # int32 [R · H] arrival counters, 0 between launches (not read when DIRECT)
     q_ptr,            # [R, H, Dh], last dim contiguous
     k_new_ptr,        # [R, H, Dh] this step's keys (read only when APPEND)
     v_new_ptr,        # [R, H, Dh], same strides as k_new
@@ -111,6 +116,7 @@ def _decode_attention_split_kernel(
     BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,
     APPEND: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # ≥ splits: the merge's width
 ):
     row_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -121,6 +127,9 @@ def _decode_attention_split_kernel(
     start = split * SPLIT
     if not DIRECT:
         if start >= length:  # the merge ignores splits past the row's length
+            if split == 0:  # an empty row: no split takes a ticket, so the first writes the zero output
+                tl.store(out_ptr + row.to(tl.int64) * stride_out_r + head * stride_out_h + dims,
+                         tl.zeros([HEAD_DIM], dtype=out_ptr.dtype.element_ty))
             return
     # DIRECT: the single split runs even for an empty row (no iterations) and writes its zero output below.
     end = tl.minimum(start + SPLIT, length)
@@ -169,50 +178,32 @@ def _decode_attention_split_kernel(
         tl.store(out_ptr + row.to(tl.int64) * stride_out_r + head * stride_out_h + dims,
                  partial.to(out_ptr.dtype.element_ty))
     else:
-        slot = row_head.to(tl.int64) * splits + split
-        tl.store(scratch_ptr + slot * HEAD_DIM + dims, partial)
-        tl.store(scratch_ptr + lse_offset + slot, m + tl.log2(denom))
-
-
-@triton.jit
-def _decode_attention_merge_kernel(
-    out_ptr,          # [R, H, Dh], last dim contiguous
-    scratch_ptr,      # fp32: [R, H, splits, Dh] partial outputs, then at lse_offset [R, H, splits]
-    length_ptr,       # [R] int32
-    span,
-    heads,
-    splits,
-    lse_offset,
-    stride_out_r,
-    stride_out_h,
-    HEAD_DIM: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    row_head = tl.program_id(0)
-    row = row_head // heads
-    head = row_head % heads
-    dims = tl.arange(0, HEAD_DIM)
-    length = tl.minimum(tl.load(length_ptr + row), span)
-    used = (tl.maximum(length, 0) + SPLIT - 1) // SPLIT  # splits stage one wrote; the others hold stale data
-    split_ids = tl.arange(0, BLOCK_S)
-    valid = split_ids < used
-    first = row_head.to(tl.int64) * splits
-    lse = tl.load(scratch_ptr + lse_offset + first + split_ids, mask=valid, other=-float("inf"))
-    m = tl.where(used > 0, tl.max(lse, axis=0), 0.0)
-    weight = tl.where(valid, tl.exp2(lse - m), 0.0)
-    parts = tl.load(scratch_ptr + (first + split_ids)[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None],
-                    other=0.0)
-    total = tl.sum(weight, axis=0)
-    merged = tl.sum(weight[:, None] * parts, axis=0) / tl.where(used > 0, total, 1.0)
-    tl.store(out_ptr + row.to(tl.int64) * stride_out_r + head * stride_out_h + dims,
-             merged.to(out_ptr.dtype.element_ty))
+        first = row_head.to(tl.int64) * splits
+        tl.store(scratch_ptr + (first + split) * HEAD_DIM + dims, partial)
+        tl.store(scratch_ptr + lse_offset + first + split, m + tl.log2(denom))
+        tl.debug_barrier()  # every thread's part of the partial is stored before the ticket (release) is taken
+        used = (length + SPLIT - 1) // SPLIT  # ≥ 1 here: this split is one of them
+        ticket = tl.atomic_add(ticket_ptr + row_head, 1, sem="acq_rel", scope="gpu")
+        if ticket == used - 1:  # the last to arrive: every used split's partial is visible (acquire)
+            split_ids = tl.arange(0, BLOCK_S)
+            valid = split_ids < used  # the splits past them hold stale data
+            lse = tl.load(scratch_ptr + lse_offset + first + split_ids, mask=valid, other=-float("inf"))
+            m = tl.max(lse, axis=0)
+            weight = tl.where(valid, tl.exp2(lse - m), 0.0)
+            parts = tl.load(scratch_ptr + (first + split_ids)[:, None] * HEAD_DIM + dims[None, :],
+                            mask=valid[:, None], other=0.0)
+            merged = tl.sum(weight[:, None] * parts, axis=0) / tl.sum(weight, axis=0)
+            tl.store(out_ptr + row.to(tl.int64) * stride_out_r + head * stride_out_h + dims,
+                     merged.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(ticket_ptr + row_head, 0)  # ready for the next launch
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scratch: one flat fp32 buffer per device, grown on demand and never freed (a captured graph keeps its pointer)
+# Scratch: one flat fp32 buffer and one zeroed int32 ticket buffer per device, grown on demand and never freed (a
+# captured graph keeps their pointers)
 # ----------------------------------------------------------------------------------------------------------------
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
+_TICKETS: dict[torch.device, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
 
 
@@ -232,6 +223,7 @@ def reserve_decode_scratch(rows: int, heads: int, max_length: int, device: torch
                            head_dim: int = 64) -> None:
     """Allocate split-KV scratch for the largest batch and length up front (call before CUDA-graph capture)."""
     _scratch(device_key(device), _scratch_elements(rows, heads, triton.cdiv(max_length, SPLIT), head_dim))
+    _tickets(device_key(device), rows * heads)
 
 
 def scratch_buffer(device: torch.device | str) -> torch.Tensor | None:
@@ -240,20 +232,27 @@ def scratch_buffer(device: torch.device | str) -> torch.Tensor | None:
 
 
 def _scratch(device: torch.device, elements: int) -> torch.Tensor:
-    buffer = _SCRATCH.get(device)
-    if buffer is None or buffer.numel() < elements:
+    return _grown(_SCRATCH, device, elements, lambda: torch.empty(elements, dtype=torch.float32, device=device))
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    return _grown(_TICKETS, device, count, lambda: torch.zeros(count, dtype=torch.int32, device=device))
+
+
+def _grown(buffers: dict, device: torch.device, size: int, allocate) -> torch.Tensor:
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < size:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("decode_attention: split-KV scratch must grow during CUDA-graph capture; warm up "
                                "the largest batch eagerly or call reserve_decode_scratch() before capturing")
         if buffer is not None:
             _RETIRED.append(buffer)
-        buffer = torch.empty(elements, dtype=torch.float32, device=device)
-        _SCRATCH[device] = buffer
+        buffer = buffers[device] = allocate()
     return buffer
 
 
 def launch_config(span: int, head_dim: int) -> dict:
-    """Everything the launcher picks from host-known sizes: splits, stage-one/merge constexprs and warps."""
+    """Everything the launcher picks from host-known sizes: splits, constexprs and warps."""
     splits = max(1, triton.cdiv(span, SPLIT))
     return {
         "splits": splits,
@@ -261,7 +260,6 @@ def launch_config(span: int, head_dim: int) -> dict:
         "block_s": triton.next_power_of_2(splits),
         "split_warps": 4 if head_dim >= 64 else 2,
         "split_stages": 2,
-        "merge_warps": 2,
     }
 
 
@@ -292,15 +290,18 @@ def _launch(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, out, ma
     span = k_cache.shape[2] if max_length is None else min(max_length, k_cache.shape[2])
     # No torch op on the scratch once it is large enough: the launcher issues the same work every step.
     scratch = _scratch(q.device, _scratch_elements(rows, heads, launch_config(span, head_dim)["splits"], head_dim))
+    tickets = _tickets(q.device, rows * heads)
     if k_new is None:
-        _attention_op(q, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch)
+        _attention_op(q, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch, tickets)
     else:
-        _attention_append_op(q, k_new, v_new, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch)
+        _attention_append_op(q, k_new, v_new, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch,
+                             tickets)
     return out
 
 
-def _run_kernels(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, span, out, scratch) -> None:
-    """Both launches of one call; ``scratch`` holds at least _scratch_elements(rows, heads, splits, head_dim)."""
+def _run_kernel(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, span, out, scratch, tickets) -> None:
+    """The launch of one call; ``scratch`` holds at least _scratch_elements(rows, heads, splits, head_dim),
+    ``tickets`` rows · heads zeros (and leaves them zero)."""
     rows, heads, head_dim = q.shape
     config = launch_config(span, head_dim)
     splits = config["splits"]
@@ -308,39 +309,29 @@ def _run_kernels(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, sp
     append = k_new is not None
     new = (k_new, v_new) if append else (q, q)  # placeholders, never read without APPEND
     _decode_attention_split_kernel[(rows * heads, splits)](
-        out, scratch, q, *new, k_cache, v_cache, cache_row, length, scale * math.log2(math.e), span, heads,
-        splits, lse_offset, q.stride(0), q.stride(1), new[0].stride(0), new[0].stride(1), k_cache.stride(0),
+        out, scratch, tickets, q, *new, k_cache, v_cache, cache_row, length, scale * math.log2(math.e), span,
+        heads, splits, lse_offset, q.stride(0), q.stride(1), new[0].stride(0), new[0].stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, SPLIT=SPLIT, BLOCK_N=BLOCK_N, DIRECT=config["direct"], APPEND=append,
-        num_warps=config["split_warps"], num_stages=config["split_stages"],
+        BLOCK_S=config["block_s"], num_warps=config["split_warps"], num_stages=config["split_stages"],
     )
-    if not config["direct"]:
-        _decode_attention_merge_kernel[(rows * heads,)](
-            out, scratch, length, span, heads, splits, lse_offset, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLIT=SPLIT, BLOCK_S=config["block_s"], num_warps=config["merge_warps"],
-        )
 
 
-def _run_kernels_no_append(q, k_cache, v_cache, cache_row, length, scale, span, out, scratch) -> None:
-    _run_kernels(q, None, None, k_cache, v_cache, cache_row, length, scale, span, out, scratch)
+def _run_kernel_no_append(q, k_cache, v_cache, cache_row, length, scale, span, out, scratch, tickets) -> None:
+    _run_kernel(q, None, None, k_cache, v_cache, cache_row, length, scale, span, out, scratch, tickets)
 
 
-def _launches(q, *args) -> int:
-    """Triton launches of one call (fastgen.engine.launch_count): the split kernel, and the merge unless direct."""
-    span = args[-3]
-    return 1 if launch_config(span, q.shape[2])["direct"] else 2
-
-
-# The scratch is an argument (mutated), not looked up inside: a recorded or captured call keeps using the buffer it
-# was given, as a CUDA graph keeps its pointer.
+# The scratch and tickets are arguments (mutated), not looked up inside: a recorded or captured call keeps using the
+# buffers it was given, as a CUDA graph keeps its pointers.
 _attention_op = define_kernel_op(
     "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_row, Tensor length, float scale, "
-    "int span, Tensor(a!) out, Tensor(b!) scratch) -> ()",
-    _run_kernels_no_append, launches=_launches)
+    "int span, Tensor(a!) out, Tensor(b!) scratch, Tensor(c!) tickets) -> ()",
+    _run_kernel_no_append)
 _attention_append_op = define_kernel_op(
     "decode_attention_append(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor cache_row, Tensor length, float scale, int span, Tensor(c!) out, Tensor(d!) scratch) -> ()",
-    _run_kernels, launches=_launches)
+    "Tensor cache_row, Tensor length, float scale, int span, Tensor(c!) out, Tensor(d!) scratch, "
+    "Tensor(e!) tickets) -> ()",
+    _run_kernel)
 
 
 def decode_attention(
@@ -381,41 +372,32 @@ def decode_attention_append(
 
 def _engine_configs() -> list[KernelConfig]:
     """Every specialisation the launchers can pick at the engine's shapes (Dh = 64, lengths up to 4096) and the
-    tests' (Dh = 16)."""
+    tests' (Dh = 16): direct, and each merge width."""
     configs = []
     for dtype in ("bf16", "fp16", "fp32"):
         for head_dim in (64, 16):
-            spans = (256, 4096) if head_dim == 64 else (40, 600)
-            for span in spans:
-                cfg = launch_config(span, head_dim)
+            spans = (256, 512, 1024, 1500, 2048, 4096) if head_dim == 64 else (40, 600)
+            for block_s in sorted({launch_config(span, head_dim)["block_s"] for span in spans}):
+                direct = block_s == 1
+                cfg = launch_config(SPLIT * block_s, head_dim)
                 for append in (False, True):
                     configs.append(make_config(
-                        f"attention split {dtype} Dh={head_dim} direct={cfg['direct']} append={append}",
+                        f"attention split {dtype} Dh={head_dim} " + ("direct" if direct else f"BLOCK_S={block_s}")
+                        + f" append={append}",
                         _decode_attention_split_kernel,
-                        {"out_ptr": f"*{dtype}", "scratch_ptr": "*fp32", "q_ptr": f"*{dtype}",
+                        {"out_ptr": f"*{dtype}", "scratch_ptr": "*fp32", "ticket_ptr": "*i32", "q_ptr": f"*{dtype}",
                          "k_new_ptr": f"*{dtype}", "v_new_ptr": f"*{dtype}", "k_ptr": f"*{dtype}",
                          "v_ptr": f"*{dtype}", "cache_row_ptr": "*i64", "length_ptr": "*i32", "scale_log2": "fp32",
                          "span": "i32", "heads": "i32", "splits": "i32", "lse_offset": "i32", "stride_q_r": "i32",
                          "stride_q_h": "i32", "stride_new_r": "i32", "stride_new_h": "i32", "stride_kv_n": "i32",
                          "stride_kv_h": "i32", "stride_kv_l": "i32", "stride_out_r": "i32", "stride_out_h": "i32"},
-                        {"HEAD_DIM": head_dim, "SPLIT": SPLIT, "BLOCK_N": BLOCK_N, "DIRECT": cfg["direct"],
-                         "APPEND": append} | ({"splits": 1} if cfg["direct"] else {}),  # the JIT's constexpr 1
-                        aligned=("out_ptr", "scratch_ptr", "q_ptr", "k_new_ptr", "v_new_ptr", "k_ptr", "v_ptr",
-                                 "cache_row_ptr", "length_ptr", "lse_offset", "stride_q_r", "stride_q_h",
+                        {"HEAD_DIM": head_dim, "SPLIT": SPLIT, "BLOCK_N": BLOCK_N, "DIRECT": direct,
+                         "APPEND": append, "BLOCK_S": block_s} | ({"splits": 1} if direct else {}),  # JIT's constexpr 1
+                        aligned=("out_ptr", "scratch_ptr", "ticket_ptr", "q_ptr", "k_new_ptr", "v_new_ptr", "k_ptr",
+                                 "v_ptr", "cache_row_ptr", "length_ptr", "lse_offset", "stride_q_r", "stride_q_h",
                                  "stride_new_r", "stride_new_h", "stride_kv_n", "stride_kv_h", "stride_kv_l",
                                  "stride_out_r", "stride_out_h"),
                         num_warps=cfg["split_warps"], num_stages=cfg["split_stages"]))
-            lengths = (512, 1024, 1500, 2048, 4096) if head_dim == 64 else (600,)
-            for block_s in sorted({launch_config(span, head_dim)["block_s"] for span in lengths}):
-                cfg = launch_config(span, head_dim)
-                configs.append(make_config(
-                    f"attention merge {dtype} Dh={head_dim} BLOCK_S={block_s}", _decode_attention_merge_kernel,
-                    {"out_ptr": f"*{dtype}", "scratch_ptr": "*fp32", "length_ptr": "*i32", "span": "i32",
-                     "heads": "i32", "splits": "i32", "lse_offset": "i32", "stride_out_r": "i32",
-                     "stride_out_h": "i32"},
-                    {"HEAD_DIM": head_dim, "SPLIT": SPLIT, "BLOCK_S": block_s},
-                    aligned=("out_ptr", "scratch_ptr", "lse_offset", "length_ptr", "stride_out_r", "stride_out_h"),
-                    num_warps=cfg["merge_warps"], num_stages=1))
     return configs
 
 

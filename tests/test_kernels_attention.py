@@ -88,11 +88,13 @@ def test_append_matches_reference(rows, heads, head_dim, cache_rows, max_len, le
 
 
 def test_duplicate_cache_rows_and_returned_out():
-    """Padding rows pointing at one dummy cache row; without `out` the launcher allocates one."""
-    q, k, v, cache_row, length = make_inputs(4, 2, 16, 3, 70, [70, 5, 5, 0], torch.float32, seed=3,
-                                             cache_row=[1, 2, 2, 2])
-    got = decode_attention(q, k, v, cache_row, length, 0.3)
-    assert_close_report(got, decode_attention_ref(q, k, v, cache_row, length, 0.3), 2e-5, 2e-5)
+    """Padding rows pointing at one dummy cache row (each query row merges its own splits: tickets are per query
+    row and head, not per cache row); without `out` the launcher allocates one."""
+    for max_len, lengths in ((70, [70, 5, 5, 0]), (600, [600, 300, 300, 0])):
+        q, k, v, cache_row, length = make_inputs(4, 2, 16, 3, max_len, lengths, torch.float32, seed=3,
+                                                 cache_row=[1, 2, 2, 2])
+        got = decode_attention(q, k, v, cache_row, length, 0.3)
+        assert_close_report(got, decode_attention_ref(q, k, v, cache_row, length, 0.3), 2e-5, 2e-5)
 
 
 def test_result_independent_of_batch_and_max_length():
@@ -118,6 +120,8 @@ def test_scratch_grows_and_is_reused():
     q, k, v, cache_row, length = large
     got = decode_attention(q, k, v, cache_row, length, 0.2)
     assert_close_report(got, decode_attention_ref(q, k, v, cache_row, length, 0.2), 2e-5, 2e-5)
+    tickets = module._TICKETS[module.device_key(DEVICE)]
+    assert bool((tickets == 0).all()), "the merging programs must leave every ticket at 0 for the next launch"
     module.reserve_decode_scratch(1, 2, 300, DEVICE, head_dim=16)
     assert module.scratch_buffer(DEVICE) is buffer, "a smaller reservation must not reallocate"
 

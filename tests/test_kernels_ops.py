@@ -33,7 +33,9 @@ def attention_args(append: bool):
     lengths = torch.tensor([9, 4], dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(q)
     decode_attention_module.reserve_decode_scratch(rows, heads, length, DEVICE, head_dim=dh)
-    tail = (cache_row, lengths, 0.25, length, out, scratch_buffer(DEVICE))
+    tail = (cache_row, lengths, 0.25, length, out, scratch_buffer(DEVICE), torch.zeros(rows * heads,
+                                                                                        dtype=torch.int32,
+                                                                                        device=DEVICE))
     return (q, k_new, v_new, *caches, *tail) if append else (q, *caches, *tail)
 
 
@@ -81,9 +83,10 @@ def test_undeclared_mutation_is_caught():
     """The schema check is live: the append kernel registered with k_cache read-only fails it."""
     lib = torch.library.Library("fastgen_test", "FRAGMENT")
     lib.define("append_k_read_only(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor(b!) v_cache, "
-               "Tensor cache_row, Tensor length, float scale, int span, Tensor(c!) out, Tensor(d!) scratch) -> ()")
+               "Tensor cache_row, Tensor length, float scale, int span, Tensor(c!) out, Tensor(d!) scratch, "
+               "Tensor(e!) tickets) -> ()")
     for key in ("CPU", "CUDA"):
-        lib.impl("append_k_read_only", decode_attention_module._run_kernels, key)
+        lib.impl("append_k_read_only", decode_attention_module._run_kernel, key)
     with pytest.raises(Exception, match="k_cache"):
         torch.library.opcheck(torch.ops.fastgen_test.append_k_read_only.default, attention_args(append=True),
                               test_utils=("test_schema",))
@@ -110,7 +113,7 @@ def test_one_dispatched_op_per_launch():
 
 
 def test_profiler_names_the_kernel():
-    q, k_new, v_new, k, v, cache_row, lengths, scale, _, out, _ = attention_args(append=True)
+    q, k_new, v_new, k, v, cache_row, lengths, scale, _, out, _, _ = attention_args(append=True)
     with torch.profiler.profile() as prof:
         decode_attention_append(q, k_new, v_new, k, v, cache_row, lengths, scale, out=out)
     assert "fastgen::decode_attention_append" in {event.key for event in prof.key_averages()}
@@ -119,7 +122,7 @@ def test_profiler_names_the_kernel():
 def test_torch_compile_traces_a_launcher():
     """fullgraph: the launcher (checks, scratch lookup, op call) traces without a break; the fake implementation
     gives the graph its shapes, and the compiled call writes what the eager reference writes."""
-    q, k_new, v_new, k, v, cache_row, lengths, scale, _, _, _ = attention_args(append=True)
+    q, k_new, v_new, k, v, cache_row, lengths, scale, _, _, _, _ = attention_args(append=True)
     k_want, v_want = k.clone(), v.clone()
     want = decode_attention_append_ref(q, k_new, v_new, k_want, v_want, cache_row, lengths, scale)
 

@@ -5,8 +5,7 @@ The rule (issue 14's), applied to everything the code under ``count_launches()``
   ``clone``), ``cat``, ``index``, ``index_add_``, ``zero_``, ``fill_``, arithmetic ...;
 - an out-of-place ``addmm`` counts 2: on CUDA ``addmm_out_cuda_impl`` first copies ``self`` into the fresh result
   (a copy kernel the dispatcher never sees), then runs the GEMM with beta = 1;
-- a fastgen kernel op (``torch.ops.fastgen.*``) counts its Triton launches: 1, or what its definition declares
-  (``kernels/_library.py``: split-KV attention is a split and a merge launch unless one split covers the span);
+- a fastgen kernel op (``torch.ops.fastgen.*``) is one Triton launch and counts 1 (``kernels/_library.py``);
 - views, reshapes and aliases (operators whose schema returns an alias, and ``_unsafe_view``), metadata queries
   and allocations (``empty*``: no kernel runs) count 0; an alias-returning operator that had to copy instead
   (``to`` a new dtype, ``reshape`` or ``contiguous`` of a strided tensor) counts 1.
@@ -66,8 +65,7 @@ class LaunchCount:
 def launches_of(func, args, kwargs, result) -> int:
     """How many kernels one call of ``func`` (which returned ``result``) launches on CUDA, by the rule above."""
     if func.namespace == "fastgen":
-        from fastgen.kernels._library import kernel_launches
-        return kernel_launches(func, args, kwargs)
+        return 1
     if func in ALLOCATIONS or func.overloadpacket.__name__ in NO_KERNEL:
         return 0
     if func.is_view:  # also ``to``, ``reshape``, ``contiguous``: an alias when they can be, a copy when not
