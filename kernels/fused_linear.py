@@ -27,7 +27,7 @@ split-K reduction costs M·N·SPLIT_K·4 bytes written and read again (2 rows ×
 of bf16 weight: ~3%) plus one atomic per program. With a LayerNorm prologue every program computes its rows'
 statistics over all of K itself (M·K reads from L2; no second launch). Programs at M = 2 (`launch_config`):
 
-    musicgen-small  (D 1024, F 4096):  QKV 192 (96 tiles × 2)  D→D 256 (32 × 8)  FC1 128 × 2  FC2 256 (32 × 8)
+    musicgen-small  (D 1024, F 4096):  QKV 192 (96 tiles × 2)  D→D 128 (32 × 4)  FC1 256 (128 × 2)  FC2 256 (32 × 8)
     musicgen-medium (D 1536, F 6144):  QKV 144 × 1             D→D 192 (48 × 4)  FC1 192 × 1  FC2 192 (48 × 4)
     musicgen-large  (D 2048, F 8192):  QKV 192 × 1             D→D 256 (64 × 4)  FC1 256 × 1  FC2 256 (64 × 4)
     LM heads (4 or 8 codebooks × 2048): 256 or 512 programs, no split; with the final LayerNorm and fp32 logits.
@@ -396,7 +396,9 @@ def _engine_configs() -> list[KernelConfig]:
                 for role, n, k, norm, activation, accumulate in engine_projections(hidden, ffn):
                     config = launch_config(n, k, weight_dtype)
                     out = "fp32" if role == "heads" else _DTYPE_NAMES[act_dtype]
-                    key = (act_dtype, int8, out, config, norm, activation, accumulate)
+                    # k_per_split, N and K are runtime arguments: one compiled kernel serves every shape of a family
+                    key = (act_dtype, int8, out, config.block_n, config.block_k, config.split_k, config.num_warps,
+                           config.num_stages, norm, activation, accumulate)
                     if key in seen:
                         continue
                     seen.add(key)

@@ -92,3 +92,32 @@ def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
                                         1: [("sampled", "jazz piano", sampled)]}, 3)
     for request_id in ("greedy", "sampled"):
         np.testing.assert_array_equal(together[request_id], alone[request_id], err_msg=request_id)
+
+
+# ---------------------------------------------------------------------------------------------------- the option
+@pytest.mark.parametrize("options,message", [
+    ({"linear_backend": "cublas"}, "linear_backend must be None, 'triton' or 'torch', got 'cublas'"),
+    ({"linear_backend": "triton", "backend": "torch"}, "linear_backend='triton' needs backend='triton'"),
+])
+def test_bad_linear_backend_is_a_clear_error_before_loading(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        fastgen.EngineConfig(**options)
+    with pytest.raises(ValueError, match=message):  # before any weights are read: the folder is empty
+        fastgen.MusicGen.from_pretrained(tmp_path, **options)
+
+
+def test_linear_backend_defaults_and_plumbing(tiny_mono_dir):
+    """None resolves to "torch" on a CPU (the interpreter runs the fused kernels only when asked) and "auto" on a CPU
+    is the torch backend, where "triton" projections are refused; the option reaches the decoder through
+    MusicGen.from_pretrained and the AsyncEngine as backend does."""
+    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1, backend="triton",
+                                             enforce_eager=True)
+    assert model.engine.model.decoder.linear_backend == "torch"
+    with pytest.raises(ValueError, match="backend resolved to 'torch'"):
+        fastgen.Engine.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1, linear_backend="triton")
+    engine = fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1,
+                                                 backend="triton", linear_backend="triton", enforce_eager=True)
+    try:
+        assert engine.engine.model.decoder.linear_backend == "triton"
+    finally:
+        engine.shutdown_sync()
