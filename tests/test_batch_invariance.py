@@ -65,8 +65,9 @@ def test_kernel_rows_are_bitwise_the_same_at_any_batch_size(dtype, variant, shap
 # ---------------------------------------------------------------------------------------------------- engine
 def codes_of(folder, schedule, max_slots):
     """Run requests that join at given engine steps; codes by request id."""
-    engine = fastgen.Engine.from_pretrained(folder, max_slots=max_slots, backend="triton", linear_backend="triton",
-                                            dtype=torch.float32, max_duration_s=1.0, enforce_eager=True)
+    engine = fastgen.Engine.from_pretrained(folder, device=DEVICE, max_slots=max_slots, backend="triton",
+                                            linear_backend="triton", dtype=torch.float32, max_duration_s=1.0,
+                                            enforce_eager=True)
     assert engine.model.decoder.linear_backend == "triton"
     codes, step = {}, 0
     while schedule or engine.has_unfinished():
@@ -107,15 +108,16 @@ def test_bad_linear_backend_is_a_clear_error_before_loading(options, message, tm
 
 
 def test_linear_backend_defaults_and_plumbing(tiny_mono_dir):
-    """None resolves to "torch" on a CPU (the interpreter runs the fused kernels only when asked) and "auto" on a CPU
-    is the torch backend, where "triton" projections are refused; the option reaches the decoder through
-    MusicGen.from_pretrained and the AsyncEngine as backend does."""
-    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1, backend="triton",
-                                             enforce_eager=True)
-    assert model.engine.model.decoder.linear_backend == "torch"
-    with pytest.raises(ValueError, match="backend resolved to 'torch'"):
-        fastgen.Engine.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1, linear_backend="triton")
-    engine = fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1,
+    """None resolves to "triton" on CUDA and to "torch" on a CPU (where the interpreter runs the fused kernels only
+    when asked), and "auto" on a CPU is the torch backend, where "triton" projections are refused; the option
+    reaches the decoder through MusicGen.from_pretrained and the AsyncEngine as backend does."""
+    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, device=DEVICE, dtype=torch.float32, max_slots=1,
+                                             backend="triton", enforce_eager=True)
+    assert model.engine.model.decoder.linear_backend == ("triton" if DEVICE == "cuda" else "torch")
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="backend resolved to 'torch'"):
+            fastgen.Engine.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1, linear_backend="triton")
+    engine = fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, device=DEVICE, dtype=torch.float32, max_slots=1,
                                                  backend="triton", linear_backend="triton", enforce_eager=True)
     try:
         assert engine.engine.model.decoder.linear_backend == "triton"
