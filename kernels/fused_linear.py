@@ -117,7 +117,9 @@ def _epilogue(acc, cols, col_ok, scale_ptr, ACTIVATION: tl.constexpr, INT8: tl.c
     return acc
 
 
-@triton.jit
+# M is never specialised (the JIT would compile other binaries for M = 1 and M % 16 == 0): one binary for every
+# batch size, so not even instruction selection can differ between a row's batches
+@triton.jit(do_not_specialize=["M"])
 def _fused_linear_kernel(
     out_ptr,          # [M, N], last dim contiguous (read first with ACCUMULATE)
     partial_ptr,      # fp32 [SPLIT_K, M, N] split partials (touched only when SPLIT_K > 1)

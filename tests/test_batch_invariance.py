@@ -84,7 +84,7 @@ def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
     """A greedy and a seeded sampled request, each alone (one slot: they run one after the other), then together
     beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e. 4 → 6
     kernel rows, and fewer as they end)."""
-    greedy = fastgen.SamplingParams(max_new_tokens=4, do_sample=False, guidance_scale=3.0)
+    greedy = fastgen.SamplingParams(max_new_tokens=6, do_sample=False, guidance_scale=3.0)  # ≥ 6: see below
     sampled = fastgen.SamplingParams(max_new_tokens=4, seed=11, temperature=0.9, guidance_scale=2.0)
     alone = codes_of(tiny_mono_dir, {0: [("greedy", "lofi beat", greedy), ("sampled", "jazz piano", sampled)]}, 1)
     mates = fastgen.SamplingParams(max_new_tokens=4, seed=3, guidance_scale=3.0)
@@ -93,6 +93,28 @@ def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
                                         1: [("sampled", "jazz piano", sampled)]}, 3)
     for request_id in ("greedy", "sampled"):
         np.testing.assert_array_equal(together[request_id], alone[request_id], err_msg=request_id)
+    # and the fused step is right: the greedy codes are transformers' (tests/test_on_device.py: under graph replay)
+    np.testing.assert_array_equal(alone["greedy"], transformers_greedy_codes(tiny_mono_dir, "lofi beat", greedy))
+
+
+def transformers_greedy_codes(folder, prompt, params) -> np.ndarray:
+    """transformers' greedy codes [K, frames] for one prompt, fp32 (captured where they enter EnCodec). Below 6 new
+    tokens transformers returns more frames than max_new_tokens − (K − 1) on this model, so compare from 6."""
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+    model = MusicgenForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = AutoTokenizer.from_pretrained(folder)([prompt], return_tensors="pt")
+    captured = []
+    original = model.audio_encoder.decode
+
+    def spy(audio_codes, *args, **kwargs):
+        captured.append(audio_codes[0, 0])
+        return original(audio_codes, *args, **kwargs)
+
+    model.audio_encoder.decode = spy
+    with torch.no_grad():
+        model.generate(**inputs, do_sample=False, max_new_tokens=params.max_new_tokens,
+                       guidance_scale=params.guidance_scale)
+    return captured[0].numpy()
 
 
 # ---------------------------------------------------------------------------------------------------- the option
