@@ -225,8 +225,7 @@ def bench_fused(models, dtype, peak):
                 rows.append(row(f"fused-{role}", model, {"N": n, "K": k, "B": batch, "rows": m}, nbytes, unfused,
                                 fused, check, peak))
                 print_row(rows[-1])
-            del weight
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     return rows
 
 
