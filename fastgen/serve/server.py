@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--linear-backend", default=None, choices=["triton", "torch"],
+                        help="decode-step projections (default: triton on CUDA with the triton backend, else torch)")
     parser.add_argument("--max-slots", type=int, help="concurrent requests (default: from the memory budget)")
     parser.add_argument("--max-duration", type=float, default=None, help="longest request in seconds")
     parser.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step")
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     """A picklable-by-value recipe for the AsyncEngine (Ray ships it to each replica)."""
     options: dict[str, Any] = {"backend": args.backend}
+    if args.linear_backend is not None:
+        options["linear_backend"] = args.linear_backend
     if args.max_slots is not None:
         options["max_slots"] = args.max_slots
     if args.max_duration is not None:
