@@ -219,7 +219,7 @@ class MusicgenDecoder:
         """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
         if self.head_writes_fp32:
             return torch.mm(hidden, self.lm_heads.weight.t(), out_dtype=torch.float32)
-        if self.lm_heads.path == "int8":
+        if self.lm_heads.path in ("int8", "int8-dynamic"):
             return self.lm_heads(hidden).float()
         return self.lm_heads(hidden.float())
 
