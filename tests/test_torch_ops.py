@@ -20,10 +20,10 @@ def test_row_runs():
 TOLERANCE = {torch.float32: {"atol": 1e-6, "rtol": 1e-6}, torch.bfloat16: {"atol": 0, "rtol": 0}}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 SCATTERED = [1, 4, 6, 8, 11, 13, 14, 15]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [[3, 9], [0, 1, 2, 5, 6, 7], SCATTERED, [2, 3]])
 def test_attention_over_runs_equals_gathered(rows, dtype):
     gen = torch.Generator().manual_seed(len(rows))
