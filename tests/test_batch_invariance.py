@@ -121,6 +121,7 @@ def transformers_greedy_codes(folder, prompt, params) -> np.ndarray:
 @pytest.mark.parametrize("options,message", [
     ({"linear_backend": "cublas"}, "linear_backend must be None, 'triton' or 'torch', got 'cublas'"),
     ({"linear_backend": "triton", "backend": "torch"}, "linear_backend='triton' needs backend='triton'"),
+    ({"linear_backend": "triton", "quantization": "int8-dynamic"}, "not 'int8-dynamic'"),
 ])
 def test_bad_linear_backend_is_a_clear_error_before_loading(options, message, tmp_path):
     with pytest.raises(ValueError, match=message):

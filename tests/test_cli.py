@@ -338,6 +338,9 @@ def test_manifest_job(capsys, tmp_path, tiny_mono_dir):
     assert abs(results["002_go_on"]["seconds"] - 0.2) < 0.03  # prompt + continuation
     assert results["001_unconditional"]["prompt"] is None and results["lofi-0"]["model"] == str(tiny_mono_dir)
     assert {"queue_s", "total_s"} <= set(results["lofi-0"]["timings"])
+    engine = results["lofi-0"]["engine"]  # dtype: bf16 on CPUs with native bf16; window: the tiny model's 508 positions
+    assert engine == {"dtype": engine["dtype"], "quantization": None, "window_s": engine["window_s"], "device": "cpu"}
+    assert engine["dtype"] in ("float32", "bfloat16") and 10 < engine["window_s"] < 10.2
 
 
 def test_bad_manifest_line_fails_before_loading(capsys, tmp_path, tiny_mono_dir, monkeypatch):
