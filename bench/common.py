@@ -102,7 +102,17 @@ def write_result(kind: str, device: str, machine: str, out: Path | None, fields:
 def fastgen_systems(compile_step: bool, steps_per_call: int, quantize: str | None = None) -> list[str]:
     return (["fastgen"] + (["fastgen-compiled"] if compile_step else [])
             + ([f"fastgen-steps{steps_per_call}"] if steps_per_call > 1 else [])
-            + ([f"fastgen-{quantize}"] if quantize else []))
+            + [f"fastgen-{mode}" for mode in quantize_modes(quantize)])
+
+
+def quantize_modes(quantize: str | None) -> list[str]:
+    """--quantize's comma list ("int8,int8-dynamic") as a list; checked against the modes fastgen knows."""
+    from fastgen.model.quantize import QUANTIZATIONS
+    modes = [mode for mode in (quantize or "").split(",") if mode]
+    unknown = [mode for mode in modes if mode not in QUANTIZATIONS]
+    if unknown:
+        raise SystemExit(f"--quantize: unknown mode(s) {unknown}; known: {[q for q in QUANTIZATIONS if q]}")
+    return modes
 
 
 def fastgen_options(system: str) -> dict:
@@ -111,8 +121,8 @@ def fastgen_options(system: str) -> dict:
         return {"compile_step": True}
     if system.startswith("fastgen-steps"):
         return {"steps_per_call": int(system.removeprefix("fastgen-steps"))}
-    if system == "fastgen-int8":
-        return {"quantization": "int8"}
+    if system in ("fastgen-int8", "fastgen-int8-dynamic"):
+        return {"quantization": system.removeprefix("fastgen-")}
     return {}
 
 
@@ -121,8 +131,9 @@ def add_variant_arguments(parser) -> None:
                         help="also run fastgen with compile_step=True (torch backend: CPU, or CUDA without graphs)")
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="also run fastgen with this many decode steps per call (one CUDA-graph replay)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="also run fastgen with weight-only int8 decoder projections (quantization='int8')")
+    parser.add_argument("--quantize", default=None,
+                        help="comma list: also run fastgen with int8 decoder projections (quantization='int8': "
+                             "weight-only; 'int8-dynamic': CPU, activations quantised per call too)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

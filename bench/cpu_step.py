@@ -7,7 +7,7 @@ from DRAM as in the step); "rest" = step − linears is attention over the cache
 and the host loop. The floor streams the step's weights once plus the K/V the attention reads, at the copy
 bandwidth measured in the same run. Medians of --repeats timings; each variant in its own subprocess.
 
-    python bench/cpu_step.py --models small --dtype float32,bfloat16 --quantize int8 --threads 1,2
+    python bench/cpu_step.py --models small --dtype float32,bfloat16 --quantize int8,int8-dynamic --threads 1,2
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, write_result  # noqa: E402
+from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, quantize_modes, write_result  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="small")
     parser.add_argument("--dtype", default="float32,bfloat16")
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="also run int8 in each dtype")
+    parser.add_argument("--quantize", default=None, help="comma list (int8, int8-dynamic): also run these in each dtype")
     parser.add_argument("--threads", default="1,2", help="comma list of torch intra-op thread counts")
     parser.add_argument("--positions", default="30,250,1500")
     parser.add_argument("--repeats", type=int, default=15)
@@ -108,7 +108,7 @@ def main() -> None:
     for name in args.models.split(","):
         folder = checkpoint(name, "float32")
         for dtype in args.dtype.split(","):
-            for quantize in [""] + ([args.quantize] if args.quantize else []):
+            for quantize in [""] + quantize_modes(args.quantize):
                 for threads in args.threads.split(","):
                     cmd = [sys.executable, __file__, "--worker", "--model-dir", str(folder), "--dtype", dtype,
                            "--threads", threads, "--repeats", str(args.repeats),

@@ -10,11 +10,13 @@
 #   a. versions.txt   versions, device, how fastgen was imported
 #      smoke.json     tiny model: graph replay vs eager Triton vs torch backend vs transformers (fp32 greedy codes),
 #                     bf16 finite, steps_per_call 4 = 1, AsyncEngine with the stage worker and an abort
-#   b. profile.json   graph-replay ms per step at buckets 1/8/32/128/256 near position 250, kernels per step by
-#                     category, T5 ms per prompt, EnCodec ms per 10 s clip, the bytes floor beside each
+#   b. profile.json   graph-replay ms per step at buckets 1/8/32/128/256 near position 250, with the fused
+#                     (linear_backend triton) and the torch projections, kernels per step by category, T5 ms per
+#                     prompt, EnCodec ms per 10 s clip, the bytes floor beside each
 #   c. e2e.jsonl      musicgen-small (random weights) bf16 batch 1: fastgen, then transformers, one line each
 #   d. throughput.jsonl  256 requests x 10 s: fastgen, fastgen steps_per_call 4, transformers batch 256
-#   e. cuda-tests.xml the CUDA kernel tests, then the on-device engine tests (junit; verbose lines in report.log);
+#   e. cuda-tests.xml the CUDA kernel tests, the on-device engine tests, batch invariance (junit; verbose lines in
+#                     report.log);
 #      kernels.json   the quick kernel bench
 # Results go to $OUT when it is set, else bench/results/gpu-report-<device>/: these 7 files and report.log (every
 # step's output, and the summary of the key numbers, printed last).
@@ -113,7 +115,8 @@ if [ "$DRY" = 1 ]; then  # tiny sizes everywhere
 else
     SMALL=small; E2E_STEPS=40; REPEATS=2; REQUESTS=256; SECONDS_EACH=10; TF_BATCH=256; DTYPE=bfloat16; PER_CALL=4
     KERNEL_TESTS=("$REPO/tests/test_kernels_attention.py" "$REPO/tests/test_kernels_embedding.py"
-                  "$REPO/tests/test_kernels_sampling.py" "$REPO/tests/test_on_device.py" -k "not cpu")
+                  "$REPO/tests/test_kernels_sampling.py" "$REPO/tests/test_on_device.py"
+                  "$REPO/tests/test_batch_invariance.py" -k "not cpu")
 fi
 DRYFLAG=(); [ "$DRY" = 1 ] && DRYFLAG=(--dry-run)
 
@@ -122,7 +125,7 @@ step versions 30 "$PY" "$B/report_tools.py" versions --imported "$IMPORTED" --ou
 step smoke 80 "$PY" "$B/gpu_smoke.py" --device "$DEVICE" --out "$RESULTS/smoke.json" "${DRYFLAG[@]}"
 # b. the step profile (first the random-weight checkpoint that b, c and d share)
 step checkpoint 60 "$PY" "$B/report_tools.py" checkpoint "$SMALL" "$DTYPE"
-step profile 70 "$PY" "$B/step_profile.py" --device "$DEVICE" --model "$SMALL" --out "$RESULTS/profile.json" \
+step profile 85 "$PY" "$B/step_profile.py" --device "$DEVICE" --model "$SMALL" --out "$RESULTS/profile.json" \
     "${DRYFLAG[@]}"
 # c. end to end, batch 1: each system in its own process, a JSON line as each finishes
 : >"$RESULTS/e2e.jsonl"
@@ -134,7 +137,7 @@ step throughput 110 "$PY" "$B/throughput.py" --device "$DEVICE" --dtype "$DTYPE"
     --requests "$REQUESTS" --seconds "$SECONDS_EACH" --steps-per-call "$PER_CALL" --tf-batches "$TF_BATCH" \
     --jsonl "$RESULTS/throughput.jsonl"
 # e. the CUDA tests, then the quick kernel bench
-step cuda-tests 75 "$PY" -m pytest -v --tb=short -p no:cacheprovider --junit-xml="$RESULTS/cuda-tests.xml" \
+step cuda-tests 95 "$PY" -m pytest -v --tb=short -p no:cacheprovider --junit-xml="$RESULTS/cuda-tests.xml" \
     "${KERNEL_TESTS[@]}"
 step kernel-bench 45 "$PY" "$B/kernels.py" --quick --out "$RESULTS/kernels.json"
 [ -f "$RESULTS/kernels.json" ] || "$PY" -c "import json, sys; json.dump({'skipped': 'bench/kernels.py measures \

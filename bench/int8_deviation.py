@@ -1,5 +1,5 @@
-"""How far weight-only int8 moves the decoder: teacher-forced guided logits (CFG 3) of the int8 model against the
-float32 model (and, for scale, the plain bf16 model against float32) over the same input tokens, on random-weight
+"""How far int8 moves the decoder (weight-only, and with dynamically quantised activations): teacher-forced guided
+logits (CFG 3) of the int8 model against the float32 model (and, for scale, the plain bf16 model against float32) over the same input tokens, on random-weight
 checkpoints. Reports relative logit error, KL(float ‖ int8) of the temperature-1 distributions, and greedy-code
 agreement; plus free-running greedy codes of whole generations, position by position. Real weights may differ.
 
@@ -33,7 +33,9 @@ def main() -> None:
     for name in args.models.split(","):
         folder = checkpoint(name, "float32")
         variants = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
-                    "float32+int8": (torch.float32, "int8"), "bfloat16+int8": (torch.bfloat16, "int8")}
+                    "float32+int8": (torch.float32, "int8"), "bfloat16+int8": (torch.bfloat16, "int8"),
+                    "float32+int8-dynamic": (torch.float32, "int8-dynamic"),
+                    "bfloat16+int8-dynamic": (torch.bfloat16, "int8-dynamic")}
         models = {label: MusicgenModel.load(folder, dtype=dtype, quantization=q)
                   for label, (dtype, q) in variants.items()}
         reference = models["float32"]

@@ -1,6 +1,11 @@
 """Kernel benchmarks: each Triton kernel against its eager PyTorch reference at MusicGen shapes.
 
-    python bench/kernels.py [--quick] [--out bench/results/kernels-<gpu>.json] [--only embedding,attention,sampling]
+    python bench/kernels.py [--quick] [--out bench/results/kernels-<gpu>.json]
+                            [--only embedding,attention,sampling,fused]
+
+"fused": each fused projection (kernels/fused_linear.py) against what the torch linear backend runs for it: cuBLAS
+(F.linear; torch.mm with fp32 output for the LM heads) plus the separate LayerNorm / GELU / residual add, at batch
+(requests) 1, 8, 64, 256, i.e. M = 2·batch rows.
 
 Times are medians of `triton.testing.do_bench` (spread: 20th-80th percentile). Achieved bandwidth counts the bytes
 each kernel must move (its floor) and is compared with a large device-to-device copy measured in the same run.
@@ -168,24 +173,81 @@ def bench_sampling(batches, logit_dtype, peak):
     return rows
 
 
+FFN = {"small": 4096, "medium": 6144, "large": 8192}
+FUSED_BATCHES = [1, 8, 64, 256]
+
+
+def bench_fused(models, dtype, peak):
+    import torch.nn.functional as F
+
+    from fastgen.kernels.fused_linear import engine_projections, fused_linear, fused_linear_ref
+
+    rows = []
+    for model in models:
+        dim = MODELS[model][0]
+        for role, n, k, norm, activation, accumulate in engine_projections(dim, FFN[model]):
+            weight = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+            ln = (torch.randn(k, device=DEVICE).to(dtype), torch.randn(k, device=DEVICE).to(dtype)) if norm else None
+            out_dtype = torch.float32 if role == "heads" else dtype
+            for batch in FUSED_BATCHES:
+                m = 2 * batch
+                x = torch.randn(m, k, device=DEVICE).to(dtype)
+                hidden = torch.randn(m, n, device=DEVICE).to(out_dtype)
+                out = torch.empty(m, n, device=DEVICE, dtype=out_dtype)
+                kwargs = {"norm": ln, "activation": activation}
+
+                def fused():
+                    if accumulate:
+                        return fused_linear(x, weight, out=hidden, accumulate=True, **kwargs)
+                    return fused_linear(x, weight, out=out, **kwargs)
+
+                def unfused():  # the torch linear backend's operators for this projection
+                    y = F.layer_norm(x, (k,), *ln) if ln is not None else x
+                    if role == "heads":
+                        return torch.mm(y, weight.t(), out_dtype=torch.float32)
+                    y = F.linear(y, weight)
+                    if activation == "gelu":
+                        y = F.gelu(y)
+                    return hidden.add_(y) if accumulate else y
+
+                def check():
+                    start = hidden.clone()
+                    got = fused_linear(x, weight, out=start.clone() if accumulate else None, accumulate=accumulate,
+                                       out_dtype=out_dtype, **kwargs)
+                    want = fused_linear_ref(x, weight, norm=ln, activation=activation, accumulate=accumulate,
+                                            out=start.clone() if accumulate else None, out_dtype=out_dtype)
+                    scale = want.float().abs().max().item() or 1.0
+                    return {"max_rel_err": (got.float() - want.float()).abs().max().item() / scale}
+
+                element = weight.element_size()
+                nbytes = (n * k * element + m * k * element + m * n * out.element_size() * (2 if accumulate else 1)
+                          + (2 * k * element if norm else 0))
+                rows.append(row(f"fused-{role}", model, {"N": n, "K": k, "B": batch, "rows": m}, nbytes, unfused,
+                                fused, check, peak))
+                print_row(rows[-1])
+        torch.cuda.empty_cache()
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------- output
-HEADER = (f"{'kernel':<10} {'model':<7} {'shape':<34} {'ref ms':>9} {'triton ms':>10} {'(p20-p80)':>17} "
+HEADER = (f"{'kernel':<15} {'model':<7} {'shape':<34} {'ref ms':>9} {'triton ms':>10} {'(p20-p80)':>17} "
           f"{'speedup':>8} {'GB/s':>8} {'%copy':>6}  check")
 
 
 def print_row(r: dict) -> None:
-    shape = " ".join(f"{k}={r[k]}" for k in ("K", "B", "rows", "L", "top_k", "top_p") if k in r)
+    shape = " ".join(f"{k}={r[k]}" for k in ("N", "K", "B", "rows", "L", "top_k", "top_p") if k in r)
     spread = f"({r['triton_p20_ms']:.4f}-{r['triton_p80_ms']:.4f})"
     check = " ".join(f"{k}={v:.3g}" for k, v in r["check"].items())
-    print(f"{r['kernel']:<10} {r['model']:<7} {shape:<34} {r['ref_ms']:>9.4f} {r['triton_ms']:>10.4f} {spread:>17} "
+    print(f"{r['kernel']:<15} {r['model']:<7} {shape:<34} {r['ref_ms']:>9.4f} {r['triton_ms']:>10.4f} {spread:>17} "
           f"{r['speedup']:>7.2f}x {r['GBps']:>8.1f} {r['pct_copy_bw']:>5.1f}%  {check}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a reduced sweep (batches 1/16/256, lengths 64/1500)")
+    parser.add_argument("--quick", action="store_true", help="a reduced sweep (batches 1/16/256, lengths 64/1500; "
+                        "fused projections: musicgen-small only)")
     parser.add_argument("--out", help="JSON path (default bench/results/kernels-<gpu-name>.json)")
-    parser.add_argument("--only", default="embedding,attention,sampling", help="comma-separated kernels to run")
+    parser.add_argument("--only", default="embedding,attention,sampling,fused", help="comma-separated kernels to run")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="activation / cache dtype")
     parser.add_argument("--logits-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -214,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_attention(batches, lengths, dtype, peak)
     if "sampling" in only:
         rows += bench_sampling(batches, getattr(torch, args.logits_dtype), peak)
+    if "fused" in only:  # --quick: musicgen-small's shapes only
+        rows += bench_fused(["small"] if args.quick else list(MODELS), dtype, peak)
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernels-{gpu.replace(' ', '-')}.json")

@@ -69,7 +69,8 @@ def summary(results: Path) -> None:
                                                                                else ""))
     profile = _json(results / "profile.json")
     for row in profile.get("steps", []):
-        print(f"step {profile.get('mode', '')} bucket {row['bucket']:>3}: {row['ms_per_step']:.3f} ms "
+        linears = f" {row['linear_backend']} linears" if "linear_backend" in row else ""
+        print(f"step {profile.get('mode', '')}{linears} bucket {row['bucket']:>3}: {row['ms_per_step']:.3f} ms "
               f"(bytes floor {row['floor_ms']:.3f} ms, {row['floor_ms'] / row['ms_per_step']:.0%} of it)")
     if profile.get("kernels"):
         kernels = profile["kernels"]

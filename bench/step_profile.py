@@ -2,7 +2,9 @@
 
 - ms per decode step (one CUDA-graph replay on a GPU, the eager step elsewhere) at batch buckets 1/8/32/128/256,
   every row near position 250 (the positions are reset before each bucket), beside the floor: the decoder's weights
-  plus the KV cache the step reads, at the copy bandwidth measured in the same run;
+  plus the KV cache the step reads, at the copy bandwidth measured in the same run; on the triton backend once per
+  linear backend (the fused batch-invariant projections, then the torch ones: the graphs are captured again), the
+  comparison that picks EngineConfig.linear_backend's default;
 - the kernels of one step by category (torch.profiler, the eager step at bucket 8: what the graph holds);
 - T5 ms per prompt (batches of 1 and 32) and EnCodec ms per 10 s clip (batches of 1 and 8), beside their weights'
   floor (both are compute-bound: the floor only says how far from memory-bound they are).
@@ -11,6 +13,7 @@ The JSON is rewritten as each part finishes. Random weights (bench/common.checkp
 
     python bench/step_profile.py --device cuda --model small --out profile.json
     python bench/step_profile.py --device cpu --model tiny --dry-run --out profile.json
+    TRITON_INTERPRET=1 python bench/step_profile.py --device cpu --model tiny --dry-run --backend triton --out p.json
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on a CPU")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes (CPU)")
+    parser.add_argument("--backend", default="auto", help="EngineConfig.backend (triton: both linear backends)")
     args = parser.parse_args()
     device = normalize_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -93,7 +97,7 @@ def main() -> None:
     frames = position + repeats + 24  # every bucket starts again from the same positions
     start = time.perf_counter()
     engine = fastgen.Engine.from_pretrained(folder, device=device, dtype=dtype, max_slots=max(buckets),
-                                            max_duration_s=frames / 50)
+                                            max_duration_s=frames / 50, backend=args.backend)
     result["engine_start_s"] = time.perf_counter() - start  # load + CUDA-graph capture of every bucket
     runner, decoder = engine.runner, engine.model.decoder
     result["mode"] = "graph-replay" if runner.graphs is not None else f"eager-{engine.ops.name}"
@@ -108,20 +112,32 @@ def main() -> None:
     text_tokens = max(len(r.text_ids) for r in requests)
     result["decoder_weight_bytes"] = weights
     result["steps"] = []
-    for bucket in buckets:
-        batch = requests[:bucket]
+    # the engine's own linear backend first; on the triton backend then the other one, on graphs captured again
+    linear_backends = [decoder.linear_backend]
+    if engine.ops.name == "triton":
+        linear_backends.append("torch" if decoder.linear_backend == "triton" else "triton")
+    for linear_backend in linear_backends:
+        if linear_backend != decoder.linear_backend:
+            decoder.set_linear_backend(linear_backend)
+            if runner.graphs is not None:
+                runner.capture_graphs()
+        for bucket in buckets:
+            batch = requests[:bucket]
+            runner.state.position.copy_(snapshot)
+            plan = runner.plan(batch)
+            seconds = measure(lambda: runner.step(plan, batch), repeats)
+            # per step: weights once, then K and V of both CFG rows over the filled cache (self) and the text (cross)
+            kv = 2 * 2 * bucket * config.num_layers * config.hidden_size * element * (position + text_tokens)
+            logits = 2 * bucket * config.num_codebooks * config.vocab_size * 4
+            floor_ms = (weights + kv + logits) / bandwidth * 1e3
+            result["steps"].append({"bucket": bucket, "linear_backend": linear_backend, "position": position,
+                                    "ms_per_step": seconds * 1e3, "floor_ms": floor_ms,
+                                    "bytes": weights + kv + logits})
+            print(f"bucket {bucket:>3} ({linear_backend} linears): {seconds * 1e3:.3f} ms per step "
+                  f"(floor {floor_ms:.3f} ms)", flush=True)
         runner.state.position.copy_(snapshot)
-        plan = runner.plan(batch)
-        seconds = measure(lambda: runner.step(plan, batch), repeats)
-        # per step: weights once, then K and V of both CFG rows over the filled cache (self) and the text (cross)
-        kv = 2 * 2 * bucket * config.num_layers * config.hidden_size * element * (position + text_tokens)
-        logits = 2 * bucket * config.num_codebooks * config.vocab_size * 4
-        floor_ms = (weights + kv + logits) / bandwidth * 1e3
-        result["steps"].append({"bucket": bucket, "position": position, "ms_per_step": seconds * 1e3,
-                                "floor_ms": floor_ms, "bytes": weights + kv + logits})
-        print(f"bucket {bucket:>3}: {seconds * 1e3:.3f} ms per step (floor {floor_ms:.3f} ms)", flush=True)
-    runner.state.position.copy_(snapshot)
-    save("steps")
+        save(f"steps ({linear_backend} linears)")
+    result["linear_backend_profiled"] = decoder.linear_backend  # the kernel profile below runs on this one
 
     # the kernels of one eager step (what a graph replays), by category
     batch = requests[:min(8, max(buckets))]

@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs with native bf16)")
-    gen.add_argument("--quantize", choices=["int8"], default=None,
-                     help="weight-only int8 decoder projections (about half the bf16 step time on a CPU)")
+    gen.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
+                     help="int8 decoder projections: weight-only, or (CPU) with activations quantised per call too")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    gen.add_argument("--linear-backend", default=None, choices=["triton", "torch"],
+                     help="decode-step projections: fused batch-invariant Triton kernels or torch (default: triton "
+                          "on CUDA with the triton backend, else torch)")
     gen.add_argument("--max-slots", type=int, help="concurrent requests (default: what the KV-cache budget holds)")
     gen.add_argument("--max-duration", type=float, metavar="SECONDS",
                      help="longest request (audio prompt included) the engine accepts; below the window it also "
@@ -132,7 +135,7 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         items = items_from_prompts(prompts, defaults, args.seed, args.audio_prompt)
 
     options = {"backend": args.backend}
-    for key, value in (("max_slots", args.max_slots), ("max_duration_s", args.max_duration),
+    for key, value in (("linear_backend", args.linear_backend), ("max_slots", args.max_slots), ("max_duration_s", args.max_duration),
                        ("window_s", args.window)):
         if value is not None:
             options[key] = value

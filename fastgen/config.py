@@ -247,13 +247,16 @@ class EngineConfig:
         if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:
             raise ValueError(f"steps_per_call must be an integer in [1, {MAX_STEPS_PER_CALL}], "
                              f"got {self.steps_per_call!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int8-dynamic"):
+            raise ValueError(f"quantization must be None, 'int8' or 'int8-dynamic', got {self.quantization!r}")
         if self.linear_backend not in (None, "triton", "torch"):
             raise ValueError(f"linear_backend must be None, 'triton' or 'torch', got {self.linear_backend!r}")
         if self.linear_backend == "triton" and self.backend == "torch":
             raise ValueError("linear_backend='triton' needs backend='triton' (or 'auto' on CUDA): the fused "
                              "projections are Triton kernels; use linear_backend='torch' with backend='torch'")
+        if self.linear_backend == "triton" and self.quantization == "int8-dynamic":
+            raise ValueError("linear_backend='triton' runs weight-only int8 (quantization='int8'), not 'int8-dynamic' "
+                             "(fbgemm's CPU kernels); use linear_backend='torch' for it")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")
 

@@ -135,10 +135,10 @@ def format_report(rows: list[Resources]) -> str:
 
 def engine_configs() -> list[KernelConfig]:
     """Every configuration the fastgen kernel launchers can pick (each module's ENGINE_CONFIGS)."""
-    from . import codebook_embedding, decode_attention, int8_linear, sampling
+    from . import codebook_embedding, decode_attention, fused_linear, int8_linear, sampling
 
     return [*codebook_embedding.ENGINE_CONFIGS, *decode_attention.ENGINE_CONFIGS, *sampling.ENGINE_CONFIGS,
-            *int8_linear.ENGINE_CONFIGS]
+            *int8_linear.ENGINE_CONFIGS, *fused_linear.ENGINE_CONFIGS]
 
 
 def main(argv: list[str] | None = None) -> int:

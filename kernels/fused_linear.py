@@ -23,18 +23,24 @@ split into SPLIT_K fixed parts, SPLIT_K the smallest power of two (≤ 8, each p
 least TARGET_PROGRAMS programs per 16 rows. Each program writes its fp32 partial tile to scratch, takes a ticket
 (an atomic counter per output tile) and the program that draws the last ticket sums the partials in split order
 (0, 1, …: deterministic whoever arrives last), applies the epilogue, and resets the counter for the next launch. The
-split-K reduction costs M·N·SPLIT_K·4 bytes written and read again (2 rows × 1024 × 8 × 4 = 64 KiB, against 2 MiB
-of bf16 weight: ~3%) plus one atomic per program. With a LayerNorm prologue every program computes its rows'
-statistics over all of K itself (M·K reads from L2; no second launch). Programs at M = 2 (`launch_config`):
+split-K reduction costs M·N·SPLIT_K·4 bytes written and read again, mostly in L2 (at 2 rows × 1024 × 8 splits:
+128 KiB against 8 MiB of bf16 FC2 weight, under 2%; but it grows with M: at 512 rows × 1024 × 4 splits, 16 MiB
+against 2 MiB of D→D weight, which is where a batch-invariant kernel pays most against cuBLAS) plus one atomic per
+program. Small D→D stops at 128 programs (4 splits): 8 splits would leave each part one 128-wide chunk.
+Expected cost (an estimate to check with bench/kernels.py, not a measurement): at M = 2 each launch is its weight
+stream at the bandwidth 128–512 programs reach plus a few µs of ramp and tail, i.e. a musicgen-small layer's
+six projections ≈ 28 MiB ≈ 7–10 µs of streaming at 3–4 TB/s. With a LayerNorm prologue every program computes its
+rows' statistics over all of K itself (M·K reads from L2; no second launch). Programs at M = 2 (`launch_config`):
 
-    musicgen-small  (D 1024, F 4096):  QKV 192 (96 tiles × 2)  D→D 256 (32 × 8)  FC1 128 × 2  FC2 256 (32 × 8)
-    musicgen-medium (D 1536, F 6144):  QKV 144 × 1             D→D 192 (48 × 4)  FC1 192 × 1  FC2 192 (48 × 4)
-    musicgen-large  (D 2048, F 8192):  QKV 192 × 1             D→D 256 (64 × 4)  FC1 256 × 1  FC2 256 (64 × 4)
+    musicgen-small  (D 1024, F 4096): QKV 192 (96 tiles × 2), D→D 128 (32 × 4), FC1 256 (128 × 2), FC2 256 (32 × 8)
+    musicgen-medium (D 1536, F 6144): QKV 144 (144 × 1), D→D 192 (48 × 4), FC1 192 (192 × 1), FC2 192 (48 × 4)
+    musicgen-large  (D 2048, F 8192): QKV 192 (192 × 1), D→D 256 (64 × 4), FC1 256 (256 × 1), FC2 256 (64 × 4)
     LM heads (4 or 8 codebooks × 2048): 256 or 512 programs, no split; with the final LayerNorm and fp32 logits.
 
 The scratch (partials and tickets) is one pair of buffers per device, grown on demand outside CUDA-graph capture
 (the engine's eager warm-up of every bucket grows it) and passed to the op as mutable arguments, so a captured
-graph keeps the pointers it was given. No host syncs; the grid comes from host-known sizes.
+graph keeps the pointers it was given. No host syncs; the grid comes from host-known sizes; M is never
+specialised by the JIT, so every batch size runs the same binary.
 """
 from __future__ import annotations
 
@@ -117,7 +123,9 @@ def _epilogue(acc, cols, col_ok, scale_ptr, ACTIVATION: tl.constexpr, INT8: tl.c
     return acc
 
 
-@triton.jit
+# M is never specialised (the JIT would compile other binaries for M = 1 and M % 16 == 0): one binary for every
+# batch size, so not even instruction selection can differ between a row's batches
+@triton.jit(do_not_specialize=["M"])
 def _fused_linear_kernel(
     out_ptr,          # [M, N], last dim contiguous (read first with ACCUMULATE)
     partial_ptr,      # fp32 [SPLIT_K, M, N] split partials (touched only when SPLIT_K > 1)
@@ -396,7 +404,9 @@ def _engine_configs() -> list[KernelConfig]:
                 for role, n, k, norm, activation, accumulate in engine_projections(hidden, ffn):
                     config = launch_config(n, k, weight_dtype)
                     out = "fp32" if role == "heads" else _DTYPE_NAMES[act_dtype]
-                    key = (act_dtype, int8, out, config, norm, activation, accumulate)
+                    # k_per_split, N and K are runtime arguments: one compiled kernel serves every shape of a family
+                    key = (act_dtype, int8, out, config.block_n, config.block_k, config.split_k, config.num_warps,
+                           config.num_stages, norm, activation, accumulate)
                     if key in seen:
                         continue
                     seen.add(key)

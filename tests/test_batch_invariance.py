@@ -65,8 +65,9 @@ def test_kernel_rows_are_bitwise_the_same_at_any_batch_size(dtype, variant, shap
 # ---------------------------------------------------------------------------------------------------- engine
 def codes_of(folder, schedule, max_slots):
     """Run requests that join at given engine steps; codes by request id."""
-    engine = fastgen.Engine.from_pretrained(folder, max_slots=max_slots, backend="triton", linear_backend="triton",
-                                            dtype=torch.float32, max_duration_s=1.0, enforce_eager=True)
+    engine = fastgen.Engine.from_pretrained(folder, device=DEVICE, max_slots=max_slots, backend="triton",
+                                            linear_backend="triton", dtype=torch.float32, max_duration_s=1.0,
+                                            enforce_eager=True)
     assert engine.model.decoder.linear_backend == "triton"
     codes, step = {}, 0
     while schedule or engine.has_unfinished():
@@ -83,7 +84,7 @@ def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
     """A greedy and a seeded sampled request, each alone (one slot: they run one after the other), then together
     beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e. 4 → 6
     kernel rows, and fewer as they end)."""
-    greedy = fastgen.SamplingParams(max_new_tokens=4, do_sample=False, guidance_scale=3.0)
+    greedy = fastgen.SamplingParams(max_new_tokens=6, do_sample=False, guidance_scale=3.0)  # ≥ 6: see below
     sampled = fastgen.SamplingParams(max_new_tokens=4, seed=11, temperature=0.9, guidance_scale=2.0)
     alone = codes_of(tiny_mono_dir, {0: [("greedy", "lofi beat", greedy), ("sampled", "jazz piano", sampled)]}, 1)
     mates = fastgen.SamplingParams(max_new_tokens=4, seed=3, guidance_scale=3.0)
@@ -92,3 +93,56 @@ def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
                                         1: [("sampled", "jazz piano", sampled)]}, 3)
     for request_id in ("greedy", "sampled"):
         np.testing.assert_array_equal(together[request_id], alone[request_id], err_msg=request_id)
+    # and the fused step is right: the greedy codes are transformers' (tests/test_on_device.py: under graph replay)
+    np.testing.assert_array_equal(alone["greedy"], transformers_greedy_codes(tiny_mono_dir, "lofi beat", greedy))
+
+
+def transformers_greedy_codes(folder, prompt, params) -> np.ndarray:
+    """transformers' greedy codes [K, frames] for one prompt, fp32 (captured where they enter EnCodec). Below 6 new
+    tokens transformers returns more frames than max_new_tokens − (K − 1) on this model, so compare from 6."""
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+    model = MusicgenForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = AutoTokenizer.from_pretrained(folder)([prompt], return_tensors="pt")
+    captured = []
+    original = model.audio_encoder.decode
+
+    def spy(audio_codes, *args, **kwargs):
+        captured.append(audio_codes[0, 0])
+        return original(audio_codes, *args, **kwargs)
+
+    model.audio_encoder.decode = spy
+    with torch.no_grad():
+        model.generate(**inputs, do_sample=False, max_new_tokens=params.max_new_tokens,
+                       guidance_scale=params.guidance_scale)
+    return captured[0].numpy()
+
+
+# ---------------------------------------------------------------------------------------------------- the option
+@pytest.mark.parametrize("options,message", [
+    ({"linear_backend": "cublas"}, "linear_backend must be None, 'triton' or 'torch', got 'cublas'"),
+    ({"linear_backend": "triton", "backend": "torch"}, "linear_backend='triton' needs backend='triton'"),
+    ({"linear_backend": "triton", "quantization": "int8-dynamic"}, "not 'int8-dynamic'"),
+])
+def test_bad_linear_backend_is_a_clear_error_before_loading(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        fastgen.EngineConfig(**options)
+    with pytest.raises(ValueError, match=message):  # before any weights are read: the folder is empty
+        fastgen.MusicGen.from_pretrained(tmp_path, **options)
+
+
+def test_linear_backend_defaults_and_plumbing(tiny_mono_dir):
+    """None resolves to "triton" on CUDA and to "torch" on a CPU (where the interpreter runs the fused kernels only
+    when asked), and "auto" on a CPU is the torch backend, where "triton" projections are refused; the option
+    reaches the decoder through MusicGen.from_pretrained and the AsyncEngine as backend does."""
+    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, device=DEVICE, dtype=torch.float32, max_slots=1,
+                                             backend="triton", enforce_eager=True)
+    assert model.engine.model.decoder.linear_backend == ("triton" if DEVICE == "cuda" else "torch")
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="backend resolved to 'torch'"):
+            fastgen.Engine.from_pretrained(tiny_mono_dir, dtype=torch.float32, max_slots=1, linear_backend="triton")
+    engine = fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, device=DEVICE, dtype=torch.float32, max_slots=1,
+                                                 backend="triton", linear_backend="triton", enforce_eager=True)
+    try:
+        assert engine.engine.model.decoder.linear_backend == "triton"
+    finally:
+        engine.shutdown_sync()

@@ -150,10 +150,12 @@ def test_different_seeds_differ(capsys, tmp_path, tiny_mono_dir):
     ["generate", "x", "--format", "mp3"],
     ["generate", "x", "--unconditional", "two"],
     ["generate", "x", "--backend", "cuda"],
+    ["generate", "x", "--linear-backend", "cublas"],
     ["generate", "x", "--no-such-flag"],
     ["bogus"],
     [],
-], ids=["duration-not-number", "format", "unconditional-not-int", "backend", "unknown-flag", "command", "empty"])
+], ids=["duration-not-number", "format", "unconditional-not-int", "backend", "linear-backend", "unknown-flag",
+        "command", "empty"])
 def test_argparse_errors_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -173,6 +175,7 @@ def test_argparse_errors_exit_2(capsys, argv):
     (["--guidance-scale", "-1"], "guidance_scale"),
     (["--max-slots", "0"], "max_slots"),
     (["--max-duration", "0"], "max_duration_s"),
+    (["--backend", "torch", "--linear-backend", "triton"], "linear_backend='triton' needs backend='triton'"),
     (["--duration", "20", "--max-duration", "10"], "over the limit of 10.00 s"),
     (["--duration", "3599", "--audio-prompt", "INTRO"], "+ 2.00 s of audio prompt is over the limit of 3600.00 s"),
     (["--extend-stride", "20"], "extend_stride must be in (0, 10.16) s"),  # the tiny model's window
@@ -335,6 +338,9 @@ def test_manifest_job(capsys, tmp_path, tiny_mono_dir):
     assert abs(results["002_go_on"]["seconds"] - 0.2) < 0.03  # prompt + continuation
     assert results["001_unconditional"]["prompt"] is None and results["lofi-0"]["model"] == str(tiny_mono_dir)
     assert {"queue_s", "total_s"} <= set(results["lofi-0"]["timings"])
+    engine = results["lofi-0"]["engine"]  # dtype: bf16 on CPUs with native bf16; window: the tiny model's 508 positions
+    assert engine == {"dtype": engine["dtype"], "quantization": None, "window_s": engine["window_s"], "device": "cpu"}
+    assert engine["dtype"] in ("float32", "bfloat16") and 10 < engine["window_s"] < 10.2
 
 
 def test_bad_manifest_line_fails_before_loading(capsys, tmp_path, tiny_mono_dir, monkeypatch):

@@ -34,7 +34,7 @@ def resources(tmp_path_factory):
 def test_every_engine_config_compiles(resources):
     rows, report = resources
     labels = {(r["label"], r["num_warps"], r["num_stages"], r["arch"]) for r in rows}
-    for kernel in ("embedding", "attention split", "sampling", "int8 linear"):
+    for kernel in ("embedding", "attention split", "sampling", "int8 linear", "fused linear"):
         assert any(label.startswith(kernel) for label, *_ in labels), f"no {kernel} configuration compiled"
     assert {arch for *_, arch in labels} == set(ARCHS)
 

@@ -7,9 +7,10 @@ import torch
 
 import fastgen
 from fastgen.kernels.int8_linear import int8_linear, int8_linear_ref
-from fastgen.model.linear import Int8Linear
+from fastgen.model.linear import DynamicInt8Linear, Int8Linear
 from fastgen.model.musicgen import MusicgenModel
-from fastgen.model.quantize import deviation, dequantize_int8, quantize_int8, teacher_forced_logits
+from fastgen.model.quantize import (deviation, dequantize_int8, quantize_int8, teacher_forced_logits,
+                                    validate_quantization)
 from kernel_checks import DEVICE, assert_close_report
 
 
@@ -76,13 +77,45 @@ def test_cpu_int8_linear_matches_reference(rows, k):
         torch.testing.assert_close(linear.add_to(residual, x[0]), residual + linear(x[0]))
 
 
+@pytest.mark.parametrize("k", [64, 37])
+@pytest.mark.parametrize("rows", [1, 2, 6])
+def test_cpu_dynamic_int8_linear_matches_reference(rows, k):
+    """int8 weights and per-call 8-bit activations (fbgemm): within the activations' rounding of the weight-only
+    product, in both dtypes, any K."""
+    gen = torch.Generator().manual_seed(k * rows)
+    linear = DynamicInt8Linear.from_float(torch.randn(24, k, generator=gen))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, rows, k, generator=gen).to(dtype)
+        expected = int8_linear_ref(x.reshape(-1, k).float(), *quantize_int8(linear_weight(linear))).view(3, rows, 24)
+        out = linear(x)
+        assert out.dtype == dtype and out.shape == (3, rows, 24)
+        error = float((out.float() - expected).abs().max() / expected.abs().max())
+        assert 0 < error < 3e-2, error  # > 0: activations really were rounded to 8 bits
+        residual = torch.randn(rows, 24, generator=gen).to(dtype)
+        torch.testing.assert_close(linear.add_to(residual, x[0]), residual + linear(x[0]))
+
+
+def linear_weight(linear: DynamicInt8Linear) -> torch.Tensor:
+    """The dequantised weight fbgemm holds (its packed form unpacked)."""
+    weight, _ = torch.ops.quantized.linear_unpack(linear.packed)
+    return weight.dequantize()
+
+
+def test_dynamic_int8_is_cpu_only():
+    assert validate_quantization("int8-dynamic", "cpu") == "int8-dynamic"
+    with pytest.raises(ValueError, match="runs on a CPU only"):
+        validate_quantization("int8-dynamic", "cuda:0")
+
+
 # ------------------------------------------------------------------------------------------------- engine level
-def test_int8_decoder_stays_within_documented_deviation(tiny_mono_dir):
+@pytest.mark.parametrize("quantization,kind", [("int8", Int8Linear), ("int8-dynamic", DynamicInt8Linear)])
+def test_int8_decoder_stays_within_documented_deviation(tiny_mono_dir, quantization, kind):
     """Teacher-forced guided logits of the int8 decoder against the float32 one (the README's deviation table):
-    relative logit error ~1 %, KL at temperature 1 ~1e-3, greedy codes equal at ≥ 95 % of positions."""
+    relative logit error ~1 % (weight-only; ~2 % with dynamic activations), KL at temperature 1 ~1e-3, greedy codes
+    equal at ≥ 95 % of positions."""
     reference = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32)
-    quantized = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32, quantization="int8")
-    assert {type(linear) for linear in quantized.decoder.linears()} == {Int8Linear}
+    quantized = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32, quantization=quantization)
+    assert {type(linear) for linear in quantized.decoder.linears()} == {kind}
     assert quantized.decoder.step_weight_bytes() < reference.decoder.step_weight_bytes() / 3
     states, mask = reference.text_encoder.encode([reference.text_encoder.tokenize("lofi beat")])
     config = reference.config.decoder
@@ -94,9 +127,10 @@ def test_int8_decoder_stays_within_documented_deviation(tiny_mono_dir):
     assert report["greedy_agreement"] >= 0.95, report
 
 
-def test_int8_generation_end_to_end(tiny_mono_dir):
-    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", quantization="int8")
-    assert model.engine.model.decoder.quantization == "int8"
+@pytest.mark.parametrize("quantization", ["int8", "int8-dynamic"])
+def test_int8_generation_end_to_end(tiny_mono_dir, quantization):
+    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", quantization=quantization)
+    assert model.engine.model.decoder.quantization == quantization
     params = fastgen.SamplingParams(max_new_tokens=12, guidance_scale=3.0, seed=3, top_k=10)
     first, again = (model.generate(["lofi beat", None], params) for _ in range(2))
     for a, b in zip(first, again):
@@ -105,7 +139,7 @@ def test_int8_generation_end_to_end(tiny_mono_dir):
 
 
 def test_quantization_errors_are_clear(tiny_mono_dir):
-    with pytest.raises(ValueError, match="quantization must be None or 'int8'"):
+    with pytest.raises(ValueError, match="quantization must be None, 'int8' or 'int8-dynamic'"):
         fastgen.MusicGen.from_pretrained(tiny_mono_dir, quantization="int4")
     dense = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="loaded without it"):

@@ -314,3 +314,23 @@ def test_sigterm_finishes_in_flight_then_exits_zero(tiny_mono_dir):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_flags_reach_the_engine(tiny_mono_dir):
+    """`fastgen serve --window --quantize --max-duration`: the options the recipe builds each replica's engine with."""
+    import argparse
+
+    from fastgen.serve.server import add_arguments, engine_factory
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_mono_dir), "--device", "cpu", "--window", "2", "--max-duration",
+                              "5", "--quantize", "int8", "--max-slots", "1"])
+    engine = engine_factory(args)()
+    try:
+        config = engine.engine.config
+        assert (config.window_s, config.max_duration_s, config.quantization) == (2.0, 5.0, "int8")
+        assert engine.engine.model.decoder.quantization == "int8"
+    finally:
+        engine.shutdown_sync()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantize", "int4"])

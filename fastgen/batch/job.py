@@ -49,15 +49,25 @@ class JobResult:
     wall_s: float = 0.0
 
 
-def result_record(item: JobItem, output: Any, defaults: Any, model_name: str) -> dict[str, Any]:
-    """Everything needed to know what a file is and to make it again."""
+def result_record(item: JobItem, output: Any, defaults: Any, model_name: str,
+                  engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to know what a file is and to make it again (``engine``: engine_record's settings)."""
     params = dataclasses.replace(item.params.with_defaults(defaults), seed=output.seed)
     return {"name": item.name, "prompt": item.prompt,
             "audio_prompt": str(item.audio_prompt.resolve()) if item.audio_prompt is not None else None,
             "seed": output.seed, "params": dataclasses.asdict(params), "seconds": round(output.duration, 4),
             "sample_rate": output.sample_rate, "channels": int(output.audio.shape[0]),
             "codes_sha256": hashlib.sha256(output.codes.tobytes()).hexdigest(), "model": model_name,
-            "timings": {k: round(v, 4) for k, v in output.timings.items()}}
+            "timings": {k: round(v, 4) for k, v in output.timings.items()}, "engine": engine or {}}
+
+
+def engine_record(model: Any) -> dict[str, Any]:
+    """The engine settings a file's codes depend on beyond its parameters: the decoder's dtype and quantisation, and
+    the long-form window (a request longer than it is made window by window)."""
+    engine = model.engine
+    decoder = engine.model.decoder
+    return {"dtype": str(decoder.dtype).removeprefix("torch."), "quantization": decoder.quantization,
+            "window_s": round(engine.window_frames / engine.frame_rate, 4), "device": str(engine.device)}
 
 
 class _AudioPrompts(Sequence):
@@ -108,6 +118,7 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
                                  on_error="yield", on_step=step)
     finished: set[int] = set()
     writers = _Writers(folder, result, on_written)
+    settings = engine_record(model)
     try:
         with stream:
             for index, output in stream:
@@ -118,7 +129,7 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
                     if on_failed is not None:
                         on_failed(item, output)
                     continue
-                writers.submit(item.name, output, result_record(item, output, model.defaults, model_name))
+                writers.submit(item.name, output, result_record(item, output, model.defaults, model_name, settings))
                 if stopping and stop is not None and stop.count > 1:
                     raise Abandoned
     except Abandoned:

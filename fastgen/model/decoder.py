@@ -173,6 +173,8 @@ class MusicgenDecoder:
         if backend == "torch":
             self.projections = TorchProjections(self.activation, self.final_norm, self.head_logits, LAYER_NORM_EPS)
             return
+        if self.quantization == "int8-dynamic":
+            raise ValueError("linear_backend='triton' runs weight-only int8, not quantization='int8-dynamic'")
         self.use_stock_linears()
         heads = self.lm_heads
         if isinstance(heads, DenseLinear) and heads.weight.dtype != self.dtype:
@@ -242,7 +244,7 @@ class MusicgenDecoder:
         """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
         if self.head_writes_fp32:
             return torch.mm(hidden, self.lm_heads.weight.t(), out_dtype=torch.float32)
-        if self.lm_heads.path == "int8":
+        if self.lm_heads.path in ("int8", "int8-dynamic"):
             return self.lm_heads(hidden).float()
         return self.lm_heads(hidden.float())
 

@@ -6,13 +6,15 @@ bandwidth on some CPUs (an AMD EPYC: ~6 GB/s at 2 rows), while oneDNN's inner pr
 into its blocked layout runs near it, in fp32 and bf16. Which is faster depends on the CPU, its libraries and the
 shapes, so ``choose_cpu_path`` times the candidates at load on the model's own weights (all layers of a shape, so
 they stream from DRAM as in a real step), once per process per (dtype, shape, rows, threads). Weight-only int8
-(fastgen.model.quantize) runs through ``aten._weight_int8pack_mm`` on a CPU and a Triton GEMV on CUDA.
+(fastgen.model.quantize) runs through ``aten._weight_int8pack_mm`` on a CPU and a Triton GEMV on CUDA; int8 with
+dynamically quantised activations through fbgemm's dynamic linear (CPU only).
 
 Every Linear computes y = x @ W^T for x [..., K] and ``add_to(residual, x)`` = residual + x @ W^T (fused where the
 path can)."""
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -119,7 +121,54 @@ class Int8Linear:
         return self
 
 
-Linear = DenseLinear | PackedLinear | Int8Linear
+class DynamicInt8Linear:
+    """int8 weights and int8 activations: fbgemm's dynamic linear quantises x [.., K] to uint8 per call (one scale
+    and zero point over the call's rows), multiplies in integers and rescales per output channel. CPU only. On a CPU
+    without VNNI its 8-bit multiply-adds saturate 16-bit sums, so activations are kept to 7 bits there
+    (reduce_range)."""
+    path = "int8-dynamic"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.shape = tuple(q.shape)
+        self.scale = scale.float()
+        with warnings.catch_warnings():  # a quantized tensor is the only way into fbgemm's packed weight (deprecated)
+            warnings.simplefilter("ignore", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(q.contiguous(), self.scale.double(),
+                                                              torch.zeros_like(self.scale, dtype=torch.int64), 0)
+            self.packed = torch.ops.quantized.linear_prepack(weight, None)
+        self.reduce_range = not cpu_has_vnni()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "DynamicInt8Linear":
+        return cls(*quantize_int8(weight))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        out = torch.ops.quantized.linear_dynamic(x.reshape(-1, k).float(), self.packed, self.reduce_range)
+        return out.view(*lead, self.shape[0]).to(x.dtype)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return residual + self(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] + self.shape[0] * 4  # int8 codes + fp32 scales
+
+    def dense(self) -> "DynamicInt8Linear":
+        return self
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+Linear = DenseLinear | PackedLinear | Int8Linear | DynamicInt8Linear
 
 
 def _time_pass(linears: list, x: torch.Tensor, passes: int = 3) -> float:
@@ -178,9 +227,9 @@ def build_linears(loaders: list[Callable[[], torch.Tensor]], *, device: torch.de
         weight = load()  # a meta tensor stands for a missing weight: the checkpoint reader reports those at the end
         return weight if weight.is_meta else weight.to(device=device, dtype=dtype)
 
-    if quantization == "int8":
-        return [Int8Linear(*quantize_int8(w)) if not w.is_meta else DenseLinear(w)
-                for w in (load() for load in loaders)]
+    if quantization in ("int8", "int8-dynamic"):
+        kind = Int8Linear if quantization == "int8" else DynamicInt8Linear
+        return [kind(*quantize_int8(w)) if not w.is_meta else DenseLinear(w) for w in (load() for load in loaders)]
     if device.type != "cpu":
         return [DenseLinear(cast(load)) for load in loaders]
     remaining = iter(loaders)

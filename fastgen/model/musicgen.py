@@ -67,10 +67,11 @@ class MusicgenModel:
              dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
              quantization: str | None = None) -> "MusicgenModel":
         """``quantization="int8"``: weight-only int8 decoder projections and LM heads (fastgen.model.quantize),
-        quantised from the checkpoint's float weights."""
+        quantised from the checkpoint's float weights; ``"int8-dynamic"`` (CPU): the same weights with 8-bit
+        activations quantised per call."""
         device = normalize_device(device)
         dtype = parse_dtype(dtype, device)
-        validate_quantization(quantization)
+        validate_quantization(quantization, device)
         parts = load_parts(name_or_path, allow_pickle=allow_pickle)
         config = parts.config
         decoder = MusicgenDecoder(config.decoder, parts.weights, text_hidden_size=config.text_hidden_size,

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import torch
 
-QUANTIZATIONS = (None, "int8")
+# "int8": weight-only (activations stay in the model's dtype). "int8-dynamic": the same int8 weights, and each
+# projection's input quantised to 8 bits on the fly (one asymmetric scale per call, fbgemm's dynamic linear): the
+# integer GEMV streams the weights about twice as fast as the weight-only kernel on a CPU, at the cost of an
+# activation rounding error (measured beside weight-only int8 by bench/int8_deviation.py). CPU only.
+QUANTIZATIONS = (None, "int8", "int8-dynamic")
+CPU_ONLY_QUANTIZATIONS = ("int8-dynamic",)
 INT8_MAX = 127
 
 
-def validate_quantization(quantization: str | None) -> str | None:
+def validate_quantization(quantization: str | None, device: str | None = None) -> str | None:
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+        raise ValueError(f"quantization must be None, 'int8' or 'int8-dynamic', got {quantization!r}")
+    if quantization in CPU_ONLY_QUANTIZATIONS and device is not None and not str(device).startswith("cpu"):
+        raise ValueError(f"quantization={quantization!r} runs on a CPU only (fbgemm's dynamic int8 linear); "
+                         f"use quantization='int8' on {device}")
     return quantization
 
 

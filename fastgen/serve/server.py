@@ -26,8 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--linear-backend", default=None, choices=["triton", "torch"],
+                        help="decode-step projections (default: triton on CUDA with the triton backend, else torch)")
     parser.add_argument("--max-slots", type=int, help="concurrent requests (default: from the memory budget)")
     parser.add_argument("--max-duration", type=float, default=None, help="longest request in seconds")
+    parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                        help="long-form: decoder window in seconds (default: the trained 30 s)")
+    parser.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
+                        help="int8 decoder projections: weight-only, or (CPU) with activations quantised per call too")
     parser.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step")
     parser.add_argument("--ray", action="store_true", help="serve through Ray Serve (pip install fastgen[ray])")
     parser.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (one GPU each on GPUs)")
@@ -37,12 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     """A picklable-by-value recipe for the AsyncEngine (Ray ships it to each replica)."""
     options: dict[str, Any] = {"backend": args.backend}
+    if args.linear_backend is not None:
+        options["linear_backend"] = args.linear_backend
     if args.max_slots is not None:
         options["max_slots"] = args.max_slots
     if args.max_duration is not None:
         options["max_duration_s"] = args.max_duration
     if args.max_queue is not None:
         options["max_waiting"] = args.max_queue
+    if args.window is not None:
+        options["window_s"] = args.window
+    if args.quantize is not None:
+        options["quantization"] = args.quantize
     if args.compile:
         options["compile_step"] = True
     return EngineRecipe(str(args.model), args.device, args.dtype, options)
