@@ -37,7 +37,7 @@ def test_attention_over_runs_equals_gathered(rows, dtype):
     text_length = torch.tensor([span - 3 * i if i < count // 2 else 0 for i in range(count)], dtype=torch.int32)
     row_tensor = torch.tensor(rows)
     ops = TorchOps()
-    ctx = ops.begin_step(row_tensor, position, text_length, span, span, dtype)
+    ctx = ops.context(row_tensor, position, text_length, span, span, dtype)
     assert (ctx.self_runs is None) == (rows == SCATTERED)  # six runs: gathered instead
     expected_cache = (k_cache.clone(), v_cache.clone())
     got = ops.self_attention(ctx, k_cache, v_cache, q, k_new, v_new, 0.25)
