@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastgen.config import DecoderConfig
-from fastgen.engine.launch_count import LaunchCount, count_launches
+from fastgen.engine.launch_count import LaunchCount, count_decode_step, count_launches
 from fastgen.engine.runner import ModelRunner
 from fastgen.kernels.decode_attention import SPLIT
 from fastgen.model.decoder import MusicgenDecoder
@@ -75,8 +75,8 @@ def make_runner(layers: int, channels: int, linear_backend: str) -> ModelRunner:
 
 
 def step_launches(runner: ModelRunner, run_kernels: bool = False) -> LaunchCount:
-    """The launches of one graph-bucket step: two requests in a bucket of 4 (two padding rows on the dummy slot).
-    A first step runs before it, as before a capture (launchers may grow their scratch once)."""
+    """The launches of one graph-bucket step with two requests in a bucket of 4 (two padding rows on the dummy
+    slot), after a first step, as before a capture (launchers may grow their scratch once)."""
     slot_ids = torch.tensor([2, 0, runner.dummy_slot, runner.dummy_slot])
     for _ in range(2):
         with torch.inference_mode(), count_launches(run_kernels) as count:
@@ -97,6 +97,16 @@ def split(channels: int, linear_backend: str) -> tuple[LaunchCount, LaunchCount,
 def test_cache_takes_the_split_path():
     runner = make_runner(1, 1, "torch")
     assert runner.cache.self_k.shape[3] > SPLIT >= runner.cache.cross_k.shape[3]
+
+
+def test_a_step_as_the_graphs_capture_it():
+    """count_decode_step (for benchmarks and reports): a bucket all on the dummy slot counts what the step with
+    requests in it counts, and the state of the slots does not move."""
+    runner = make_runner(LAYERS, 1, "torch")
+    before = runner.state.position.clone()
+    for bucket in (1, 4):
+        assert count_decode_step(runner, bucket).by_op == step_launches(runner).by_op
+    assert torch.equal(runner.state.position, before)  # the kernels are not run
 
 
 @pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])

@@ -111,3 +111,16 @@ def count_launches(run_kernels: bool = False) -> Iterator[LaunchCount]:
     count = LaunchCount()
     with _LaunchCounter(count, run_kernels):
         yield count
+
+
+def count_decode_step(runner, bucket: int = 1) -> LaunchCount:
+    """Launches of one ``runner.decode_step`` as DecodeGraphs captures it for ``bucket`` rows: every row on the
+    dummy slot (so no request's state moves), no host spans, after one uncounted call (launchers grow their scratch
+    once, as they do in the warm-up before a capture)."""
+    from fastgen.model.ops import SamplerHints
+
+    slot_ids = torch.full((bucket,), runner.dummy_slot, dtype=torch.int64, device=runner.device)
+    for _ in range(2):
+        with torch.inference_mode(), count_launches() as count:
+            runner.decode_step(slot_ids, SamplerHints(), None, None)
+    return count
