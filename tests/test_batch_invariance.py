@@ -2,12 +2,16 @@
 
 Kernel level: the fused projections (kernels/fused_linear.py) give a row bitwise the same output at M = 2, 6, 38 and
 512, each variant, with and without split-K. Engine level (linear_backend="triton", fp32, interpreter on a CPU): a
-request's greedy and sampled codes are the same alone and beside batch-mates that join at other times."""
+request's greedy and sampled codes are the same alone (eager) and beside batch-mates that join at other times (graph
+replay), and its greedy codes are transformers'."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 import fastgen
+from fastgen.engine.graph_standin import cpu_graphs
 from fastgen.kernels.fused_linear import fused_linear, launch_config
 
 from kernel_checks import DEVICE
@@ -63,12 +67,15 @@ def test_kernel_rows_are_bitwise_the_same_at_any_batch_size(dtype, variant, shap
 
 
 # ---------------------------------------------------------------------------------------------------- engine
-def codes_of(folder, schedule, max_slots):
-    """Run requests that join at given engine steps; codes by request id."""
-    engine = fastgen.Engine.from_pretrained(folder, device=DEVICE, max_slots=max_slots, backend="triton",
-                                            linear_backend="triton", dtype=torch.float32, max_duration_s=1.0,
-                                            enforce_eager=True)
+def codes_of(folder, schedule, max_slots, graphs=False):
+    """Run requests that join at given engine steps; codes by request id. ``graphs``: CUDA-graph replay (on a CPU
+    the stand-in of fastgen.engine.graph_standin, which replays exactly the operators a capture recorded)."""
+    with cpu_graphs() if graphs and DEVICE == "cpu" else contextlib.nullcontext():
+        engine = fastgen.Engine.from_pretrained(folder, device=DEVICE, max_slots=max_slots, backend="triton",
+                                                linear_backend="triton", dtype=torch.float32, max_duration_s=1.0,
+                                                enforce_eager=not graphs)
     assert engine.model.decoder.linear_backend == "triton"
+    assert (engine.runner.graphs is not None) == graphs
     codes, step = {}, 0
     while schedule or engine.has_unfinished():
         for request_id, prompt, params in schedule.pop(step, []):
@@ -81,19 +88,19 @@ def codes_of(folder, schedule, max_slots):
 
 
 def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
-    """A greedy and a seeded sampled request, each alone (one slot: they run one after the other), then together
-    beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e. 4 → 6
-    kernel rows, and fewer as they end)."""
+    """A greedy and a seeded sampled request, each alone (one slot: they run one after the other, eagerly), then
+    together beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e.
+    4 → 6 kernel rows, and fewer as they end), under graph replay: the same codes, so the fused step is batch-invariant
+    and its graphs replay what it runs eagerly; and the greedy codes are transformers'."""
     greedy = fastgen.SamplingParams(max_new_tokens=6, do_sample=False, guidance_scale=3.0)  # ≥ 6: see below
     sampled = fastgen.SamplingParams(max_new_tokens=4, seed=11, temperature=0.9, guidance_scale=2.0)
     alone = codes_of(tiny_mono_dir, {0: [("greedy", "lofi beat", greedy), ("sampled", "jazz piano", sampled)]}, 1)
     mates = fastgen.SamplingParams(max_new_tokens=4, seed=3, guidance_scale=3.0)
     together = codes_of(tiny_mono_dir, {0: [("mate", "a much longer prompt about drums", mates),
                                             ("greedy", "lofi beat", greedy)],
-                                        1: [("sampled", "jazz piano", sampled)]}, 3)
+                                        1: [("sampled", "jazz piano", sampled)]}, 3, graphs=True)
     for request_id in ("greedy", "sampled"):
         np.testing.assert_array_equal(together[request_id], alone[request_id], err_msg=request_id)
-    # and the fused step is right: the greedy codes are transformers' (tests/test_on_device.py: under graph replay)
     np.testing.assert_array_equal(alone["greedy"], transformers_greedy_codes(tiny_mono_dir, "lofi beat", greedy))
 
 
