@@ -66,6 +66,35 @@ def test_kernel_rows_are_bitwise_the_same_at_any_batch_size(dtype, variant, shap
         assert launch_config(n, k, weight.dtype).split_k > 1, "this shape is meant to take the split-K path"
 
 
+# --------------------------------------------------------------------------------------------------- decoder
+def test_decoder_logits_are_bitwise_the_same_at_any_batch_size(tiny_mono_dir):
+    """One fused decode step (attention kernels, fused projections, LM heads) over a cache of random keys and values
+    at random positions and text lengths: rows' logits at 2, 6 and 38 rows are identical bit for bit (512 rows of
+    the whole decoder are too slow for the interpreter; the kernels are checked there above)."""
+    from fastgen.model.decoder import KVCache
+    from fastgen.model.musicgen import MusicgenModel
+    from fastgen.model.ops import TritonOps
+
+    decoder = MusicgenModel.load(tiny_mono_dir, device=DEVICE, dtype=torch.float32).decoder
+    decoder.set_linear_backend("triton")
+    rows = 38
+    gen = torch.Generator().manual_seed(5)
+    cache = KVCache.allocate(decoder.config, rows // 2, 16, 6, torch.float32, torch.device(DEVICE))
+    for tensor in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v):
+        tensor.copy_(torch.randn(tensor.shape, generator=gen))
+    hidden = torch.randn(rows, decoder.config.hidden_size, generator=gen).to(DEVICE)
+    cache_rows = torch.randperm(rows, generator=gen).to(DEVICE)
+    position = torch.randint(0, 15, (rows,), generator=gen).to(DEVICE)
+    text_length = torch.randint(0, 7, (rows,), generator=gen).to(torch.int32).to(DEVICE)
+    logits = {}
+    for m in (rows, 2, 6):  # the step appends each row's K/V: the same values whichever call writes them
+        logits[m] = decoder.decode(TritonOps(), hidden=hidden[:m].clone(), cache=cache, rows=cache_rows[:m],
+                                   position=position[:m], text_length=text_length[:m], kv_span=None, text_span=None)
+    assert logits[rows].dtype == torch.float32 and logits[rows].isfinite().all()
+    for m in (2, 6):
+        torch.testing.assert_close(logits[m], logits[rows][:m], rtol=0, atol=0, msg=lambda text: f"M={m}: {text}")
+
+
 # ---------------------------------------------------------------------------------------------------- engine
 def codes_of(folder, schedule, max_slots, graphs=False):
     """Run requests that join at given engine steps; codes by request id. ``graphs``: CUDA-graph replay (on a CPU
