@@ -287,10 +287,11 @@ def _scratch_sizes(m: int, n: int, config: LinearConfig) -> tuple[int, int]:
     return config.split_k * m * n, triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
 
 
-def reserve_fused_linear_scratch(rows: int, weight_shapes, weight_dtype: torch.dtype,
+def reserve_fused_linear_scratch(rows: int, weights: list[tuple[int, int, torch.dtype]],
                                  device: torch.device | str) -> None:
-    """Allocate split-K scratch for ``rows`` rows and every [N, K] in ``weight_shapes`` (before graph capture)."""
-    sizes = [_scratch_sizes(rows, n, launch_config(n, k, weight_dtype)) for n, k in weight_shapes]
+    """Allocate split-K scratch for ``rows`` rows and every (N, K, weight dtype) in ``weights``, once (call before
+    CUDA-graph capture: growing it during capture is refused)."""
+    sizes = [_scratch_sizes(rows, n, launch_config(n, k, dtype)) for n, k, dtype in weights]
     _scratch(torch.device(device), max(p for p, _ in sizes), max(t for _, t in sizes))
 
 

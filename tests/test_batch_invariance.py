@@ -12,6 +12,7 @@ import torch
 
 import fastgen
 from fastgen.engine.graph_standin import cpu_graphs
+from fastgen.kernels import fused_linear as fused_linear_module
 from fastgen.kernels.fused_linear import fused_linear, launch_config
 
 from kernel_checks import DEVICE
@@ -105,6 +106,7 @@ def codes_of(folder, schedule, max_slots, graphs=False):
                                                 enforce_eager=not graphs)
     assert engine.model.decoder.linear_backend == "triton"
     assert (engine.runner.graphs is not None) == graphs
+    scratch = fused_linear_module._SCRATCH[fused_linear_module._device_key(torch.device(DEVICE))]  # reserved
     codes, step = {}, 0
     while schedule or engine.has_unfinished():
         for request_id, prompt, params in schedule.pop(step, []):
@@ -113,6 +115,8 @@ def codes_of(folder, schedule, max_slots, graphs=False):
             assert request.error is None, request.error
             codes[request.request_id] = request.output.codes
         step += 1
+    assert fused_linear_module._SCRATCH[fused_linear_module._device_key(torch.device(DEVICE))] is scratch, \
+        "the split-K scratch grew after the engine reserved it (a captured graph would keep the old one)"
     return codes
 
 
