@@ -177,7 +177,7 @@ FFN = {"small": 4096, "medium": 6144, "large": 8192}
 FUSED_BATCHES = [1, 8, 64, 256]
 
 
-def bench_fused(models, dtype, peak):
+def bench_fused(models, batches, dtype, peak):
     import torch.nn.functional as F
 
     from fastgen.kernels.fused_linear import engine_projections, fused_linear, fused_linear_ref
@@ -189,7 +189,7 @@ def bench_fused(models, dtype, peak):
             weight = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
             ln = (torch.randn(k, device=DEVICE).to(dtype), torch.randn(k, device=DEVICE).to(dtype)) if norm else None
             out_dtype = torch.float32 if role == "heads" else dtype
-            for batch in FUSED_BATCHES:
+            for batch in batches:
                 m = 2 * batch
                 x = torch.randn(m, k, device=DEVICE).to(dtype)
                 hidden = torch.randn(m, n, device=DEVICE).to(out_dtype)
@@ -245,7 +245,7 @@ def print_row(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced sweep (batches 1/16/256, lengths 64/1500; "
-                        "fused projections: musicgen-small only)")
+                        "fused projections: musicgen-small at batch 1 and 64)")
     parser.add_argument("--out", help="JSON path (default bench/results/kernels-<gpu-name>.json)")
     parser.add_argument("--only", default="embedding,attention,sampling,fused", help="comma-separated kernels to run")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_attention(batches, lengths, dtype, peak)
     if "sampling" in only:
         rows += bench_sampling(batches, getattr(torch, args.logits_dtype), peak)
-    if "fused" in only:  # --quick: musicgen-small's shapes only
-        rows += bench_fused(["small"] if args.quick else list(MODELS), dtype, peak)
+    if "fused" in only:  # --quick: musicgen-small's shapes at batch 1 and 64 only
+        rows += bench_fused(["small"] if args.quick else list(MODELS), [1, 64] if args.quick else FUSED_BATCHES,
+                            dtype, peak)
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernels-{gpu.replace(' ', '-')}.json")

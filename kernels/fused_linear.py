@@ -105,7 +105,7 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernel: grid (N tiles × SPLIT_K, M tiles). Program (t·SPLIT_K + s, m) computes rows m·16 … m·16+15, columns
+# Triton kernel: grid (N tiles × split_k, M tiles). Program (t·split_k + s, m) computes rows m·16 … m·16+15, columns
 # t·BLOCK_N …, over K chunks [s·k_per_split, (s+1)·k_per_split).
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
@@ -124,11 +124,12 @@ def _epilogue(acc, cols, col_ok, scale_ptr, ACTIVATION: tl.constexpr, INT8: tl.c
 
 
 # M is never specialised (the JIT would compile other binaries for M = 1 and M % 16 == 0): one binary for every
-# batch size, so not even instruction selection can differ between a row's batches
-@triton.jit(do_not_specialize=["M"])
+# batch size, so not even instruction selection can differ between a row's batches. The split count is a runtime
+# argument (not specialised either): one binary per (dtype, variant) serves every weight shape.
+@triton.jit(do_not_specialize=["M", "split_k"])
 def _fused_linear_kernel(
     out_ptr,          # [M, N], last dim contiguous (read first with ACCUMULATE)
-    partial_ptr,      # fp32 [SPLIT_K, M, N] split partials (touched only when SPLIT_K > 1)
+    partial_ptr,      # fp32 [split_k, M, N] split partials (touched only when split_k > 1)
     ticket_ptr,       # int32 [M tiles · N tiles] arrival counters, 0 between launches
     x_ptr,            # [M, K], last dim contiguous
     w_ptr,            # [N, K], last dim contiguous: x's dtype, or int8
@@ -138,6 +139,7 @@ def _fused_linear_kernel(
     M,
     N,
     K,
+    split_k,          # parts K is split into (1: no split-K, no scratch)
     k_per_split,      # a multiple of BLOCK_K
     stride_x,
     stride_w,
@@ -146,14 +148,13 @@ def _fused_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     NORM: tl.constexpr,
     ACTIVATION: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     INT8: tl.constexpr,
 ):
-    tile_n = tl.program_id(0) // SPLIT_K
-    split = tl.program_id(0) % SPLIT_K
+    tile_n = tl.program_id(0) // split_k
+    split = tl.program_id(0) % split_k
     tile_m = tl.program_id(1)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,7 +198,7 @@ def _fused_linear_kernel(
 
     out_offsets = rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
+    if split_k == 1:
         result = _epilogue(acc, cols, col_ok, scale_ptr, ACTIVATION, INT8)
         if ACCUMULATE:
             result += tl.load(out_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
@@ -207,9 +208,9 @@ def _fused_linear_kernel(
         tl.debug_barrier()  # every thread's partial is stored before the ticket (release) is taken
         ticket_index = tile_m * tl.cdiv(N, BLOCK_N) + tile_n
         ticket = tl.atomic_add(ticket_ptr + ticket_index, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLIT_K - 1:  # the last to arrive: all partials are visible (acquire); sum them in split order
+        if ticket == split_k - 1:  # the last to arrive: all partials are visible (acquire); sum them in split order
             summed = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in range(split_k):
                 summed += tl.load(partial_ptr + (s * M + rows).to(tl.int64)[:, None] * N + cols[None, :],
                                  mask=out_ok, other=0.0, cache_modifier=".cg")
             result = _epilogue(summed, cols, col_ok, scale_ptr, ACTIVATION, INT8)
@@ -286,10 +287,11 @@ def _scratch_sizes(m: int, n: int, config: LinearConfig) -> tuple[int, int]:
     return config.split_k * m * n, triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
 
 
-def reserve_fused_linear_scratch(rows: int, weight_shapes, weight_dtype: torch.dtype,
+def reserve_fused_linear_scratch(rows: int, weights: list[tuple[int, int, torch.dtype]],
                                  device: torch.device | str) -> None:
-    """Allocate split-K scratch for ``rows`` rows and every [N, K] in ``weight_shapes`` (before graph capture)."""
-    sizes = [_scratch_sizes(rows, n, launch_config(n, k, weight_dtype)) for n, k in weight_shapes]
+    """Allocate split-K scratch for ``rows`` rows and every (N, K, weight dtype) in ``weights``, once (call before
+    CUDA-graph capture: growing it during capture is refused)."""
+    sizes = [_scratch_sizes(rows, n, launch_config(n, k, dtype)) for n, k, dtype in weights]
     _scratch(torch.device(device), max(p for p, _ in sizes), max(t for _, t in sizes))
 
 
@@ -306,8 +308,8 @@ def _run_kernel(x, weight, scale, norm_weight, norm_bias, eps: float, activation
     _fused_linear_kernel[grid](
         out, partials, tickets, x, weight, placeholder if scale is None else scale,
         placeholder if norm_weight is None else norm_weight, placeholder if norm_bias is None else norm_bias,
-        m, n, k, config.k_per_split, x.stride(0), weight.stride(0), out.stride(0), eps,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        m, n, k, config.split_k, config.k_per_split, x.stride(0), weight.stride(0), out.stride(0), eps,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         NORM=norm_weight is not None, ACTIVATION=activation, ACCUMULATE=accumulate,
         INT8=weight.dtype == torch.int8, num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -393,6 +395,12 @@ def engine_projections(hidden: int, ffn: int) -> list[tuple[str, int, int, bool,
             *[("heads", width, hidden, True, "none", False) for width in HEAD_WIDTHS]]
 
 
+def _variant(norm: bool, activation: str, accumulate: bool, out: str) -> str:
+    parts = (["layernorm"] if norm else []) + ([activation] if activation != "none" else []) \
+        + (["+= out"] if accumulate else []) + [f"-> {out}"]
+    return " ".join(parts)
+
+
 def _engine_configs() -> list[KernelConfig]:
     seen, configs = set(), []
     for act_dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -404,23 +412,24 @@ def _engine_configs() -> list[KernelConfig]:
                 for role, n, k, norm, activation, accumulate in engine_projections(hidden, ffn):
                     config = launch_config(n, k, weight_dtype)
                     out = "fp32" if role == "heads" else _DTYPE_NAMES[act_dtype]
-                    # k_per_split, N and K are runtime arguments: one compiled kernel serves every shape of a family
-                    key = (act_dtype, int8, out, config.block_n, config.block_k, config.split_k, config.num_warps,
-                           config.num_stages, norm, activation, accumulate)
+                    # N, K, split_k and k_per_split are runtime arguments: one binary serves every shape of a family
+                    key = (act_dtype, int8, out, config.block_n, config.block_k, config.num_warps, config.num_stages,
+                           norm, activation, accumulate)
                     if key in seen:
                         continue
                     seen.add(key)
                     dtype = _DTYPE_NAMES[act_dtype]
                     configs.append(make_config(
-                        f"fused linear {dtype}{' int8' if int8 else ''} {role} BLOCK_K={config.block_k} "
-                        f"SPLIT_K={config.split_k}", _fused_linear_kernel,
+                        f"fused linear {dtype}{' int8' if int8 else ''} {_variant(norm, activation, accumulate, out)}"
+                        f" BLOCK_K={config.block_k}",
+                        _fused_linear_kernel,
                         {"out_ptr": f"*{out}", "partial_ptr": "*fp32", "ticket_ptr": "*i32", "x_ptr": f"*{dtype}",
                          "w_ptr": "*i8" if int8 else f"*{dtype}", "scale_ptr": "*fp32" if int8 else f"*{dtype}",
                          "norm_w_ptr": f"*{dtype}", "norm_b_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32",
-                         "k_per_split": "i32", "stride_x": "i32", "stride_w": "i32", "stride_out": "i32",
+                         "split_k": "i32", "k_per_split": "i32", "stride_x": "i32", "stride_w": "i32", "stride_out": "i32",
                          "eps": "fp32"},
                         {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                         "SPLIT_K": config.split_k, "NORM": norm, "ACTIVATION": activation,
+                         "NORM": norm, "ACTIVATION": activation,
                          "ACCUMULATE": accumulate, "INT8": int8},
                         aligned=("out_ptr", "partial_ptr", "ticket_ptr", "x_ptr", "w_ptr", "scale_ptr", "norm_w_ptr",
                                  "norm_b_ptr", "N", "K", "k_per_split", "stride_x", "stride_w", "stride_out"),

@@ -2,12 +2,17 @@
 
 Kernel level: the fused projections (kernels/fused_linear.py) give a row bitwise the same output at M = 2, 6, 38 and
 512, each variant, with and without split-K. Engine level (linear_backend="triton", fp32, interpreter on a CPU): a
-request's greedy and sampled codes are the same alone and beside batch-mates that join at other times."""
+request's greedy and sampled codes are the same alone (eager) and beside batch-mates that join at other times (graph
+replay), and its greedy codes are transformers'."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 import fastgen
+from fastgen.engine.graph_standin import cpu_graphs
+from fastgen.kernels import fused_linear as fused_linear_module
 from fastgen.kernels.fused_linear import fused_linear, launch_config
 
 from kernel_checks import DEVICE
@@ -62,13 +67,46 @@ def test_kernel_rows_are_bitwise_the_same_at_any_batch_size(dtype, variant, shap
         assert launch_config(n, k, weight.dtype).split_k > 1, "this shape is meant to take the split-K path"
 
 
+# --------------------------------------------------------------------------------------------------- decoder
+def test_decoder_logits_are_bitwise_the_same_at_any_batch_size(tiny_mono_dir):
+    """One fused decode step (attention kernels, fused projections, LM heads) over a cache of random keys and values
+    at random positions and text lengths: rows' logits at 2, 6 and 38 rows are identical bit for bit (512 rows of
+    the whole decoder are too slow for the interpreter; the kernels are checked there above)."""
+    from fastgen.model.decoder import KVCache
+    from fastgen.model.musicgen import MusicgenModel
+    from fastgen.model.ops import TritonOps
+
+    decoder = MusicgenModel.load(tiny_mono_dir, device=DEVICE, dtype=torch.float32).decoder
+    decoder.set_linear_backend("triton")
+    rows = 38
+    gen = torch.Generator().manual_seed(5)
+    cache = KVCache.allocate(decoder.config, rows // 2, 16, 6, torch.float32, torch.device(DEVICE))
+    for tensor in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v):
+        tensor.copy_(torch.randn(tensor.shape, generator=gen))
+    hidden = torch.randn(rows, decoder.config.hidden_size, generator=gen).to(DEVICE)
+    cache_rows = torch.randperm(rows, generator=gen).to(DEVICE)
+    position = torch.randint(0, 15, (rows,), generator=gen).to(DEVICE)
+    text_length = torch.randint(0, 7, (rows,), generator=gen).to(torch.int32).to(DEVICE)
+    logits = {}
+    for m in (rows, 2, 6):  # the step appends each row's K/V: the same values whichever call writes them
+        logits[m] = decoder.decode(TritonOps(), hidden=hidden[:m].clone(), cache=cache, rows=cache_rows[:m],
+                                   position=position[:m], text_length=text_length[:m], kv_span=None, text_span=None)
+    assert logits[rows].dtype == torch.float32 and logits[rows].isfinite().all()
+    for m in (2, 6):
+        torch.testing.assert_close(logits[m], logits[rows][:m], rtol=0, atol=0, msg=lambda text: f"M={m}: {text}")
+
+
 # ---------------------------------------------------------------------------------------------------- engine
-def codes_of(folder, schedule, max_slots):
-    """Run requests that join at given engine steps; codes by request id."""
-    engine = fastgen.Engine.from_pretrained(folder, device=DEVICE, max_slots=max_slots, backend="triton",
-                                            linear_backend="triton", dtype=torch.float32, max_duration_s=1.0,
-                                            enforce_eager=True)
+def codes_of(folder, schedule, max_slots, graphs=False):
+    """Run requests that join at given engine steps; codes by request id. ``graphs``: CUDA-graph replay (on a CPU
+    the stand-in of fastgen.engine.graph_standin, which replays exactly the operators a capture recorded)."""
+    with cpu_graphs() if graphs and DEVICE == "cpu" else contextlib.nullcontext():
+        engine = fastgen.Engine.from_pretrained(folder, device=DEVICE, max_slots=max_slots, backend="triton",
+                                                linear_backend="triton", dtype=torch.float32, max_duration_s=1.0,
+                                                enforce_eager=not graphs)
     assert engine.model.decoder.linear_backend == "triton"
+    assert (engine.runner.graphs is not None) == graphs
+    scratch = fused_linear_module._SCRATCH[fused_linear_module._device_key(torch.device(DEVICE))]  # reserved
     codes, step = {}, 0
     while schedule or engine.has_unfinished():
         for request_id, prompt, params in schedule.pop(step, []):
@@ -77,23 +115,25 @@ def codes_of(folder, schedule, max_slots):
             assert request.error is None, request.error
             codes[request.request_id] = request.output.codes
         step += 1
+    assert fused_linear_module._SCRATCH[fused_linear_module._device_key(torch.device(DEVICE))] is scratch, \
+        "the split-K scratch grew after the engine reserved it (a captured graph would keep the old one)"
     return codes
 
 
 def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
-    """A greedy and a seeded sampled request, each alone (one slot: they run one after the other), then together
-    beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e. 4 → 6
-    kernel rows, and fewer as they end)."""
+    """A greedy and a seeded sampled request, each alone (one slot: they run one after the other, eagerly), then
+    together beside a batch-mate with a longer prompt, the sampled one joining a step later (2 → 3 requests, i.e.
+    4 → 6 kernel rows, and fewer as they end), under graph replay: the same codes, so the fused step is batch-invariant
+    and its graphs replay what it runs eagerly; and the greedy codes are transformers'."""
     greedy = fastgen.SamplingParams(max_new_tokens=6, do_sample=False, guidance_scale=3.0)  # ≥ 6: see below
     sampled = fastgen.SamplingParams(max_new_tokens=4, seed=11, temperature=0.9, guidance_scale=2.0)
     alone = codes_of(tiny_mono_dir, {0: [("greedy", "lofi beat", greedy), ("sampled", "jazz piano", sampled)]}, 1)
     mates = fastgen.SamplingParams(max_new_tokens=4, seed=3, guidance_scale=3.0)
     together = codes_of(tiny_mono_dir, {0: [("mate", "a much longer prompt about drums", mates),
                                             ("greedy", "lofi beat", greedy)],
-                                        1: [("sampled", "jazz piano", sampled)]}, 3)
+                                        1: [("sampled", "jazz piano", sampled)]}, 3, graphs=True)
     for request_id in ("greedy", "sampled"):
         np.testing.assert_array_equal(together[request_id], alone[request_id], err_msg=request_id)
-    # and the fused step is right: the greedy codes are transformers' (tests/test_on_device.py: under graph replay)
     np.testing.assert_array_equal(alone["greedy"], transformers_greedy_codes(tiny_mono_dir, "lofi beat", greedy))
 
 

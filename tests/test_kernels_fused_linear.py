@@ -140,3 +140,18 @@ def test_bad_inputs_raise_before_launching(message):
     x, w = torch.randn(3, 24, device=DEVICE), torch.randn(8, 24, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         fused_linear(**BAD_INPUTS[message](x, w))
+
+
+@pytest.mark.parametrize("variant", ["residual", "norm-gelu"])
+def test_opcheck(variant):
+    """The op's schema declares what it writes (out, the split-K partials and tickets) and its fake traces."""
+    x, weight, kwargs, residual = make_case(5, 33, 300, torch.float32, variant, seed=3)
+    assert split_of(33, 300, torch.float32) > 1
+    out = residual if residual is not None else torch.empty(5, 33, device=DEVICE)
+    fused_linear(x, weight, out=out, **kwargs)  # sizes the scratch
+    partials, tickets = module._SCRATCH[module._device_key(x.device)]
+    norm = kwargs.get("norm") or (None, None)
+    args = (x, weight, None, *norm, 1e-5, kwargs.get("activation", "none"), bool(kwargs.get("accumulate")), out,
+            partials, tickets)
+    torch.library.opcheck(torch.ops.fastgen.fused_linear.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -1,9 +1,7 @@
 """The engine-level checks that matter, on every device present: the CPU always, CUDA when there is one.
 
 - greedy codes of every decode path agree with transformers' in fp32, mono and stereo: the torch backend, the Triton
-  kernels run eagerly (compiled on CUDA, under TRITON_INTERPRET=1 on a CPU) with the projections unfused, and
-  CUDA-graph replay with them fused (linear_backend="triton"; tests/test_batch_invariance.py checks the fused step
-  eagerly);
+  kernels run eagerly (compiled on CUDA, under TRITON_INTERPRET=1 on a CPU) and CUDA-graph replay;
 - several decode steps per call give one step per call's codes;
 - the AsyncEngine with T5/EnCodec on the stage worker (its own CUDA stream on a GPU) and an abort;
 - bf16 runs finite.
@@ -61,10 +59,10 @@ def transformers_codes(folder, device: torch.device) -> list[np.ndarray]:
     return list(codes.numpy())
 
 
-PATHS = {  # decode path → engine options (linear_backend: the projections unfused, or the fused kernels)
+PATHS = {  # decode path → engine options
     "torch": {"backend": "torch", "enforce_eager": True},
-    "triton-eager": {"backend": "triton", "linear_backend": "torch", "enforce_eager": True},
-    "graph-replay": {"backend": "triton", "linear_backend": "triton", "enforce_eager": False},
+    "triton-eager": {"backend": "triton", "enforce_eager": True},
+    "graph-replay": {"backend": "triton", "enforce_eager": False},
 }
 
 

@@ -83,6 +83,8 @@ class Engine:
                                   compile_step=config.compile_step, steps_per_call=config.steps_per_call,
                                   max_request_frames=self.max_frames)
         self.scheduler = Scheduler(num_slots)
+        if linear_backend == "triton":  # split-K scratch for the most rows a step runs, before any graph capture
+            model.decoder.reserve_fused_scratch(2 * self.runner.total_slots)
         if self.ops.name == "triton" and not config.enforce_eager and DecodeGraphs.supported(self.device):
             self.runner.capture_graphs()  # CUDA; on a CPU only under fastgen.engine.graph_standin.cpu_graphs()
         threaded = config.overlap_stages if config.overlap_stages is not None else self.device.type == "cuda"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
-from fastgen.model.linear import DenseLinear, Linear, build_linears
+from fastgen.model.linear import DenseLinear, Int8Linear, Linear, build_linears
 from fastgen.model.ops import Ops, StepContext
 from fastgen.model.projections import LINEAR_BACKENDS, FusedProjections, TorchProjections
 from fastgen.model.quantize import validate_quantization
@@ -183,6 +183,15 @@ class MusicgenDecoder:
         self.projections = FusedProjections(self.config.activation, self.activation, self.final_norm, heads,
                                             LAYER_NORM_EPS)
 
+    def reserve_fused_scratch(self, rows: int) -> None:
+        """Size the fused kernels' split-K scratch for steps of up to ``rows`` rows (on the triton linear backend,
+        before graph capture)."""
+        from fastgen.kernels.fused_linear import reserve_fused_linear_scratch
+        linears = [linear for layer in self.layers for linear in layer.linears()] + [self.projections.lm_heads]
+        weights = [_weight_of(linear) for linear in linears]
+        reserve_fused_linear_scratch(rows, sorted({(w.shape[0], w.shape[1], w.dtype) for w in weights}, key=str),
+                                     self.device)
+
     def linears(self) -> list[Linear]:
         """Every projection a decode step streams (the LM heads included)."""
         return [linear for layer in self.layers for linear in layer.linears()] + [self.lm_heads]
@@ -280,6 +289,11 @@ class MusicgenDecoder:
 
             x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
             hidden = layer.fc2.add_to(hidden, self.activation(layer.fc1(x)))
+
+
+def _weight_of(linear: Linear) -> torch.Tensor:
+    """The [N, K] tensor the fused kernel reads: the plain weight, or the int8 codes."""
+    return linear.q if isinstance(linear, Int8Linear) else linear.weight
 
 
 def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
