@@ -87,10 +87,10 @@ def test_decoder_logits_are_bitwise_the_same_at_any_batch_size(tiny_mono_dir):
     cache_rows = torch.randperm(rows, generator=gen).to(DEVICE)
     position = torch.randint(0, 15, (rows,), generator=gen).to(DEVICE)
     text_length = torch.randint(0, 7, (rows,), generator=gen).to(torch.int32).to(DEVICE)
-    logits = {}
+    logits, ops = {}, TritonOps()
     for m in (rows, 2, 6):  # the step appends each row's K/V: the same values whichever call writes them
-        logits[m] = decoder.decode(TritonOps(), hidden=hidden[:m].clone(), cache=cache, rows=cache_rows[:m],
-                                   position=position[:m], text_length=text_length[:m], kv_span=None, text_span=None)
+        ctx = ops.context(cache_rows[:m], position[:m], text_length[:m])
+        logits[m] = decoder.decode(ops, hidden=hidden[:m].clone(), cache=cache, ctx=ctx)
     assert logits[rows].dtype == torch.float32 and logits[rows].isfinite().all()
     for m in (2, 6):
         torch.testing.assert_close(logits[m], logits[rows][:m], rtol=0, atol=0, msg=lambda text: f"M={m}: {text}")

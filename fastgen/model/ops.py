@@ -191,6 +191,11 @@ class TritonOps:
         self._embed(state.tokens, state.position, slots, tables, sinusoid, hidden, rows)
         return hidden, StepContext(rows.cache_row, None, rows.cross_length, slots, self_length=rows.self_length)
 
+    def context(self, rows, position, text_length, kv_span: int | None = None, text_span: int | None = None,
+                dtype: torch.dtype | None = None) -> StepContext:
+        """The context of rows given directly (as TorchOps.context), for callers outside the engine's slots."""
+        return StepContext(rows, position, text_length, self_length=(position + 1).to(torch.int32))
+
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
         # the kernel writes this step's K/V at position length − 1 itself (no scatter launches)
         return self._attention_append(q, k, v, k_cache, v_cache, ctx.rows, ctx.self_length, scale)
