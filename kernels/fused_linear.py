@@ -235,11 +235,11 @@ class LinearConfig:
 
 
 def launch_config(n: int, k: int, weight_dtype: torch.dtype) -> LinearConfig:
-    """Tiles and split for an [N, K] weight. fp32 operands take no tensor cores and spill at wide K tiles (as
-    int8_linear's fp32 dot did at 64 × 64), so they use 32-wide K chunks; 16-bit and int8 weights 128-wide ones
-    (256-byte rows per load)."""
+    """Tiles and split for an [N, K] weight: 16-bit and int8 weights in 128-wide K chunks (256-byte rows of a 16-bit
+    weight per load), fp32 in 64-wide ones (the same bytes per row; no tensor cores, and the wider tile would double
+    the fp32 registers and shared memory)."""
     block_n = 32
-    block_k = 32 if weight_dtype == torch.float32 else 128
+    block_k = 64 if weight_dtype == torch.float32 else 128
     tiles = triton.cdiv(n, block_n)
     chunks = triton.cdiv(k, block_k)
     split = 1

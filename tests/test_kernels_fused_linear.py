@@ -23,7 +23,7 @@ VARIANTS = {
     "int8-residual": {"int8": True, "accumulate": True},
     "int8-norm-gelu": {"int8": True, "norm": True, "activation": "gelu"},
 }
-# (M, N, K): odd everywhere; K long enough for split-K in both BLOCK_K families (fp32 32, 16-bit 128)
+# (M, N, K): odd everywhere; K long enough for split-K in both BLOCK_K families (fp32 64, 16-bit 128)
 SHAPES = [(3, 40, 24), (5, 33, 300), (19, 17, 520)]
 
 
