@@ -75,6 +75,25 @@ def test_matches_reference(m, n, k, variant, dtype, atol, rtol):
     assert_close_report(out, want, atol, rtol * (3 if "int8" in variant else 1), what=f"{variant} out")
 
 
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu", "silu"])
+def test_other_activations_match_reference(activation):
+    """The activations of other checkpoints' FC1 (musicgen's own is exact GELU, tested above)."""
+    x, weight, kwargs, _ = make_case(5, 33, 300, torch.float32, "norm", seed=4)
+    got = fused_linear(x, weight, activation=activation, **kwargs)
+    assert_close_report(got, fused_linear_ref(x, weight, activation=activation, **kwargs), 2e-5, 2e-5, activation)
+
+
+def test_decoder_falls_back_to_torch_for_an_activation_the_kernel_lacks():
+    from fastgen.model.linear import DenseLinear
+    from fastgen.model.projections import FusedProjections
+
+    x, weight, kwargs, _ = make_case(3, 40, 24, torch.float32, "norm", seed=5)
+    doubled = FusedProjections("doubled", lambda y: 2 * y, kwargs["norm"], DenseLinear(weight), 1e-5)
+    assert doubled.fused_activation is None
+    got = doubled.normed_activated(DenseLinear(weight), x, kwargs["norm"])
+    assert_close_report(got, 2 * fused_linear_ref(x, weight, **kwargs), 2e-5, 2e-5)
+
+
 def test_shapes_exercise_split_k_and_several_row_tiles():
     """The cases above are only worth something if they reach the split-K reduction and more than one tile of rows
     (and the unsplit path)."""
