@@ -58,8 +58,6 @@ BLOCK_M = 16            # rows per program, whatever M is (tl.dot's smallest til
 TARGET_PROGRAMS = 132   # SMs of an H100 / H200 (an A100's 108 are covered too)
 MAX_SPLIT_K = 8
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
-_SQRT1_2 = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
 
 
 def fused_linear_ref(
@@ -113,8 +111,8 @@ def _epilogue(acc, cols, col_ok, scale_ptr, ACTIVATION: tl.constexpr, INT8: tl.c
     if INT8:
         acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if ACTIVATION == "gelu":
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    elif ACTIVATION == "gelu_tanh":  # 0.5·(1 + tanh(z)) = sigmoid(2z)
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact: x·Φ(x), 1/√2
+    elif ACTIVATION == "gelu_tanh":  # 0.5·(1 + tanh(z)) = sigmoid(2z), z = √(2/π)·(x + 0.044715·x³)
         acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     elif ACTIVATION == "relu":
         acc = tl.maximum(acc, 0.0)
@@ -235,11 +233,11 @@ class LinearConfig:
 
 
 def launch_config(n: int, k: int, weight_dtype: torch.dtype) -> LinearConfig:
-    """Tiles and split for an [N, K] weight. fp32 operands take no tensor cores and spill at wide K tiles (as
-    int8_linear's fp32 dot did at 64 × 64), so they use 32-wide K chunks; 16-bit and int8 weights 128-wide ones
-    (256-byte rows per load)."""
+    """Tiles and split for an [N, K] weight: 16-bit and int8 weights in 128-wide K chunks (256-byte rows of a 16-bit
+    weight per load), fp32 in 64-wide ones (the same bytes per row; no tensor cores, and the wider tile would double
+    the fp32 registers and shared memory)."""
     block_n = 32
-    block_k = 32 if weight_dtype == torch.float32 else 128
+    block_k = 64 if weight_dtype == torch.float32 else 128
     tiles = triton.cdiv(n, block_n)
     chunks = triton.cdiv(k, block_k)
     split = 1

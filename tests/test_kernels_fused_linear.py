@@ -23,7 +23,7 @@ VARIANTS = {
     "int8-residual": {"int8": True, "accumulate": True},
     "int8-norm-gelu": {"int8": True, "norm": True, "activation": "gelu"},
 }
-# (M, N, K): odd everywhere; K long enough for split-K in both BLOCK_K families (fp32 32, 16-bit 128)
+# (M, N, K): odd everywhere; K long enough for split-K in both BLOCK_K families (fp32 64, 16-bit 128)
 SHAPES = [(3, 40, 24), (5, 33, 300), (19, 17, 520)]
 
 
@@ -73,6 +73,25 @@ def test_matches_reference(m, n, k, variant, dtype, atol, rtol):
     got = fused_linear(x, weight, out=out, **kwargs)
     assert got is out and out.dtype == out_dtype
     assert_close_report(out, want, atol, rtol * (3 if "int8" in variant else 1), what=f"{variant} out")
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu", "silu"])
+def test_other_activations_match_reference(activation):
+    """The activations of other checkpoints' FC1 (musicgen's own is exact GELU, tested above)."""
+    x, weight, kwargs, _ = make_case(5, 33, 300, torch.float32, "norm", seed=4)
+    got = fused_linear(x, weight, activation=activation, **kwargs)
+    assert_close_report(got, fused_linear_ref(x, weight, activation=activation, **kwargs), 2e-5, 2e-5, activation)
+
+
+def test_decoder_falls_back_to_torch_for_an_activation_the_kernel_lacks():
+    from fastgen.model.linear import DenseLinear
+    from fastgen.model.projections import FusedProjections
+
+    x, weight, kwargs, _ = make_case(3, 40, 24, torch.float32, "norm", seed=5)
+    doubled = FusedProjections("doubled", lambda y: 2 * y, kwargs["norm"], DenseLinear(weight), 1e-5)
+    assert doubled.fused_activation is None
+    got = doubled.normed_activated(DenseLinear(weight), x, kwargs["norm"])
+    assert_close_report(got, 2 * fused_linear_ref(x, weight, **kwargs), 2e-5, 2e-5)
 
 
 def test_shapes_exercise_split_k_and_several_row_tiles():
