@@ -40,21 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
+# flag (argparse dest) → EngineConfig option, passed when given
+_ENGINE_FLAGS = {"linear_backend": "linear_backend", "max_slots": "max_slots", "max_duration": "max_duration_s",
+                 "max_queue": "max_waiting", "window": "window_s", "quantize": "quantization"}
+
+
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     """A picklable-by-value recipe for the AsyncEngine (Ray ships it to each replica)."""
     options: dict[str, Any] = {"backend": args.backend}
-    if args.linear_backend is not None:
-        options["linear_backend"] = args.linear_backend
-    if args.max_slots is not None:
-        options["max_slots"] = args.max_slots
-    if args.max_duration is not None:
-        options["max_duration_s"] = args.max_duration
-    if args.max_queue is not None:
-        options["max_waiting"] = args.max_queue
-    if args.window is not None:
-        options["window_s"] = args.window
-    if args.quantize is not None:
-        options["quantization"] = args.quantize
+    options.update({option: getattr(args, flag) for flag, option in _ENGINE_FLAGS.items()
+                    if getattr(args, flag) is not None})
     if args.compile:
         options["compile_step"] = True
     return EngineRecipe(str(args.model), args.device, args.dtype, options)
