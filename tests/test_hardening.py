@@ -122,7 +122,7 @@ HOSTILE = {
 def test_hostile_audio_prompt_is_refused_fast_without_the_lock(async_engine, case):
     audio_prompt, words = HOSTILE[case]
     start = time.perf_counter()
-    with async_engine._submit_lock, async_engine.engine._tokenizer_lock:  # other callers hold the locks
+    with async_engine._submit_lock, async_engine.engine.intake.tokenizer_lock:  # other callers hold the locks
         with pytest.raises(RequestError, match=words):
             in_thread(lambda: async_engine.submit("x", SHORT, audio_prompt=audio_prompt))
     assert time.perf_counter() - start < 2.0
@@ -130,7 +130,7 @@ def test_hostile_audio_prompt_is_refused_fast_without_the_lock(async_engine, cas
 
 def test_huge_prompt_and_bad_text_are_refused_before_tokenising(async_engine):
     limit = 32 * async_engine.engine.config.max_text_tokens
-    with async_engine._submit_lock, async_engine.engine._tokenizer_lock:  # other callers hold the locks
+    with async_engine._submit_lock, async_engine.engine.intake.tokenizer_lock:  # other callers hold the locks
         for prompt, words in [("x" * 10_000_000, f"at most {limit}"), ("lofi \ud800 beat", "surrogate")]:
             with pytest.raises(RequestError, match=words) as info:
                 in_thread(lambda: async_engine.submit(prompt, SHORT), timeout=2.0)
