@@ -47,6 +47,9 @@ def test_default_dtype_follows_native_bf16():
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert parse_dtype(None, torch.device("cpu")) == expected
     assert parse_dtype("float32", torch.device("cpu")) == torch.float32
+    for quantization in ("int8", "int8-dynamic"):  # int8 projections: an fp32 decoder is the faster one on a CPU
+        assert parse_dtype(None, torch.device("cpu"), quantization) == torch.float32
+        assert parse_dtype("bfloat16", torch.device("cpu"), quantization) == torch.bfloat16
 
 
 def test_stock_linears_for_compiled_steps(tiny_mono_dir):

@@ -131,6 +131,7 @@ def test_int8_decoder_stays_within_documented_deviation(tiny_mono_dir, quantizat
 def test_int8_generation_end_to_end(tiny_mono_dir, quantization):
     model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", quantization=quantization)
     assert model.engine.model.decoder.quantization == quantization
+    assert model.engine.model.decoder.dtype == torch.float32  # dtype=None with int8 on a CPU: fp32 activations
     params = fastgen.SamplingParams(max_new_tokens=12, guidance_scale=3.0, seed=3, top_k=10)
     first, again = (model.generate(["lofi beat", None], params) for _ in range(2))
     for a, b in zip(first, again):
