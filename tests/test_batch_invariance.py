@@ -137,6 +137,23 @@ def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
     np.testing.assert_array_equal(alone["greedy"], transformers_greedy_codes(tiny_mono_dir, "lofi beat", greedy))
 
 
+@pytest.mark.parametrize("linear_backend,expected", [("triton", [1, 1]), ("torch", [2])])
+def test_prompts_are_encoded_alone_on_the_invariant_path(tiny_mono_dir, linear_backend, expected):
+    """Two prompts admitted together: on the fused (batch-invariant) path T5 sees each alone, so its GEMMs never
+    depend on the other prompt; the torch path keeps one padded batch."""
+    engine = fastgen.Engine.from_pretrained(tiny_mono_dir, device=DEVICE, max_slots=2, backend="triton",
+                                            linear_backend=linear_backend, dtype=torch.float32, max_duration_s=1.0,
+                                            enforce_eager=True, overlap_stages=False)
+    batches = []
+    encode = engine.model.text_encoder.encode
+    engine.model.text_encoder.encode = lambda token_ids: batches.append(len(token_ids)) or encode(token_ids)
+    params = fastgen.SamplingParams(max_new_tokens=4, do_sample=False)
+    for prompt in ("lofi beat", "a much longer prompt about drums"):
+        engine.add_request(prompt, params)
+    engine.step()
+    assert batches == expected
+
+
 def transformers_greedy_codes(folder, prompt, params) -> np.ndarray:
     """transformers' greedy codes [K, frames] for one prompt, fp32 (captured where they enter EnCodec). Below 6 new
     tokens transformers returns more frames than max_new_tokens − (K − 1) on this model, so compare from 6."""

@@ -159,7 +159,10 @@ class ModelRunner:
             self.cache.cross_k[:, rows] = 0
             self.cache.cross_v[:, rows] = 0
         conditioned = [r for r in requests if r.text_ids is not None and r.text_states is None]
-        if conditioned:
+        if conditioned and self.text_alone:
+            for r, states in zip(conditioned, self.encode_text([r.text_ids for r in conditioned])):
+                self.decoder.write_cross_kv(self.cache, torch.tensor([r.slot], device=self.device), states[None])
+        elif conditioned:
             states, mask = self.text_encoder.encode([r.text_ids for r in conditioned])
             projected = self.decoder.project_text(states, mask)
             rows = torch.tensor([r.slot for r in conditioned], device=self.device)
@@ -173,9 +176,20 @@ class ModelRunner:
             self.decoder.write_cross_kv(self.cache, torch.tensor([r.slot], device=self.device), r.text_states[None])
             r.text_states, r.text_ready = None, None
 
+    @property
+    def text_alone(self) -> bool:
+        """Whether each prompt is T5-encoded (and projected) on its own rather than in one padded batch with the
+        prompts admitted beside it: on the batch-invariant path (the fused projections), whose promise is that a
+        request's codes depend only on its prompt, parameters and seed. A GEMM library picks algorithms by row
+        count, so a batched T5 could move a prompt's last bits with its fellow prompts. Costs one T5 call a prompt."""
+        return self.decoder.linear_backend == "triton"
+
     @torch.inference_mode()
     def encode_text(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
-        """T5 + projection for prompts encoded ahead of admission: decoder-width states [T, D] per prompt."""
+        """T5 + projection (prompts encoded ahead of admission, or alone: text_alone): decoder-width states [T, D]
+        per prompt."""
+        if self.text_alone and len(token_ids) > 1:
+            return [states for ids in token_ids for states in self.encode_text([ids])]
         states, mask = self.text_encoder.encode(token_ids)
         projected = self.decoder.project_text(states, mask)
         return [projected[i, :len(ids)] for i, ids in enumerate(token_ids)]
