@@ -2,6 +2,7 @@
 through Serve's HTTP proxy on 127.0.0.1."""
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import time
@@ -19,11 +20,24 @@ from fastgen.serve.ray_serve import deployment  # noqa: E402
 from fastgen.serve.server import EngineRecipe  # noqa: E402
 
 
+def quiet_port() -> int:
+    """A free port that Ray's own processes will not take between this probe and the proxy's bind: outside its
+    worker-port range (10002-19999) and the kernel's ephemeral range (from 32768) that its gRPC servers draw from.
+    (Port 0's answer lies in the ephemeral range: a raylet once took it first and the proxy failed to bind.)"""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 20000-31999")
+
+
 def test_ray_serve_replica_streams_through_the_proxy(tiny_mono_dir):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = quiet_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
