@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ._aot import KernelConfig, make_config
 from ._library import define_kernel_op
+from ._scratch import ReductionScratch
 
 SPLIT = 256    # keys per stage-one program
 BLOCK_N = 64   # keys per inner iteration (a 64 x 64 tile of K, then of V)
@@ -198,57 +199,23 @@ def _decode_attention_split_kernel(
             tl.atomic_xchg(ticket_ptr + row_head, 0)  # ready for the next launch
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Scratch: one flat fp32 buffer and one zeroed int32 ticket buffer per device, grown on demand and never freed (a
-# captured graph keeps their pointers)
-# ----------------------------------------------------------------------------------------------------------------
-_SCRATCH: dict[torch.device, torch.Tensor] = {}
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
+_SCRATCH = ReductionScratch("decode_attention", "reserve_decode_scratch()")
 
 
 def _scratch_elements(rows: int, heads: int, splits: int, head_dim: int) -> int:
     return rows * heads * splits * (head_dim + 1)
 
 
-def device_key(device: torch.device | str) -> torch.device:
-    """The device as tensors report it: ``cuda`` becomes ``cuda:<current index>`` (the two compare unequal)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def reserve_decode_scratch(rows: int, heads: int, max_length: int, device: torch.device | str,
                            head_dim: int = 64) -> None:
     """Allocate split-KV scratch for the largest batch and length up front (call before CUDA-graph capture)."""
-    _scratch(device_key(device), _scratch_elements(rows, heads, triton.cdiv(max_length, SPLIT), head_dim))
-    _tickets(device_key(device), rows * heads)
+    _SCRATCH.get(device, _scratch_elements(rows, heads, triton.cdiv(max_length, SPLIT), head_dim), rows * heads)
 
 
 def scratch_buffer(device: torch.device | str) -> torch.Tensor | None:
     """The scratch buffer the launchers use on ``device`` now (None before the first launch or reservation)."""
-    return _SCRATCH.get(device_key(device))
-
-
-def _scratch(device: torch.device, elements: int) -> torch.Tensor:
-    return _grown(_SCRATCH, device, elements, lambda: torch.empty(elements, dtype=torch.float32, device=device))
-
-
-def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    return _grown(_TICKETS, device, count, lambda: torch.zeros(count, dtype=torch.int32, device=device))
-
-
-def _grown(buffers: dict, device: torch.device, size: int, allocate) -> torch.Tensor:
-    buffer = buffers.get(device)
-    if buffer is None or buffer.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_attention: split-KV scratch must grow during CUDA-graph capture; warm up "
-                               "the largest batch eagerly or call reserve_decode_scratch() before capturing")
-        if buffer is not None:
-            _RETIRED.append(buffer)
-        buffer = buffers[device] = allocate()
-    return buffer
+    current = _SCRATCH.current(device)
+    return None if current is None else current[0]
 
 
 def launch_config(span: int, head_dim: int) -> dict:
@@ -289,8 +256,8 @@ def _launch(q, k_new, v_new, k_cache, v_cache, cache_row, length, scale, out, ma
         return out
     span = k_cache.shape[2] if max_length is None else min(max_length, k_cache.shape[2])
     # No torch op on the scratch once it is large enough: the launcher issues the same work every step.
-    scratch = _scratch(q.device, _scratch_elements(rows, heads, launch_config(span, head_dim)["splits"], head_dim))
-    tickets = _tickets(q.device, rows * heads)
+    scratch, tickets = _SCRATCH.get(q.device, _scratch_elements(rows, heads, launch_config(span, head_dim)["splits"],
+                                                                 head_dim), rows * heads)
     if k_new is None:
         _attention_op(q, k_cache, v_cache, cache_row, length, float(scale), span, out, scratch, tickets)
     else:

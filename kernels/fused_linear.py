@@ -53,6 +53,7 @@ import triton.language as tl
 
 from ._aot import KernelConfig, make_config
 from ._library import define_kernel_op
+from ._scratch import ReductionScratch
 
 BLOCK_M = 16            # rows per program, whatever M is (tl.dot's smallest tile)
 TARGET_PROGRAMS = 132   # SMs of an H100 / H200 (an A100's 108 are covered too)
@@ -248,35 +249,9 @@ def launch_config(n: int, k: int, weight_dtype: torch.dtype) -> LinearConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scratch: partials (fp32) and tickets (int32, zeroed) per device, grown on demand, never freed (a captured graph
-# keeps its pointers)
+# Scratch: split-K partials (fp32) and tickets (int32, zeroed) per device (kernels/_scratch.py)
 # ----------------------------------------------------------------------------------------------------------------
-_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def _device_key(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _scratch(device: torch.device, partials: int, tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    device = _device_key(device)
-    current = _SCRATCH.get(device)
-    if current is not None and current[0].numel() >= partials and current[1].numel() >= tickets:
-        return current
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("fused_linear: split-K scratch must grow during CUDA-graph capture; run the largest "
-                           "batch eagerly first or call reserve_fused_linear_scratch() before capturing")
-    old_partials, old_tickets = current if current is not None else (None, None)
-    if old_partials is not None:
-        _RETIRED.extend(current)
-    partials = max(partials, old_partials.numel() if old_partials is not None else 1, 1)
-    tickets = max(tickets, old_tickets.numel() if old_tickets is not None else 1, 1)
-    _SCRATCH[device] = (torch.empty(partials, dtype=torch.float32, device=device),
-                        torch.zeros(tickets, dtype=torch.int32, device=device))
-    return _SCRATCH[device]
+_SCRATCH = ReductionScratch("fused_linear", "reserve_fused_linear_scratch()")
 
 
 def _scratch_sizes(m: int, n: int, config: LinearConfig) -> tuple[int, int]:
@@ -290,7 +265,7 @@ def reserve_fused_linear_scratch(rows: int, weights: list[tuple[int, int, torch.
     """Allocate split-K scratch for ``rows`` rows and every (N, K, weight dtype) in ``weights``, once (call before
     CUDA-graph capture: growing it during capture is refused)."""
     sizes = [_scratch_sizes(rows, n, launch_config(n, k, dtype)) for n, k, dtype in weights]
-    _scratch(torch.device(device), max(p for p, _ in sizes), max(t for _, t in sizes))
+    _SCRATCH.get(device, max(p for p, _ in sizes), max(t for _, t in sizes))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +345,7 @@ def fused_linear(
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    partials, tickets = _scratch(x.device, *_scratch_sizes(m, n, launch_config(n, x.shape[1], weight.dtype)))
+    partials, tickets = _SCRATCH.get(x.device, *_scratch_sizes(m, n, launch_config(n, x.shape[1], weight.dtype)))
     norm_weight, norm_bias = norm if norm is not None else (None, None)
     _fused_linear_op(x, weight, scale, norm_weight, norm_bias, float(eps), activation, accumulate, out, partials,
                      tickets)

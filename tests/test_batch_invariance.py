@@ -106,7 +106,7 @@ def codes_of(folder, schedule, max_slots, graphs=False):
                                                 enforce_eager=not graphs)
     assert engine.model.decoder.linear_backend == "triton"
     assert (engine.runner.graphs is not None) == graphs
-    scratch = fused_linear_module._SCRATCH[fused_linear_module._device_key(torch.device(DEVICE))]  # reserved
+    scratch = fused_linear_module._SCRATCH.current(DEVICE)  # reserved
     codes, step = {}, 0
     while schedule or engine.has_unfinished():
         for request_id, prompt, params in schedule.pop(step, []):
@@ -115,7 +115,7 @@ def codes_of(folder, schedule, max_slots, graphs=False):
             assert request.error is None, request.error
             codes[request.request_id] = request.output.codes
         step += 1
-    assert fused_linear_module._SCRATCH[fused_linear_module._device_key(torch.device(DEVICE))] is scratch, \
+    assert fused_linear_module._SCRATCH.current(DEVICE) is scratch, \
         "the split-K scratch grew after the engine reserved it (a captured graph would keep the old one)"
     return codes
 

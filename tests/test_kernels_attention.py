@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastgen.kernels import decode_attention as module
+from fastgen.kernels._scratch import device_key
 from fastgen.kernels.decode_attention import (
     SPLIT,
     decode_attention,
@@ -120,7 +121,7 @@ def test_scratch_grows_and_is_reused():
     q, k, v, cache_row, length = large
     got = decode_attention(q, k, v, cache_row, length, 0.2)
     assert_close_report(got, decode_attention_ref(q, k, v, cache_row, length, 0.2), 2e-5, 2e-5)
-    tickets = module._TICKETS[module.device_key(DEVICE)]
+    tickets = module._SCRATCH.current(DEVICE)[1]
     assert bool((tickets == 0).all()), "the merging programs must leave every ticket at 0 for the next launch"
     module.reserve_decode_scratch(1, 2, 300, DEVICE, head_dim=16)
     assert module.scratch_buffer(DEVICE) is buffer, "a smaller reservation must not reallocate"
@@ -135,7 +136,7 @@ def test_reservation_is_the_buffer_launches_use():
     assert q.device.type != "cuda" or q.device.index is not None
     decode_attention(q, k, v, cache_row, length, 0.2)
     assert module.scratch_buffer(q.device) is reserved
-    assert module.device_key(DEVICE) == q.device
+    assert device_key(DEVICE) == q.device
 
 
 def test_launcher_rejects_bad_inputs():

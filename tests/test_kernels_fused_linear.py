@@ -54,7 +54,7 @@ def make_case(m, n, k, dtype, variant, seed):
 
 
 def poison_scratch():
-    for partials, _ in module._SCRATCH.values():
+    for partials, _ in module._SCRATCH.buffers.values():
         partials.fill_(float("nan"))  # stale partials must never be read
 
 
@@ -108,7 +108,7 @@ def test_tickets_are_reset_and_a_second_call_repeats_the_first():
     x, weight, kwargs, residual = make_case(19, 17, 520, torch.float32, "norm-gelu", seed=1)
     assert split_of(17, 520, torch.float32) > 1
     first = fused_linear(x, weight, **kwargs).clone()
-    for _, tickets in module._SCRATCH.values():
+    for _, tickets in module._SCRATCH.buffers.values():
         assert int(tickets.abs().sum()) == 0
     poison_scratch()
     torch.testing.assert_close(fused_linear(x, weight, **kwargs), first, rtol=0, atol=0)
@@ -168,7 +168,7 @@ def test_opcheck(variant):
     assert split_of(33, 300, torch.float32) > 1
     out = residual if residual is not None else torch.empty(5, 33, device=DEVICE)
     fused_linear(x, weight, out=out, **kwargs)  # sizes the scratch
-    partials, tickets = module._SCRATCH[module._device_key(x.device)]
+    partials, tickets = module._SCRATCH.current(x.device)
     norm = kwargs.get("norm") or (None, None)
     args = (x, weight, None, *norm, 1e-5, kwargs.get("activation", "none"), bool(kwargs.get("accumulate")), out,
             partials, tickets)
