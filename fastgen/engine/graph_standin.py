@@ -21,14 +21,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-aten = torch.ops.aten
+from fastgen.engine.launch_count import ALLOCATIONS
+
 # operators whose result a host must read (a sync on CUDA) or whose output shape depends on data
 HOST_READS = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select", "unique", "_unique",
               "_unique2", "unique_consecutive", "unique_dim", "equal", "is_nonzero", "_assert_async", "bincount",
               "repeat_interleave"}
-# allocations whose contents are undefined: replay keeps the captured memory, as a graph's pool does
-ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default,
-               aten.new_empty_strided.default}
 
 
 class CapturedGraph:
@@ -72,7 +70,7 @@ class _Recorder(TorchDispatchMode):
             result = func(*args, **kwargs)
         if any(isinstance(leaf, (bool, int, float)) for leaf in tree_leaves(result)):
             raise RuntimeError(f"graph capture: {func} returned a host value computed from device data")
-        if func in ALLOCATIONS:
+        if func in ALLOCATIONS:  # contents undefined: replay keeps the captured memory, as a graph's pool does
             self.graph.kept.append(result)
         else:  # views too: some ops alias their input only sometimes (aten.to), and re-running a view costs little
             self.graph.recording.append((func, args, kwargs, result))

@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
+# allocations: no kernel runs, the contents are undefined (the CPU graph stand-in keeps these too)
 ALLOCATIONS = frozenset({aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
                          aten.new_empty.default, aten.new_empty_strided.default})
 # not views by their schema, but no kernel runs: a reshape's fresh alias, metadata queries
