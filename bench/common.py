@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastgen.config import QUANTIZATIONS
+
 CACHE = Path(os.environ.get("FASTGEN_BENCH_CACHE", Path.home() / ".cache" / "fastgen" / "bench"))
 PROMPTS = ["80s pop track with bassy drums and synth", "lofi hip hop beat for studying", "epic orchestral score",
            "90s rock song with loud guitars and heavy drums", "calm piano melody", "funky bass groove with horns",
@@ -100,14 +102,16 @@ def write_result(kind: str, device: str, machine: str, out: Path | None, fields:
 
 # fastgen variants a benchmark can run beside the default engine, by system name
 def fastgen_systems(compile_step: bool, steps_per_call: int, quantize: str | None = None) -> list[str]:
-    return (["fastgen"] + (["fastgen-compiled"] if compile_step else [])
+    """fastgen, then each asked-for variant: compiled, multi-step, each quantisation (and, with compile_step, each
+    quantisation compiled too)."""
+    compiled = ["-compiled"] if compile_step else []
+    return (["fastgen"] + [f"fastgen{c}" for c in compiled]
             + ([f"fastgen-steps{steps_per_call}"] if steps_per_call > 1 else [])
-            + [f"fastgen-{mode}" for mode in quantize_modes(quantize)])
+            + [f"fastgen-{mode}{c}" for mode in quantize_modes(quantize) for c in ["", *compiled]])
 
 
 def quantize_modes(quantize: str | None) -> list[str]:
-    """--quantize's comma list ("int8,int8-dynamic") as a list; checked against the modes fastgen knows."""
-    from fastgen.model.quantize import QUANTIZATIONS
+    """--quantize's comma list ("int8,int8-dynamic,int4") as a list; checked against the modes fastgen knows."""
     modes = [mode for mode in (quantize or "").split(",") if mode]
     unknown = [mode for mode in modes if mode not in QUANTIZATIONS]
     if unknown:
@@ -117,13 +121,15 @@ def quantize_modes(quantize: str | None) -> list[str]:
 
 def fastgen_options(system: str) -> dict:
     """EngineConfig options of a system named by fastgen_systems."""
-    if system == "fastgen-compiled":
-        return {"compile_step": True}
+    options = {}
+    if system.endswith("-compiled"):
+        options["compile_step"] = True
+        system = system.removesuffix("-compiled")
     if system.startswith("fastgen-steps"):
-        return {"steps_per_call": int(system.removeprefix("fastgen-steps"))}
-    if system in ("fastgen-int8", "fastgen-int8-dynamic"):
-        return {"quantization": system.removeprefix("fastgen-")}
-    return {}
+        options["steps_per_call"] = int(system.removeprefix("fastgen-steps"))
+    elif system.removeprefix("fastgen-") in QUANTIZATIONS:
+        options["quantization"] = system.removeprefix("fastgen-")
+    return options
 
 
 def add_variant_arguments(parser) -> None:
@@ -132,8 +138,9 @@ def add_variant_arguments(parser) -> None:
     parser.add_argument("--steps-per-call", type=int, default=1,
                         help="also run fastgen with this many decode steps per call (one CUDA-graph replay)")
     parser.add_argument("--quantize", default=None,
-                        help="comma list: also run fastgen with int8 decoder projections (quantization='int8': "
-                             "weight-only; 'int8-dynamic': CPU, activations quantised per call too)")
+                        help="comma list: also run fastgen with quantised decoder projections (quantization='int8': "
+                             "weight-only; 'int8-dynamic': CPU, activations quantised per call too; 'int4': CPU, "
+                             "weight-only)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,11 +7,13 @@ from DRAM as in the step); "rest" = step − linears is attention over the cache
 and the host loop. The floor streams the step's weights once plus the K/V the attention reads, at the copy
 bandwidth measured in the same run. Medians of --repeats timings; each variant in its own subprocess.
 
-    python bench/cpu_step.py --models small --dtype float32,bfloat16 --quantize int8,int8-dynamic --threads 1,2
+    python bench/cpu_step.py --models small --dtype float32,bfloat16 --quantize int8,int8-dynamic,int4 --threads 1,2
+    python bench/cpu_step.py --models small --dtype float32 --quantize int4 --threads 2 --compile
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -30,7 +32,8 @@ def worker(args: argparse.Namespace) -> dict:
     from fastgen.model.linear import chosen_paths
     torch.set_num_threads(args.threads)
     engine = fastgen.Engine.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype), max_slots=1,
-                                            backend="torch", quantization=args.quantize or None)
+                                            backend="torch", quantization=args.quantize or None,
+                                            compile_step=args.compile)
     runner, decoder = engine.runner, engine.model.decoder
     longest = engine.max_frames / engine.frame_rate  # the slot's full length: every position below is in range
     engine.add_request(PROMPTS[0], fastgen.SamplingParams(duration=longest, guidance_scale=3.0, top_k=250, seed=0))
@@ -75,10 +78,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def print_row(row: dict, bandwidth: float) -> None:
-    variant = row["dtype"] + ("+" + row["quantization"] if row["quantization"] else "")
+    variant = (row["dtype"] + ("+" + row["quantization"] if row["quantization"] else "")
+               + (" compiled" if row["compiled"] else ""))
     for position, r in row["positions"].items():
         r["floor_ms"] = (row["weight_bytes"] + r["kv_bytes"]) / bandwidth * 1e3
-        print(f"{row['model']:<7}{variant:<16}{row['threads']:>4}{position:>6}{r['step_ms']:>9.2f}"
+        print(f"{row['model']:<7}{variant:<30}{row['threads']:>4}{position:>6}{r['step_ms']:>9.2f}"
               f"{r['linears_ms']:>9.2f}{r['rest_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['step_ms'] / r['floor_ms']:>8.2f}",
               flush=True)
 
@@ -87,10 +91,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="small")
     parser.add_argument("--dtype", default="float32,bfloat16")
-    parser.add_argument("--quantize", default=None, help="comma list (int8, int8-dynamic): also run these in each dtype")
+    parser.add_argument("--quantize", default=None, help="comma list (int8, int8-dynamic, int4): also run these in each dtype")
     parser.add_argument("--threads", default="1,2", help="comma list of torch intra-op thread counts")
     parser.add_argument("--positions", default="30,250,1500")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--skip-float", action="store_true", help="run only the --quantize variants")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run each variant with compile_step=True (minutes of compiling the first time)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -102,25 +109,26 @@ def main() -> None:
         return
     machine, bandwidth = machine_name("cpu"), copy_bandwidth("cpu")
     print(f"machine: {machine}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (measured now)")
-    print(f"{'model':<7}{'variant':<16}{'thr':>4}{'pos':>6}{'step ms':>9}{'linears':>9}{'rest':>8}{'floor':>8}"
+    print(f"{'model':<7}{'variant':<30}{'thr':>4}{'pos':>6}{'step ms':>9}{'linears':>9}{'rest':>8}{'floor':>8}"
           f"{'× floor':>8}", flush=True)
     rows = []
     for name in args.models.split(","):
         folder = checkpoint(name, "float32")
         for dtype in args.dtype.split(","):
-            for quantize in [""] + quantize_modes(args.quantize):
-                for threads in args.threads.split(","):
-                    cmd = [sys.executable, __file__, "--worker", "--model-dir", str(folder), "--dtype", dtype,
-                           "--threads", threads, "--repeats", str(args.repeats),
-                           "--positions", ",".join(map(str, args.positions))]
-                    done = subprocess.run(cmd + (["--quantize", quantize] if quantize else []), capture_output=True,
-                                          text=True)
-                    if done.returncode != 0:
-                        raise RuntimeError(done.stderr[-3000:])
-                    row = {"model": name, "dtype": dtype, "quantization": quantize or None,
-                           **json.loads(done.stdout.strip().splitlines()[-1])}
-                    rows.append(row)
-                    print_row(row, bandwidth)
+            for quantize, compiled, threads in itertools.product([""] * (not args.skip_float) + quantize_modes(args.quantize),
+                                                                 [False, True] if args.compile else [False],
+                                                                 args.threads.split(",")):
+                cmd = [sys.executable, __file__, "--worker", "--model-dir", str(folder), "--dtype", dtype,
+                       "--threads", threads, "--repeats", str(args.repeats),
+                       "--positions", ",".join(map(str, args.positions))]
+                cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compiled else [])
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(done.stderr[-3000:])
+                row = {"model": name, "dtype": dtype, "quantization": quantize or None, "compiled": compiled,
+                       **json.loads(done.stdout.strip().splitlines()[-1])}
+                rows.append(row)
+                print_row(row, bandwidth)
     write_result("cpu-step", "cpu", machine, args.out, {"copy_bandwidth_Bps": bandwidth, "rows": rows})
 
 

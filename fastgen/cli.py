@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fastgen.config import QUANTIZATIONS, QUANTIZE_HELP
 from fastgen.errors import FastgenError
 
 BUILTIN_DIR = Path.home() / ".cache" / "fastgen" / "builtin-tiny-random"
@@ -48,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs with native bf16)")
-    gen.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
-                     help="int8 decoder projections: weight-only, or (CPU) with activations quantised per call too")
+    gen.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], default=None, help=QUANTIZE_HELP)
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     gen.add_argument("--linear-backend", default=None, choices=["triton", "torch"],
                      help="decode-step projections: fused batch-invariant Triton kernels or torch (default: triton "

@@ -30,6 +30,28 @@ SUBCONFIG_LAYER_LIMIT = 256   # layer counts there (num_layers, num_residual_lay
 DEFAULT_MAX_WAITING = 256
 
 
+# "int8": weight-only (activations stay in the model's dtype). "int8-dynamic": the same int8 weights, and each
+# projection's input quantised to 8 bits on the fly (one asymmetric scale per call, fbgemm's dynamic linear): the
+# integer GEMV streams the weights about twice as fast as the weight-only kernel on a CPU, at the cost of an
+# activation rounding error (measured beside weight-only int8 by bench/quant_deviation.py). CPU only.
+# "int4": weight-only, 4-bit codes per group of 64 (aten's CPU int4 kernel). CPU only.
+QUANTIZATIONS = (None, "int8", "int8-dynamic", "int4")
+CPU_ONLY_QUANTIZATIONS = {"int8-dynamic": "fbgemm's dynamic int8 linear", "int4": "aten's CPU int4 kernel"}
+FUSED_KERNEL_QUANTIZATIONS = (None, "int8")  # what the Triton fused projections (linear_backend="triton") read
+QUANTIZE_HELP = ("quantised decoder projections: int8 weight-only; int8-dynamic (CPU) with activations quantised "
+                 "per call too; int4 (CPU) weight-only in groups of 64")
+
+
+def validate_quantization(quantization: str | None, device: str | None = None) -> str | None:
+    if quantization not in QUANTIZATIONS:
+        allowed = ", ".join(repr(q) for q in QUANTIZATIONS)
+        raise ValueError(f"quantization must be one of {allowed}, got {quantization!r}")
+    if quantization in CPU_ONLY_QUANTIZATIONS and device is not None and not str(device).startswith("cpu"):
+        raise ValueError(f"quantization={quantization!r} runs on a CPU only ({CPU_ONLY_QUANTIZATIONS[quantization]}); "
+                         f"use quantization='int8' on {device}")
+    return quantization
+
+
 @dataclass(frozen=True, slots=True)
 class DecoderConfig:
     vocab_size: int
@@ -247,16 +269,15 @@ class EngineConfig:
         if not isinstance(self.steps_per_call, int) or not 1 <= self.steps_per_call <= MAX_STEPS_PER_CALL:
             raise ValueError(f"steps_per_call must be an integer in [1, {MAX_STEPS_PER_CALL}], "
                              f"got {self.steps_per_call!r}")
-        if self.quantization not in (None, "int8", "int8-dynamic"):
-            raise ValueError(f"quantization must be None, 'int8' or 'int8-dynamic', got {self.quantization!r}")
+        validate_quantization(self.quantization)
         if self.linear_backend not in (None, "triton", "torch"):
             raise ValueError(f"linear_backend must be None, 'triton' or 'torch', got {self.linear_backend!r}")
         if self.linear_backend == "triton" and self.backend == "torch":
             raise ValueError("linear_backend='triton' needs backend='triton' (or 'auto' on CUDA): the fused "
                              "projections are Triton kernels; use linear_backend='torch' with backend='torch'")
-        if self.linear_backend == "triton" and self.quantization == "int8-dynamic":
-            raise ValueError("linear_backend='triton' runs weight-only int8 (quantization='int8'), not 'int8-dynamic' "
-                             "(fbgemm's CPU kernels); use linear_backend='torch' for it")
+        if self.linear_backend == "triton" and self.quantization not in FUSED_KERNEL_QUANTIZATIONS:
+            raise ValueError(f"linear_backend='triton' runs weight-only int8 (quantization='int8'), not "
+                             f"{self.quantization!r} (CPU kernels); use linear_backend='torch' for it")
         if not isinstance(self.compile_step, bool):
             raise ValueError(f"compile_step must be True or False, got {self.compile_step!r}")
 

@@ -179,6 +179,7 @@ def transformers_greedy_codes(folder, prompt, params) -> np.ndarray:
     ({"linear_backend": "cublas"}, "linear_backend must be None, 'triton' or 'torch', got 'cublas'"),
     ({"linear_backend": "triton", "backend": "torch"}, "linear_backend='triton' needs backend='triton'"),
     ({"linear_backend": "triton", "quantization": "int8-dynamic"}, "not 'int8-dynamic'"),
+    ({"linear_backend": "triton", "quantization": "int4"}, "not 'int4'"),
 ])
 def test_bad_linear_backend_is_a_clear_error_before_loading(options, message, tmp_path):
     with pytest.raises(ValueError, match=message):

@@ -11,14 +11,19 @@ from torch._dynamo.utils import counters
 
 import fastgen
 from fastgen.engine.request import RequestStatus
+from fastgen.model.decoder import KVCache
+from fastgen.model.musicgen import MusicgenModel
+from fastgen.model.ops import TorchOps
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="inductor's CPU code generation needs a C++ compiler")
 
 
-def make_engine(folder, compile_step: bool, steps_per_call: int = 1) -> fastgen.Engine:
+def make_engine(folder, compile_step: bool, steps_per_call: int = 1, quantization: str | None = None
+                ) -> fastgen.Engine:
     return fastgen.Engine.from_pretrained(folder, max_slots=3, backend="torch", compile_step=compile_step,
-                                          steps_per_call=steps_per_call, dtype=torch.float32)
+                                          steps_per_call=steps_per_call, dtype=torch.float32,
+                                          quantization=quantization)
 
 
 def run_workload(engine: fastgen.Engine):
@@ -52,6 +57,45 @@ def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
         compiled = run_workload(engine)
     for a, b in zip(eager, compiled):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("quantization", ["int8-dynamic", "int4"])
+def test_compiled_quantized_step_serves_without_recompiles(tiny_mono_dir, quantization):
+    """The CPU's fastest configurations (fastgen.model.linear): fbgemm's packed int8 weights, which dynamo cannot
+    trace, run inside the compiled step as the custom operator fastgen::opaque_linear; aten's int4 kernel runs as
+    itself. int4: the same codes as the eager step. int8-dynamic rounds each projection's input to 8 bits, so the
+    compiled step's last-bit differences (inductor's fused layer norms and attention) now and then carry an input
+    across a rounding boundary, a whole 8-bit step, and the sampled codes part ways after a few frames: its decode
+    is compared one step at a time below instead."""
+    eager = run_workload(make_engine(tiny_mono_dir, compile_step=False, quantization=quantization))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        engine = make_engine(tiny_mono_dir, compile_step=True, quantization=quantization)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = run_workload(engine)
+    for a, b in zip(eager, compiled):
+        assert a.shape == b.shape
+        if quantization == "int4":
+            np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_dynamic_int8_decode_matches_eager_logits(tiny_mono_dir):
+    model = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32, quantization="int8-dynamic")
+    decoder, ops = model.decoder, TorchOps()
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache.allocate(decoder.config, 1, 16, 4, torch.float32, torch.device("cpu"))
+    for tensor in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v):
+        tensor.copy_(torch.randn(tensor.shape, generator=gen))
+    cache.cross_k[:, 1] = cache.cross_v[:, 1] = 0  # the uncond row has no text: its cross K/V are zeros
+    rows, text_length = torch.tensor([0, 1]), torch.tensor([3, 0], dtype=torch.int32)
+
+    def decode(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        ctx = ops.context(rows, position, text_length, 8, 4, torch.float32)
+        return decoder.decode(ops, hidden, cache, ctx)
+    hidden, position = torch.randn(2, decoder.config.hidden_size, generator=gen), torch.tensor([5, 5])
+    with torch.inference_mode():
+        eager = decode(hidden, position)
+        compiled = torch.compile(decode, fullgraph=True, options={"cpp_wrapper": True})(hidden, position)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
 def test_compile_step_with_the_triton_backend_is_refused(tiny_mono_dir, device):

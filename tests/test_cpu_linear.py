@@ -1,13 +1,17 @@
 """The decoder's linear paths: every candidate computes the same product, the choice is a measured one and is made
-once per process and shape, and a compiled step gets plain weights back."""
+once per process and shape, the opaque packed paths run under torch.compile as one custom operator, and the fused
+kernels get plain weights back."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastgen.model import linear as linear_module
-from fastgen.model.linear import CPU_PATHS, DenseLinear, build_linears, choose_cpu_path, make_linear
+from fastgen.model.linear import (CPU_PATHS, DenseLinear, DynamicInt8Linear, Int4Linear, PackedLinear, build_linears,
+                                  choose_cpu_path, make_linear)
 from fastgen.model.musicgen import MusicgenModel, cpu_has_native_bf16, parse_dtype
 
 
@@ -47,12 +51,31 @@ def test_default_dtype_follows_native_bf16():
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert parse_dtype(None, torch.device("cpu")) == expected
     assert parse_dtype("float32", torch.device("cpu")) == torch.float32
-    for quantization in ("int8", "int8-dynamic"):  # int8 projections: an fp32 decoder is the faster one on a CPU
+    for quantization in ("int8", "int8-dynamic", "int4"):  # quantised projections: an fp32 decoder is the faster one on a CPU
         assert parse_dtype(None, torch.device("cpu"), quantization) == torch.float32
         assert parse_dtype("bfloat16", torch.device("cpu"), quantization) == torch.bfloat16
 
 
-def test_stock_linears_for_compiled_steps(tiny_mono_dir):
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code generation needs a C++ compiler")
+def test_opaque_linears_run_inside_a_compiled_graph():
+    """oneDNN's and fbgemm's packed weights are opaque to dynamo: under torch.compile (fullgraph, C++ wrapper, as
+    compile_step) they run as fastgen::opaque_linear, the same product as eagerly; int4 runs as aten's op."""
+    gen = torch.Generator().manual_seed(5)
+    linears = [PackedLinear(torch.randn(64, 32, generator=gen)), DynamicInt8Linear.from_float(torch.randn(32, 64)),
+               Int4Linear.from_float(torch.randn(32, 64, generator=gen))]
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(linears[0](x))
+        return linears[2](linears[0].add_to(hidden, x) * 0.5) + linears[1].add_to(x, hidden)
+    x = torch.randn(2, 32, generator=gen)
+    with torch.inference_mode():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, options={"cpp_wrapper": True})(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_stock_linears_for_the_fused_kernels(tiny_mono_dir):
     model = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32)
     before = [linear(torch.ones(2, linear_in(linear))) for linear in model.decoder.linears()]
     model.decoder.use_stock_linears()

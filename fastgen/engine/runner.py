@@ -94,7 +94,9 @@ class ModelRunner:
         """Run the step through torch.compile from now on, and compile it before serving.
 
         Eagerly on a CPU, a small model's step costs what its ~190 operator calls cost (a few µs each); inductor
-        turns it into a handful of fused C++ loops called from a C++ wrapper instead of Python. One graph must serve
+        turns it into a handful of fused C++ loops called from a C++ wrapper instead of Python. The projections keep
+        the paths chosen at load: packed weights (oneDNN, fbgemm) run as the custom operator
+        fastgen::opaque_linear, the int8 and int4 kernels as the aten operators they are (fastgen.model.linear). One graph must serve
         every batch, or a recompile (seconds) would stall serving and, past dynamo's limit, the step would silently
         fall back to eager. So sampler hints are not used, the batch size is marked dynamic, and warm-up calls with
         different read spans make dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the
@@ -103,7 +105,6 @@ class ModelRunner:
         time, then inductor's on-disk cache serves later processes. Dynamo also guards on the intra-op thread
         count: see ensure_compiled."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
-        self.decoder.use_stock_linears()  # dynamo cannot trace oneDNN's packed weights (fastgen.model.linear)
         self.eager_step = torch.compile(self.decode_step, fullgraph=True, options=options)
         self.compiled_for_threads: set[int] = set()
         self.ensure_compiled()

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
-from fastgen.model.linear import DenseLinear, Int8Linear, Linear, build_linears
+from fastgen.model.linear import QUANTIZED_PATHS, DenseLinear, Int8Linear, Linear, build_linears
 from fastgen.model.ops import Ops, StepContext
 from fastgen.model.projections import LINEAR_BACKENDS, FusedProjections, TorchProjections
-from fastgen.model.quantize import validate_quantization
+from fastgen.model.quantize import FUSED_KERNEL_QUANTIZATIONS, validate_quantization
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which transformers' MusicGen uses
 
@@ -173,8 +173,8 @@ class MusicgenDecoder:
         if backend == "torch":
             self.projections = TorchProjections(self.activation, self.final_norm, self.head_logits, LAYER_NORM_EPS)
             return
-        if self.quantization == "int8-dynamic":
-            raise ValueError("linear_backend='triton' runs weight-only int8, not quantization='int8-dynamic'")
+        if self.quantization not in FUSED_KERNEL_QUANTIZATIONS:
+            raise ValueError(f"linear_backend='triton' runs weight-only int8, not quantization={self.quantization!r}")
         self.use_stock_linears()
         heads = self.lm_heads
         if isinstance(heads, DenseLinear) and heads.weight.dtype != self.dtype:
@@ -204,8 +204,8 @@ class MusicgenDecoder:
         return sum(linear.nbytes for linear in self.linears()) + sum(t.numel() * t.element_size() for t in norms)
 
     def use_stock_linears(self) -> None:
-        """Back to F.linear / addmm on plain weights wherever a packed layout was chosen: torch.compile cannot
-        trace oneDNN's opaque packed tensors (and inductor picks its own GEMMs)."""
+        """Back to F.linear / addmm on plain weights wherever a packed layout was chosen (the fused Triton kernels
+        read [N, K] weights)."""
         for layer in self.layers:
             for role in ("qkv", "self_out", "cross_q", "cross_out", "fc1", "fc2"):
                 setattr(layer, role, getattr(layer, role).dense())
@@ -253,7 +253,7 @@ class MusicgenDecoder:
         """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
         if self.head_writes_fp32:
             return torch.mm(hidden, self.lm_heads.weight.t(), out_dtype=torch.float32)
-        if self.lm_heads.path in ("int8", "int8-dynamic"):
+        if self.lm_heads.path in QUANTIZED_PATHS:
             return self.lm_heads(hidden).float()
         return self.lm_heads(hidden.float())
 

@@ -10,17 +10,21 @@ they stream from DRAM as in a real step), once per process per (dtype, shape, ro
 dynamically quantised activations through fbgemm's dynamic linear (CPU only).
 
 Every Linear computes y = x @ W^T for x [..., K] and ``add_to(residual, x)`` = residual + x @ W^T (fused where the
-path can)."""
+path can). torch.compile (compile_step) cannot trace the opaque packed weights of oneDNN and fbgemm, so under it
+those two paths run as one custom operator (``fastgen::opaque_linear``) that inductor calls as it is; eagerly they
+call their kernels directly."""
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from fastgen.model.quantize import dequantize_int8, quantize_int8
+from fastgen.model.quantize import INT4_GROUP_SIZE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 # the rows a decode step multiplies: one request, its cond and uncond rows
 DECODE_ROWS = 2
@@ -29,6 +33,35 @@ CPU_PATHS = ("aten", "onednn-packed")
 MEASURE_BYTES = 96 << 20
 _CHOSEN: dict[tuple, str] = {}  # (dtype, N, K, rows, threads) → path, measured once per process
 _INT8PACK_K_MULTIPLE = 16  # _weight_int8pack_mm crashes (segfault) on other K in torch 2.13
+_INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses other N
+
+
+_OPAQUE: "weakref.WeakValueDictionary[int, PackedLinear | DynamicInt8Linear]" = weakref.WeakValueDictionary()
+_OPAQUE_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("fastgen::opaque_linear", mutates_args=())
+def opaque_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """x @ W^T of the packed Linear registered under ``handle`` (a constant in a traced graph)."""
+    return _OPAQUE[handle].compute(x)
+
+
+@opaque_linear.register_fake
+def _opaque_linear_shape(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _OPAQUE[handle].shape[0])
+
+
+class _Opaque:
+    """A Linear whose weight torch.compile cannot see: traced as fastgen::opaque_linear, called directly eagerly."""
+
+    def _register(self) -> None:
+        self.handle = next(_OPAQUE_HANDLES)
+        _OPAQUE[self.handle] = self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return opaque_linear(x, self.handle)
+        return self.compute(x)
 
 
 class DenseLinear:
@@ -55,7 +88,7 @@ class DenseLinear:
         return self
 
 
-class PackedLinear:
+class PackedLinear(_Opaque):
     """oneDNN's inner product over a weight reordered once (at load) into oneDNN's blocked layout for ``rows``
     rows; any number of rows still works. CPU only; float32 and bfloat16."""
     path = "onednn-packed"
@@ -64,12 +97,13 @@ class PackedLinear:
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self._register()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and residual.is_contiguous():
+        if x.dim() == 2 and residual.is_contiguous() and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, None, "add")
         return residual + self(x)
 
@@ -121,7 +155,7 @@ class Int8Linear:
         return self
 
 
-class DynamicInt8Linear:
+class DynamicInt8Linear(_Opaque):
     """int8 weights and int8 activations: fbgemm's dynamic linear quantises x [.., K] to uint8 per call (one scale
     and zero point over the call's rows), multiplies in integers and rescales per output channel. CPU only. On a CPU
     without VNNI its 8-bit multiply-adds saturate 16-bit sums, so activations are kept to 7 bits there
@@ -137,12 +171,13 @@ class DynamicInt8Linear:
                                                               torch.zeros_like(self.scale, dtype=torch.int64), 0)
             self.packed = torch.ops.quantized.linear_prepack(weight, None)
         self.reduce_range = not cpu_has_vnni()
+        self._register()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "DynamicInt8Linear":
         return cls(*quantize_int8(weight))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         out = torch.ops.quantized.linear_dynamic(x.reshape(-1, k).float(), self.packed, self.reduce_range)
         return out.view(*lead, self.shape[0]).to(x.dtype)
@@ -158,13 +193,58 @@ class DynamicInt8Linear:
         return self
 
 
+class Int4Linear:
+    """Weight-only int4, asymmetric per group of ``group_size`` along K (fastgen.model.quantize.quantize_int4). CPU:
+    ``aten._weight_int4pack_mm_for_cpu`` over the codes packed two to a byte, with bf16 activations (its fp32 path
+    is ~80× slower); shapes it does not take (N not a multiple of 16: tiny test models) multiply by the dequantised
+    weight instead, the same values."""
+    path = "int4"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        self.shape = tuple(codes.shape)
+        self.group_size = codes.shape[1] // scale.shape[1]
+        self.fast_cpu = codes.shape[0] % _INT4PACK_N_MULTIPLE == 0
+        if self.fast_cpu:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)  # [N, K/2]
+            # the kernel's layout: [K/g, N, 2], scale then offset
+            self.scale_offset = torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        else:
+            self.weight = dequantize_int4(codes, scale, offset)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
+        return cls(*quantize_int4(weight, group_size))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        flat = x.reshape(-1, k)
+        if self.fast_cpu:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.packed,
+                                                              self.group_size, self.scale_offset).to(x.dtype)
+        else:
+            out = F.linear(flat, self.weight.to(x.dtype))
+        return out.view(*lead, self.shape[0])
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return residual + self(x)
+
+    @property
+    def nbytes(self) -> int:
+        groups = self.shape[0] * (self.shape[1] // self.group_size)
+        return self.shape[0] * self.shape[1] // 2 + groups * 2 * 2  # 4-bit codes + bf16 scale and offset per group
+
+    def dense(self) -> "Int4Linear":
+        return self
+
+
 def cpu_has_vnni() -> bool:
     """AVX512-VNNI (8-bit dot products in hardware), from torch's own CPU feature check (as cpu_has_native_bf16).
     A CPU with only AVX-VNNI reads False: it then keeps activations to 7 bits, safe if not needed."""
     return getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 
-Linear = DenseLinear | PackedLinear | Int8Linear | DynamicInt8Linear
+Linear = DenseLinear | PackedLinear | Int8Linear | DynamicInt8Linear | Int4Linear
+QUANTIZED_PATHS = ("int8", "int8-dynamic", "int4")  # Linear.path of the quantised kinds
 
 
 def _time_pass(linears: list, x: torch.Tensor, passes: int = 3) -> float:
@@ -216,16 +296,16 @@ def make_linear(weight: torch.Tensor, path: str) -> Linear:
 def build_linears(loaders: list[Callable[[], torch.Tensor]], *, device: torch.device, dtype: torch.dtype,
                   quantization: str | None) -> list[Linear]:
     """One role's weights (every layer's fc1, say: one shape), each read by its loader (float, as in the checkpoint)
-    → Linears. int8 quantises each from the checkpoint's float values; otherwise a CPU measures its paths on the
+    → Linears. int8 and int4 quantise each from the checkpoint's float values; otherwise a CPU measures its paths on the
     first weights (about MEASURE_BYTES of them) and converts every weight as it is read, so memory never holds a
     role twice; other devices use the stock path."""
     def cast(load: Callable[[], torch.Tensor]) -> torch.Tensor:
         weight = load()  # a meta tensor stands for a missing weight: the checkpoint reader reports those at the end
         return weight if weight.is_meta else weight.to(device=device, dtype=dtype)
 
-    if quantization in ("int8", "int8-dynamic"):
-        kind = Int8Linear if quantization == "int8" else DynamicInt8Linear
-        return [kind(*quantize_int8(w)) if not w.is_meta else DenseLinear(w) for w in (load() for load in loaders)]
+    if quantization in QUANTIZED_PATHS:
+        kind = {"int8": Int8Linear, "int8-dynamic": DynamicInt8Linear, "int4": Int4Linear}[quantization]
+        return [kind.from_float(w) if not w.is_meta else DenseLinear(w) for w in (load() for load in loaders)]
     if device.type != "cpu":
         return [DenseLinear(cast(load)) for load in loaders]
     remaining = iter(loaders)

@@ -73,7 +73,7 @@ class MusicgenModel:
              quantization: str | None = None) -> "MusicgenModel":
         """``quantization="int8"``: weight-only int8 decoder projections and LM heads (fastgen.model.quantize),
         quantised from the checkpoint's float weights; ``"int8-dynamic"`` (CPU): the same weights with 8-bit
-        activations quantised per call."""
+        activations quantised per call; ``"int4"`` (CPU): 4-bit weights in groups of 64."""
         device = normalize_device(device)
         validate_quantization(quantization, device)
         dtype = parse_dtype(dtype, device, quantization)

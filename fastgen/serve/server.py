@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Any, Callable
 
+from fastgen.config import QUANTIZATIONS, QUANTIZE_HELP
+
 API_KEY_ENV = "FASTGEN_API_KEY"
 
 
@@ -32,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-duration", type=float, default=None, help="longest request in seconds")
     parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
                         help="long-form: decoder window in seconds (default: the trained 30 s)")
-    parser.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
-                        help="int8 decoder projections: weight-only, or (CPU) with activations quantised per call too")
+    parser.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], default=None, help=QUANTIZE_HELP)
     parser.add_argument("--compile", action="store_true", help="CPU: torch.compile the decode step")
     parser.add_argument("--ray", action="store_true", help="serve through Ray Serve (pip install fastgen[ray])")
     parser.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (one GPU each on GPUs)")

@@ -1,9 +1,10 @@
-"""How far int8 moves the decoder (weight-only, and with dynamically quantised activations): teacher-forced guided
-logits (CFG 3) of the int8 model against the float32 model (and, for scale, the plain bf16 model against float32) over the same input tokens, on random-weight
-checkpoints. Reports relative logit error, KL(float ‖ int8) of the temperature-1 distributions, and greedy-code
-agreement; plus free-running greedy codes of whole generations, position by position. Real weights may differ.
+"""How far quantisation moves the decoder (int8 weight-only, int8 with dynamically quantised activations, int4
+weight-only): teacher-forced guided logits (CFG 3) of each quantised model against the float32 model (and, for
+scale, the plain bf16 model against float32) over the same input tokens, on random-weight checkpoints. Reports
+relative logit error, KL(float ‖ quantised) of the temperature-1 distributions, and greedy-code agreement; plus
+free-running greedy codes of whole generations, position by position. Real weights may differ.
 
-    python bench/int8_deviation.py --models tiny,small --steps 64
+    python bench/quant_deviation.py --models tiny,small --steps 64
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def main() -> None:
         variants = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
                     "float32+int8": (torch.float32, "int8"), "bfloat16+int8": (torch.bfloat16, "int8"),
                     "float32+int8-dynamic": (torch.float32, "int8-dynamic"),
-                    "bfloat16+int8-dynamic": (torch.bfloat16, "int8-dynamic")}
+                    "bfloat16+int8-dynamic": (torch.bfloat16, "int8-dynamic"),
+                    "float32+int4": (torch.float32, "int4"), "bfloat16+int4": (torch.bfloat16, "int4")}
         models = {label: MusicgenModel.load(folder, dtype=dtype, quantization=q)
                   for label, (dtype, q) in variants.items()}
         reference = models["float32"]
@@ -60,7 +62,7 @@ def main() -> None:
                 row[label]["frames_before_first_difference"] = first
         rows.append(row)
         print(name, {k: v for k, v in row.items() if k not in ("model", "steps")}, flush=True)
-    write_result("int8-deviation", "cpu", machine_name("cpu"), args.out, {"rows": rows})
+    write_result("quant-deviation", "cpu", machine_name("cpu"), args.out, {"rows": rows})
 
 
 if __name__ == "__main__":
