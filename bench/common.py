@@ -30,21 +30,27 @@ def checkpoint(name: str, dtype: str) -> Path:
     return folder
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes per second of a large device copy (read + write), measured now, as the memory-bound floor's yardstick."""
+_COPY_BUFFERS: dict[str, tuple] = {}
+
+
+def copy_bandwidth(device: str, repeats: int = 5) -> float:
+    """Bytes per second of a large device copy (read + write), measured now (best of ``repeats``), as the
+    memory-bound floor's yardstick. The 2 × 256 MiB buffers are made and touched once per process, so repeated
+    calls (one per benchmark round) time the copy alone."""
     import torch
-    n = (256 << 20) // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
+    if device not in _COPY_BUFFERS:
+        src = torch.randn((256 << 20) // 4, device=device)
+        _COPY_BUFFERS[device] = (src, torch.zeros_like(src))
+    src, dst = _COPY_BUFFERS[device]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(repeats):
         sync()
         start = time.perf_counter()
         dst.copy_(src)
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * n * 4 / best
+    return 2 * src.numel() * 4 / best
 
 
 def timed(fn, sync) -> float:

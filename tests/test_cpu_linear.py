@@ -75,6 +75,21 @@ def test_opaque_linears_run_inside_a_compiled_graph():
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code generation needs a C++ compiler")
+def test_compiled_code_serves_many_opaque_linears():
+    """One compiled function over several engines' Linears (a process holding more than one compiled engine):
+    after a recompile dynamo may trace the handle as a symbolic integer, and each call must still reach its own
+    weight."""
+    gen = torch.Generator().manual_seed(6)
+    linears = [DynamicInt8Linear.from_float(torch.randn(24, 32, generator=gen)) for _ in range(3)]
+    run = torch.compile(lambda linear, x: F.relu(linear(x)), fullgraph=True, options={"cpp_wrapper": True})
+    x = torch.randn(2, 32, generator=gen)
+    with torch.inference_mode():
+        for linear in linears + linears[::-1]:
+            torch.testing.assert_close(run(linear, x), F.relu(linear(x)))
+
+
 def test_stock_linears_for_the_fused_kernels(tiny_mono_dir):
     model = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32)
     before = [linear(torch.ones(2, linear_in(linear))) for linear in model.decoder.linears()]

@@ -41,14 +41,16 @@ _OPAQUE_HANDLES = itertools.count()
 
 
 @torch.library.custom_op("fastgen::opaque_linear", mutates_args=())
-def opaque_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
-    """x @ W^T of the packed Linear registered under ``handle`` (a constant in a traced graph)."""
+def opaque_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x @ W^T of the packed Linear registered under ``handle``."""
     return _OPAQUE[handle].compute(x)
 
 
 @opaque_linear.register_fake
-def _opaque_linear_shape(x: torch.Tensor, handle: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _OPAQUE[handle].shape[0])
+def _opaque_linear_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    # not from the registry: once dynamo has seen two engines' handles at one call site it may trace the handle as
+    # a symbolic integer (a graph input, read from the Linear at each call), which indexes nothing at trace time
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class _Opaque:
@@ -60,7 +62,7 @@ class _Opaque:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return opaque_linear(x, self.handle)
+            return opaque_linear(x, self.handle, self.shape[0])
         return self.compute(x)
 
 
