@@ -333,4 +333,4 @@ def test_serve_flags_reach_the_engine(tiny_mono_dir):
     finally:
         engine.shutdown_sync()
     with pytest.raises(SystemExit):
-        parser.parse_args(["--quantize", "int4"])
+        parser.parse_args(["--quantize", "int3"])
