@@ -32,7 +32,7 @@ DEFAULT_MAX_WAITING = 256
 
 # "int8": weight-only (activations stay in the model's dtype). "int8-dynamic": the same int8 weights, and each
 # projection's input quantised to 8 bits on the fly (one asymmetric scale per call, fbgemm's dynamic linear): the
-# integer GEMV streams the weights about twice as fast as the weight-only kernel on a CPU, at the cost of an
+# integer GEMV streams the weights 1.2-1.6x as fast as the weight-only kernel on a CPU, at the cost of an
 # activation rounding error (measured beside weight-only int8 by bench/quant_deviation.py). CPU only.
 # "int4": weight-only, 4-bit codes per group of 64 (aten's CPU int4 kernel). CPU only.
 QUANTIZATIONS = (None, "int8", "int8-dynamic", "int4")

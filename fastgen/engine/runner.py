@@ -93,17 +93,16 @@ class ModelRunner:
     def _compile_step(self) -> None:
         """Run the step through torch.compile from now on, and compile it before serving.
 
-        Eagerly on a CPU, a small model's step costs what its ~190 operator calls cost (a few µs each); inductor
-        turns it into a handful of fused C++ loops called from a C++ wrapper instead of Python. The projections keep
-        the paths chosen at load: packed weights (oneDNN, fbgemm) run as the custom operator
-        fastgen::opaque_linear, the int8 and int4 kernels as the aten operators they are (fastgen.model.linear). One graph must serve
-        every batch, or a recompile (seconds) would stall serving and, past dynamo's limit, the step would silently
-        fall back to eager. So sampler hints are not used, the batch size is marked dynamic, and warm-up calls with
-        different read spans make dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the
-        cache length, hence one spare cache position); a batch of one, always specialised, gets a graph of its own.
-        Three compiles at start-up (the first, with fixed spans, is only a stepping stone): tens of seconds the first
-        time, then inductor's on-disk cache serves later processes. Dynamo also guards on the intra-op thread
-        count: see ensure_compiled."""
+        Eagerly on a CPU, a small model's step costs what its ~190 operator calls cost (a few µs each); inductor turns
+        it into a handful of fused C++ loops called from a C++ wrapper instead of Python. The projections keep the paths
+        chosen at load: packed weights (oneDNN, fbgemm) run as the custom operator fastgen::opaque_linear, the int8 and
+        int4 kernels as the aten operators they are (fastgen.model.linear). One graph must serve every batch, or a
+        recompile (seconds) would stall serving and, past dynamo's limit, the step would silently fall back to eager. So
+        sampler hints are not used, the batch size is marked dynamic, and warm-up calls with different read spans make
+        dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the cache length, hence one spare
+        cache position); a batch of one, always specialised, gets a graph of its own. Three compiles at start-up (the
+        first, with fixed spans, is only a stepping stone): tens of seconds the first time for a tiny model, 6-7 minutes
+        for musicgen-small on 2 cores; then inductor's on-disk cache serves later processes. Dynamo also guards on the intra-op thread count: see ensure_compiled."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
         self.eager_step = torch.compile(self.decode_step, fullgraph=True, options=options)
         self.compiled_for_threads: set[int] = set()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fastgen.config import QUANTIZATIONS
 from fastgen.model.quantize import INT4_GROUP_SIZE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 # the rows a decode step multiplies: one request, its cond and uncond rows
@@ -128,6 +129,8 @@ class Int8Linear:
         self.scale = scale.float()           # [N] float32
         self.scale_bf16 = scale.to(torch.bfloat16)
         self.fast_cpu = self.q.shape[1] % _INT8PACK_K_MULTIPLE == 0
+        # shapes the CPU kernel does not take (tiny test models with odd widths): the dequantised weight, made once
+        self.fallback_weight = dequantize_int8(q, scale) if not self.fast_cpu and q.device.type == "cpu" else None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
@@ -142,8 +145,8 @@ class Int8Linear:
         elif self.fast_cpu:
             out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.q,
                                                      self.scale_bf16).to(x.dtype)
-        else:  # shapes the CPU kernel does not take (tiny test models with odd widths)
-            out = F.linear(flat, dequantize_int8(self.q, self.scale, x.dtype))
+        else:
+            out = F.linear(flat.float(), self.fallback_weight).to(x.dtype)
         return out.view(*lead, self.q.shape[0])
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +202,7 @@ class Int4Linear:
     """Weight-only int4, asymmetric per group of ``group_size`` along K (fastgen.model.quantize.quantize_int4). CPU:
     ``aten._weight_int4pack_mm_for_cpu`` over the codes packed two to a byte, with bf16 activations (its fp32 path
     is ~80× slower); shapes it does not take (N not a multiple of 16: tiny test models) multiply by the dequantised
-    weight instead, the same values."""
+    weight (made once, in fp32) instead, the same values."""
     path = "int4"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
@@ -224,7 +227,7 @@ class Int4Linear:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.packed,
                                                               self.group_size, self.scale_offset).to(x.dtype)
         else:
-            out = F.linear(flat, self.weight.to(x.dtype))
+            out = F.linear(flat.float(), self.weight).to(x.dtype)
         return out.view(*lead, self.shape[0])
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +249,7 @@ def cpu_has_vnni() -> bool:
 
 
 Linear = DenseLinear | PackedLinear | Int8Linear | DynamicInt8Linear | Int4Linear
-QUANTIZED_PATHS = ("int8", "int8-dynamic", "int4")  # Linear.path of the quantised kinds
+QUANTIZED_PATHS = tuple(q for q in QUANTIZATIONS if q)  # Linear.path of the quantised kinds
 
 
 def _time_pass(linears: list, x: torch.Tensor, passes: int = 3) -> float:
@@ -298,9 +301,9 @@ def make_linear(weight: torch.Tensor, path: str) -> Linear:
 def build_linears(loaders: list[Callable[[], torch.Tensor]], *, device: torch.device, dtype: torch.dtype,
                   quantization: str | None) -> list[Linear]:
     """One role's weights (every layer's fc1, say: one shape), each read by its loader (float, as in the checkpoint)
-    → Linears. int8 and int4 quantise each from the checkpoint's float values; otherwise a CPU measures its paths on the
-    first weights (about MEASURE_BYTES of them) and converts every weight as it is read, so memory never holds a
-    role twice; other devices use the stock path."""
+    → Linears. int8 and int4 quantise each from the checkpoint's float values; otherwise a CPU measures its paths
+    on the first weights (about MEASURE_BYTES of them) and converts every weight as it is read, so memory never
+    holds a role twice; other devices use the stock path."""
     def cast(load: Callable[[], torch.Tensor]) -> torch.Tensor:
         weight = load()  # a meta tensor stands for a missing weight: the checkpoint reader reports those at the end
         return weight if weight.is_meta else weight.to(device=device, dtype=dtype)

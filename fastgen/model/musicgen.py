@@ -40,9 +40,10 @@ def cpu_has_native_bf16() -> bool:
 
 def parse_dtype(dtype: torch.dtype | str | None, device: torch.device, quantization: str | None = None) -> torch.dtype:
     """The decoder's dtype. Default: bf16 on CUDA and on CPUs with native bf16 (half the weight bytes per step, which
-    bound a decode step), float32 elsewhere; on a CPU with int8 projections float32 too: the int8 kernels take or
-    give fp32 there anyway, and the rest of the step (attention over the cache, norms) is faster in fp32 (musicgen-small,
-    AMD EPYC, 2 threads: 22-26 ms a step against 33-40 ms with a bf16 decoder, positions 30-250). T5 and EnCodec run
+    bound a decode step), float32 elsewhere; on a CPU with quantised projections float32 too: the quantised kernels
+    take or give fp32 there anyway, and the rest of the step (attention over the cache, norms) is faster in fp32
+    (musicgen-small, AMD EPYC, 2 threads: 22-26 ms a step against 33-40 ms with a bf16 decoder and int8, positions
+    30-250). T5 and EnCodec run
     in float32 whatever this is (fastgen.model.codec)."""
     if dtype is None:
         if quantization is not None and device.type == "cpu":
