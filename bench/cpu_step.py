@@ -32,27 +32,46 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, quantize_modes, write_result  # noqa: E402
 
 
-def variant_name(dtype: str, quantization: str | None, compiled: bool) -> str:
-    return dtype + (f"+{quantization}" if quantization else "") + (" compiled" if compiled else "")
+# a variant may pin the float projections to one CPU path instead of the one measured fastest at load
+PINNABLE_PATHS = ("aten", "onednn-packed", "gemv")
+
+
+def variant_name(dtype: str, quantization: str | None, compiled: bool, cpu_path: str | None = None) -> str:
+    return (dtype + (f"+{quantization}" if quantization else "") + (f"+{cpu_path}" if cpu_path else "")
+            + (" compiled" if compiled else ""))
 
 
 def parse_variant(spec: str) -> dict:
-    """"float32+int4+compiled" → {"dtype": "float32", "quantization": "int4", "compiled": True}"""
+    """"float32+int4+compiled" → {"dtype": "float32", "quantization": "int4", "compiled": True, "cpu_path": None};
+    "bfloat16+onednn-packed" pins the projections to oneDNN's packed path."""
     dtype, *rest = spec.split("+")
     compiled = "compiled" in rest
-    quantizations = quantize_modes(",".join(part for part in rest if part != "compiled"))
-    if dtype not in ("float32", "bfloat16", "float16") or len(quantizations) > 1:
-        raise SystemExit(f"--variants: cannot read {spec!r} (DTYPE[+QUANTIZATION][+compiled])")
-    return {"dtype": dtype, "quantization": quantizations[0] if quantizations else None, "compiled": compiled}
+    paths = [part for part in rest if part in PINNABLE_PATHS]
+    quantizations = quantize_modes(",".join(part for part in rest if part != "compiled" and part not in paths))
+    if dtype not in ("float32", "bfloat16", "float16") or len(quantizations) > 1 or len(paths) > 1:
+        raise SystemExit(f"--variants: cannot read {spec!r} (DTYPE[+QUANTIZATION][+CPU_PATH][+compiled])")
+    return {"dtype": dtype, "quantization": quantizations[0] if quantizations else None, "compiled": compiled,
+            "cpu_path": paths[0] if paths else None}
 
 
-def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled: bool) -> dict:
+def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled: bool,
+                 cpu_path: str | None = None) -> dict:
     """An engine with one request admitted, and its step and projections as callables of a position."""
     import torch
 
     import fastgen
-    engine = fastgen.Engine.from_pretrained(model_dir, dtype=getattr(torch, dtype), max_slots=1, backend="torch",
-                                            quantization=quantization, compile_step=compiled)
+    from fastgen.model import linear as linear_module
+    measured = linear_module.CPU_PATHS
+    linear_module._CHOSEN.clear()  # each variant measures (or is pinned) afresh; the paths it got are reported
+    if cpu_path:
+        linear_module.CPU_PATHS = (cpu_path,)
+    try:
+        engine = fastgen.Engine.from_pretrained(model_dir, dtype=getattr(torch, dtype), max_slots=1,
+                                                backend="torch", quantization=quantization, compile_step=compiled)
+    finally:
+        linear_module.CPU_PATHS = measured
+    paths = sorted({f"{str(k[0]).removeprefix('torch.')} {k[1][0]}x{k[1][1]}: {v}"
+                    for k, v in linear_module.chosen_paths().items()})
     runner, decoder = engine.runner, engine.model.decoder
     longest = engine.max_frames / engine.frame_rate  # the slot's full length: every position below is in range
     engine.add_request(PROMPTS[0], fastgen.SamplingParams(duration=longest, guidance_scale=3.0, top_k=250, seed=0))
@@ -79,6 +98,7 @@ def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled:
         for linear, inputs in linears:
             linear(inputs)
     return {"engine": engine, "step": step, "linears": projections, "cache_positions": runner.cache_positions,
+            "linear_paths": paths,
             "weight_bytes": decoder.step_weight_bytes(),
             # K and V of both rows per position, every layer, as the attention reads them
             "kv_bytes_per_position": 2 * 2 * d * decoder.config.num_layers * runner.cache.self_k.element_size()}
@@ -87,12 +107,11 @@ def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled:
 def worker(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from fastgen.model.linear import chosen_paths
     torch.set_num_threads(args.threads)
     variants = [json.loads(spec) for spec in args.variant]
-    loaded = [load_variant(args.model_dir, v["dtype"], v["quantization"], v["compiled"]) for v in variants]
-    results = [{**v, "threads": args.threads, "weight_bytes": entry["weight_bytes"], "positions": {}}
-               for v, entry in zip(variants, loaded)]
+    loaded = [load_variant(args.model_dir, **v) for v in variants]
+    results = [{**v, "threads": args.threads, "weight_bytes": entry["weight_bytes"], "positions": {},
+                "linear_paths": entry["linear_paths"]} for v, entry in zip(variants, loaded)]
     with torch.inference_mode():
         for position in args.positions:
             samples = [{"step": [], "linears": [], "ratio": []} for _ in loaded]
@@ -125,14 +144,11 @@ def worker(args: argparse.Namespace) -> list[dict]:
                     "copy_bandwidth_Bps": bandwidth,
                     "floor_ms": (entry["weight_bytes"] + kv_bytes) / bandwidth * 1e3,
                     "step_over_floor": statistics.median(sample["ratio"])}
-    paths = sorted({f"{str(k[0]).removeprefix('torch.')} {k[1][0]}x{k[1][1]}: {v}" for k, v in chosen_paths().items()})
-    for result in results:
-        result["linear_paths"] = paths
     return results
 
 
 def print_row(row: dict) -> None:
-    variant = variant_name(row["dtype"], row["quantization"], row["compiled"])
+    variant = variant_name(row["dtype"], row["quantization"], row["compiled"], row.get("cpu_path"))
     for position, r in row["positions"].items():
         print(f"{row['model']:<7}{variant:<30}{row['threads']:>4}{position:>6}{r['step_ms']:>9.2f}"
               f"{r['linears_ms']:>9.2f}{r['rest_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['step_over_floor']:>8.2f}"
@@ -150,7 +166,8 @@ def main() -> None:
                         help="also run each variant with compile_step=True (minutes of compiling the first time)")
     parser.add_argument("--variants", default=None,
                         help="instead of the product of the flags above: a comma list such as "
-                             "float32,float32+int4,float32+int4+compiled,bfloat16+compiled")
+                             "float32,float32+int4,float32+int4+compiled,bfloat16+compiled; a CPU path "
+                             f"({', '.join(PINNABLE_PATHS)}) in a variant pins its float projections to it")
     parser.add_argument("--threads", default="1,2", help="comma list of torch intra-op thread counts")
     parser.add_argument("--positions", default="30,250,1500")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each times every variant once)")
@@ -172,7 +189,7 @@ def main() -> None:
         variants = [parse_variant(spec) for spec in args.variants.split(",")]
     else:
         quantizations = [None] * (not args.skip_float) + quantize_modes(args.quantize)
-        variants = [{"dtype": dtype, "quantization": quantization, "compiled": compiled}
+        variants = [{"dtype": dtype, "quantization": quantization, "compiled": compiled, "cpu_path": None}
                     for dtype, quantization, compiled in itertools.product(
                         args.dtype.split(","), quantizations, [False, True] if args.compile else [False])]
     rows = []

@@ -66,7 +66,7 @@ class MusicGen:
         or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …)."""
         config = EngineConfig(**engine_options)  # bad options fail before the weights are read
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   quantization=config.quantization)
+                                   quantization=config.quantization, compiled=config.compile_step)
         return cls(Engine(model, config))
 
     @staticmethod

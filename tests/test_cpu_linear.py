@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastgen.kernels import cpu_gemv
 from fastgen.model import linear as linear_module
 from fastgen.model.linear import (CPU_PATHS, DenseLinear, DynamicInt8Linear, Int4Linear, PackedLinear, build_linears,
                                   choose_cpu_path, make_linear)
@@ -18,6 +19,8 @@ from fastgen.model.musicgen import MusicgenModel, cpu_has_native_bf16, parse_dty
 @pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_paths_compute_the_same_product(path, dtype, tol):
+    if path == "gemv" and cpu_gemv.unavailable_reason(dtype):
+        pytest.skip(cpu_gemv.unavailable_reason(dtype))
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 40, generator=gen).to(dtype)
     linear = make_linear(weight, path)
@@ -38,10 +41,13 @@ def test_choice_is_measured_once_per_shape(monkeypatch):
     monkeypatch.setattr(linear_module, "_time_pass", lambda linears, x: timed.append(linears[0].path) or
                         real(linears, x))
     monkeypatch.setattr(linear_module, "_CHOSEN", {})
-    weights = [torch.randn(72, 56) for _ in range(3)]
+    runnable = [p for p in CPU_PATHS if p != "gemv" or cpu_gemv.unavailable_reason(torch.float32) is None]
+    weights = [torch.randn(80, 56) for _ in range(3)]
     first = choose_cpu_path(weights)
-    assert first in CPU_PATHS and sorted(timed) == sorted(CPU_PATHS)  # every candidate was timed
-    assert choose_cpu_path(weights) == first and len(timed) == len(CPU_PATHS)  # cached: not timed again
+    assert first in CPU_PATHS and sorted(timed) == sorted(runnable)  # every candidate this CPU runs was timed
+    assert choose_cpu_path(weights) == first and len(timed) == len(runnable)  # cached: not timed again
+    timed.clear()
+    assert choose_cpu_path([torch.randn(72, 56)]) != "gemv" and "gemv" not in timed  # N not a multiple of 16
     built = build_linears([lambda w=w: w for w in weights], device=torch.device("cpu"), dtype=torch.float32,
                           quantization=None)
     assert {b.path for b in built} == {first}
@@ -51,8 +57,10 @@ def test_default_dtype_follows_native_bf16():
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert parse_dtype(None, torch.device("cpu")) == expected
     assert parse_dtype("float32", torch.device("cpu")) == torch.float32
-    for quantization in ("int8", "int8-dynamic", "int4"):  # quantised projections: an fp32 decoder is the faster one on a CPU
+    for quantization in ("int8", "int8-dynamic", "int4"):  # quantised projections: fp32 is faster eagerly
         assert parse_dtype(None, torch.device("cpu"), quantization) == torch.float32
+        # a compiled step reads its KV cache faster in bf16
+        assert parse_dtype(None, torch.device("cpu"), quantization, compiled=True) == expected
         assert parse_dtype("bfloat16", torch.device("cpu"), quantization) == torch.bfloat16
 
 

@@ -185,7 +185,7 @@ class AsyncEngine:
                         **engine_options: Any) -> "AsyncEngine":
         config = EngineConfig(**engine_options)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   quantization=config.quantization)
+                                   quantization=config.quantization, compiled=config.compile_step)
         # built with the loop thread's thread count, so a compiled step (compile_step) is compiled for it once
         with _intra_op_threads(cpu_threads if model.decoder.device.type == "cpu" else None):
             engine = Engine(model, config)

@@ -96,7 +96,7 @@ class Engine:
                         allow_pickle: bool = False, **engine_options) -> "Engine":
         config = EngineConfig(**engine_options)  # validated before any loading
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   quantization=config.quantization)
+                                   quantization=config.quantization, compiled=config.compile_step)
         return cls(model, config)
 
     def _plan_slots(self) -> int:

@@ -95,8 +95,8 @@ class ModelRunner:
 
         Eagerly on a CPU, a small model's step costs what its ~190 operator calls cost (a few µs each); inductor turns
         it into a handful of fused C++ loops called from a C++ wrapper instead of Python. The projections keep the paths
-        chosen at load: packed weights (oneDNN, fbgemm) run as the custom operator fastgen::opaque_linear, the int8 and
-        int4 kernels as the aten operators they are (fastgen.model.linear). One graph must serve every batch, or a
+        chosen at load: packed weights (oneDNN, fbgemm) run as the custom operator fastgen::opaque_linear, fastgen's GEMV
+        and the int8 and int4 kernels as the registered operators they are (fastgen.model.linear). One graph must serve every batch, or a
         recompile (seconds) would stall serving and, past dynamo's limit, the step would silently fall back to eager. So
         sampler hints are not used, the batch size is marked dynamic, and warm-up calls with different read spans make
         dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the cache length, hence one spare

@@ -2,17 +2,19 @@
 fastest path wants, chosen by measurement rather than by vendor name.
 
 On a CPU, the stock ``F.linear`` is MKL's SGEMM in fp32, whose small-M code streams weights far below the memory
-bandwidth on some CPUs (an AMD EPYC: ~6 GB/s at 2 rows), while oneDNN's inner product over a weight reordered once
-into its blocked layout runs near it, in fp32 and bf16. Which is faster depends on the CPU, its libraries and the
-shapes, so ``choose_cpu_path`` times the candidates at load on the model's own weights (all layers of a shape, so
-they stream from DRAM as in a real step), once per process per (dtype, shape, rows, threads). Weight-only int8
+bandwidth on some CPUs (an AMD EPYC: ~6 GB/s at 2 rows); oneDNN's inner product over a weight reordered once into
+its blocked layout runs at ~0.75 of the read bandwidth, in fp32 and bf16; and fastgen's own AVX-512 GEMV
+(fastgen.kernels.cpu_gemv) over a weight packed into one stream per 16 outputs runs at the read bandwidth. Which is
+faster depends on the CPU, its libraries and the shapes, so ``choose_cpu_path`` times the candidates at load on the
+model's own weights (all layers of a shape, so they stream from DRAM as in a real step), once per process per
+(dtype, shape, rows, threads). Weight-only int8
 (fastgen.model.quantize) runs through ``aten._weight_int8pack_mm`` on a CPU and a Triton GEMV on CUDA; int8 with
 dynamically quantised activations through fbgemm's dynamic linear (CPU only).
 
 Every Linear computes y = x @ W^T for x [..., K] and ``add_to(residual, x)`` = residual + x @ W^T (fused where the
 path can). torch.compile (compile_step) cannot trace the opaque packed weights of oneDNN and fbgemm, so under it
 those two paths run as one custom operator (``fastgen::opaque_linear``) that inductor calls as it is; eagerly they
-call their kernels directly."""
+call their kernels directly. The GEMV is a registered operator with a fake, traced like any aten op."""
 from __future__ import annotations
 
 import itertools
@@ -29,7 +31,7 @@ from fastgen.model.quantize import INT4_GROUP_SIZE, dequantize_int4, dequantize_
 
 # the rows a decode step multiplies: one request, its cond and uncond rows
 DECODE_ROWS = 2
-CPU_PATHS = ("aten", "onednn-packed")
+CPU_PATHS = ("aten", "onednn-packed", "gemv")
 # the candidates run over this many bytes of weights: well past any L3 cache, so they stream from DRAM
 MEASURE_BYTES = 96 << 20
 _CHOSEN: dict[tuple, str] = {}  # (dtype, N, K, rows, threads) → path, measured once per process
@@ -116,6 +118,47 @@ class PackedLinear(_Opaque):
 
     def dense(self) -> DenseLinear:
         return DenseLinear(self.packed.to_dense())
+
+
+class GemvLinear:
+    """fastgen's own AVX-512 GEMV (fastgen.kernels.cpu_gemv) over a weight packed at load into one sequential stream
+    per block of 16 output channels; float32 and bfloat16. It reads the weights at the rate of a plain sum, where
+    oneDNN's inner product reaches ~0.75 of it at decode rows; from ~8 rows on it is compute-bound and oneDNN's GEMM
+    is as fast or faster (see the README's CPU section). A registered C++ operator: torch.compile traces it and
+    inductor calls it directly. Raises RuntimeError where it cannot run (no AVX-512, no compiler, odd shapes)."""
+    path = "gemv"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        from fastgen.kernels import cpu_gemv
+        if weight.device.type != "cpu":
+            reason = "not a CPU tensor"
+        elif weight.shape[0] % cpu_gemv.BLOCK or weight.shape[1] % 2:
+            reason = f"shape {tuple(weight.shape)}: N must be a multiple of {cpu_gemv.BLOCK} and K even"
+        else:
+            reason = cpu_gemv.unavailable_reason(weight.dtype)  # builds the kernel the first time
+        if reason is not None:
+            raise RuntimeError(f"the gemv path cannot run here: {reason}")
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        self.packed = cpu_gemv.pack(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        out = torch.ops.fastgen_cpu.gemv_linear(x.reshape(-1, k), self.packed, self.shape[0], None)
+        return out.view(*lead, self.shape[0])
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return residual + self(x)
+        return torch.ops.fastgen_cpu.gemv_linear(x, self.packed, self.shape[0], residual)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size()
+
+    def dense(self) -> DenseLinear:
+        from fastgen.kernels import cpu_gemv
+        return DenseLinear(cpu_gemv.unpack(self.packed).contiguous())
 
 
 class Int8Linear:
@@ -248,7 +291,7 @@ def cpu_has_vnni() -> bool:
     return getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 
-Linear = DenseLinear | PackedLinear | Int8Linear | DynamicInt8Linear | Int4Linear
+Linear = DenseLinear | PackedLinear | GemvLinear | Int8Linear | DynamicInt8Linear | Int4Linear
 QUANTIZED_PATHS = tuple(q for q in QUANTIZATIONS if q)  # Linear.path of the quantised kinds
 
 
@@ -293,6 +336,8 @@ def make_linear(weight: torch.Tensor, path: str) -> Linear:
         return DenseLinear(weight)
     if path == "onednn-packed":
         return PackedLinear(weight)
+    if path == "gemv":
+        return GemvLinear(weight)
     if path == "int8":
         return Int8Linear.from_float(weight)
     raise ValueError(f"unknown linear path {path!r}")

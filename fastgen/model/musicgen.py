@@ -38,17 +38,19 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def parse_dtype(dtype: torch.dtype | str | None, device: torch.device, quantization: str | None = None) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str | None, device: torch.device, quantization: str | None = None,
+                compiled: bool = False) -> torch.dtype:
     """The decoder's dtype. Default: bf16 on CUDA and on CPUs with native bf16 (half the weight bytes per step, which
-    bound a decode step), float32 elsewhere; on a CPU with quantised projections float32 too: the quantised kernels
-    take or give fp32 there anyway, and the rest of the step (attention over the cache, norms) is faster in fp32
-    (musicgen-small, AMD EPYC, 2 threads: 22-26 ms a step against 33-40 ms with a bf16 decoder and int8, positions
-    30-250). T5 and EnCodec run
-    in float32 whatever this is (fastgen.model.codec)."""
+    bound a decode step), float32 elsewhere. On a CPU with quantised projections the weights' bytes do not depend on
+    it, only the activations' and the KV cache's do, and the rest of the step decides (musicgen-small, AMD EPYC, 2
+    threads, int4): eagerly fp32 (20 ms a step at positions 30-250 against 22 ms in bf16, though 38 against 35 ms at
+    1500); under compile_step bf16, whose halved KV cache inductor's attention reads faster (14 / 18 / 23 ms at
+    positions 30 / 250 / 1500 against 14 / 20 / 30 ms in fp32). T5 and EnCodec run in float32 whatever this is
+    (fastgen.model.codec)."""
     if dtype is None:
-        if quantization is not None and device.type == "cpu":
-            return torch.float32
         native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        if quantization is not None and device.type == "cpu" and not compiled:
+            return torch.float32
         return torch.bfloat16 if native_bf16 else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
@@ -71,13 +73,14 @@ class MusicgenModel:
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
-             quantization: str | None = None) -> "MusicgenModel":
+             quantization: str | None = None, compiled: bool = False) -> "MusicgenModel":
         """``quantization="int8"``: weight-only int8 decoder projections and LM heads (fastgen.model.quantize),
         quantised from the checkpoint's float weights; ``"int8-dynamic"`` (CPU): the same weights with 8-bit
-        activations quantised per call; ``"int4"`` (CPU): 4-bit weights in groups of 64."""
+        activations quantised per call; ``"int4"`` (CPU): 4-bit weights in groups of 64. ``compiled``: the engine
+        will compile its step (EngineConfig.compile_step), which changes the default dtype (parse_dtype)."""
         device = normalize_device(device)
         validate_quantization(quantization, device)
-        dtype = parse_dtype(dtype, device, quantization)
+        dtype = parse_dtype(dtype, device, quantization, compiled)
         parts = load_parts(name_or_path, allow_pickle=allow_pickle)
         config = parts.config
         decoder = MusicgenDecoder(config.decoder, parts.weights, text_hidden_size=config.text_hidden_size,
