@@ -160,7 +160,7 @@ at::Tensor gemv_linear(const at::Tensor&, const at::Tensor&, int64_t, const std:
 
 #endif
 
-TORCH_LIBRARY(fastgen_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastgen_cpu, m) {
   m.def("gemv_linear(Tensor x, Tensor packed, int out_features, Tensor? residual=None) -> Tensor");
 }
 

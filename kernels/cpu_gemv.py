@@ -6,21 +6,17 @@ this kernel (``cpu_gemv.cpp``) reads one sequential stream per thread and keeps 
 once, at load, into blocks of 16 output channels: bf16 as [N/16, K/2, 16, 2] (AVX512-BF16's dot-product operand
 layout), fp32 as [N/16, K, 16]. Floor: N·K·|w| bytes of weight + M·K·|x| in + M·N·|y| out.
 
-The C++ is built on first use with torch's extension builder (ninja and a C++ compiler; ~30 s, cached under
-``TORCH_EXTENSIONS_DIR``) and registered as the operator ``fastgen_cpu::gemv_linear``, which torch.compile traces
-through its fake and inductor calls directly. Where it cannot be built or the CPU lacks the instructions,
-``unavailable_reason`` says why and the caller keeps its other paths.
+The C++ is built on first use (fastgen.kernels._cpu_extension) as the operator ``fastgen_cpu::gemv_linear``, which
+torch.compile traces through its fake and inductor calls directly. Where it cannot be built or the CPU lacks the
+instructions, ``unavailable_reason`` says why and the caller keeps its other paths.
 """
 from __future__ import annotations
 
-import functools
-import os
-from pathlib import Path
-
 import torch
 
+from ._cpu_extension import build, instruction_set_missing
+
 BLOCK = 16  # output channels per packed block
-_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 
 
 def cpu_gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,38 +27,11 @@ def cpu_gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor |
     return out.to(x.dtype)
 
 
-def instruction_set_missing(dtype: torch.dtype) -> str | None:
-    """Why this CPU cannot run the kernel for ``dtype`` weights, or None."""
-    if dtype not in (torch.bfloat16, torch.float32):
-        return f"weights must be bfloat16 or float32, not {dtype}"
-    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
-        return "the CPU has no AVX512-BF16"
-    if not torch.cpu._is_avx512_supported():
-        return "the CPU has no AVX-512"
-    return None
-
-
-@functools.cache
-def _build() -> str | None:
-    """Build and load the operator once per process; the reason it failed, or None."""
-    try:
-        from torch.utils.cpp_extension import load
-        load(name="fastgen_cpu_gemv", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False,
-             verbose=os.environ.get("FASTGEN_VERBOSE_BUILD") == "1")
-    except Exception as exc:  # no compiler, no ninja, a read-only cache folder ...
-        return f"building {_SOURCE.name} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
-    torch.library.register_fake("fastgen_cpu::gemv_linear", _gemv_linear_shape)
-    return None
-
-
-def _gemv_linear_shape(x, packed, out_features, residual=None):
-    return x.new_empty(x.shape[0], out_features)
-
-
 def unavailable_reason(dtype: torch.dtype) -> str | None:
     """None when the kernel runs here for ``dtype`` weights (building it if needed); otherwise why not."""
-    return instruction_set_missing(dtype) or _build()
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        return "the CPU has no AVX512-BF16"
+    return instruction_set_missing(dtype) or build()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

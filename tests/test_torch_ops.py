@@ -1,10 +1,12 @@
 """The torch backend's attention on a CPU reads runs of consecutive cache rows as views instead of gathering them;
-it must equal the gathered attention for any set of rows, and rows without text must get exactly 0."""
+it must equal the gathered attention for any set of rows, and rows without text must get exactly 0; with the CPU
+attention kernel (fastgen.kernels.cpu_attention) too, which must match the PyTorch expression."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fastgen.kernels.cpu_attention import unavailable_reason
 from fastgen.model.ops import MAX_ROW_RUNS, TorchOps, _gathered_attention, _row_runs
 
 
@@ -18,16 +20,24 @@ def test_row_runs():
 
 
 TOLERANCE = {torch.float32: {"atol": 1e-6, "rtol": 1e-6}, torch.bfloat16: {"atol": 0, "rtol": 0}}
+# the kernel's softmax is in fp32 over bf16 scores it never rounds; the expression rounds q·Kᵀ to bf16 first
+KERNEL_TOLERANCE = {torch.float32: {"atol": 2e-6, "rtol": 2e-6}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
 SCATTERED = [1, 4, 6, 8, 11, 13, 14, 15]
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "cpu-kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [[3, 9], [0, 1, 2, 5, 6, 7], SCATTERED, [2, 3]])
-def test_attention_over_runs_equals_gathered(rows, dtype):
+def test_attention_over_runs_equals_gathered(rows, dtype, kernel):
     gen = torch.Generator().manual_seed(len(rows))
     heads, head_dim, length, span = 3, 16, 40, 32
+    ops = TorchOps()
+    if kernel:
+        ops.choose_attention(torch.device("cpu"), dtype, head_dim)
+        if not ops.cpu_attention:
+            pytest.skip(unavailable_reason(dtype, head_dim))
     k_cache = torch.randn(16, heads, length, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(16, heads, length, head_dim, generator=gen).to(dtype)
     count = len(rows)
@@ -36,7 +46,6 @@ def test_attention_over_runs_equals_gathered(rows, dtype):
     position = torch.randint(0, span, (count,), generator=gen)
     text_length = torch.tensor([span - 3 * i if i < count // 2 else 0 for i in range(count)], dtype=torch.int32)
     row_tensor = torch.tensor(rows)
-    ops = TorchOps()
     ctx = ops.context(row_tensor, position, text_length, span, span, dtype)
     assert (ctx.self_runs is None) == (rows == SCATTERED)  # six runs: gathered instead
     expected_cache = (k_cache.clone(), v_cache.clone())
@@ -44,12 +53,15 @@ def test_attention_over_runs_equals_gathered(rows, dtype):
     expected_cache[0][row_tensor, :, position] = k_new
     expected_cache[1][row_tensor, :, position] = v_new
     assert torch.equal(k_cache, expected_cache[0]) and torch.equal(v_cache, expected_cache[1])
-    expected = _gathered_attention(q, k_cache, v_cache, row_tensor, span, ctx.self_bias, 0.25)
+    expected = _gathered_attention(q, k_cache, v_cache, row_tensor, span, ctx.self_bias, 0.25, kernel)
     # fp32 runs through SDPA, whose last bit may depend on how many rows share a call
     torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    if kernel:  # and the kernel computes what the PyTorch expression does
+        torch.testing.assert_close(got, _gathered_attention(q, k_cache, v_cache, row_tensor, span, ctx.self_bias,
+                                                            0.25, False), **KERNEL_TOLERANCE[dtype])
 
     got = ops.cross_attention(ctx, k_cache, v_cache, q, 0.25)
     text_less = text_length == 0
     assert torch.equal(got[text_less], torch.zeros_like(got[text_less]))  # no text: exactly 0, skipped
-    expected = _gathered_attention(q, k_cache, v_cache, row_tensor, span, ctx.cross_bias, 0.25)
+    expected = _gathered_attention(q, k_cache, v_cache, row_tensor, span, ctx.cross_bias, 0.25, kernel)
     torch.testing.assert_close(got[~text_less], expected[~text_less], **TOLERANCE[dtype])

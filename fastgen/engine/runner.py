@@ -78,6 +78,7 @@ class ModelRunner:
         spare = int(compile_step)  # the compiled step's read spans must never equal a cache length (see _compile_step)
         self.cache = KVCache.allocate(config, self.total_slots, self.cache_positions + spare,
                                       max_text_tokens + spare, decoder.dtype, self.device)
+        ops.choose_attention(self.device, self.cache.self_k.dtype, config.head_dim)
         self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
         self.graphs: DecodeGraphs | None = None
         self.compiled = compile_step

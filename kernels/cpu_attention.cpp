@@ -1,0 +1,157 @@
+// Single-query attention over a KV cache on an x86 CPU with AVX-512: out[r, h] = softmax(q·Kᵀ·scale + bias) · V
+// for each row r and head h, the decode step's attention (one new query per row).
+//
+// Each (row, head) is one task: its keys and values are read once, in order, from the cache (a strided view: any
+// row and head strides, positions contiguous in Dh), its scores kept in a small buffer between the three passes
+// (scores, softmax, weighted sum of values). The softmax and accumulation are in fp32 whatever the cache's dtype;
+// exp is a polynomial in registers (scalef for the power of two), exact 0 for scores far below the maximum (the
+// masked keys, whose bias is the dtype's lowest value). Dh must be a multiple of 16 (64 in MusicGen).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+namespace {
+
+#define FASTGEN_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq")))
+
+// 16 bf16 values (32 bytes) → 16 fp32 lanes: bf16 is the top half of an fp32
+FASTGEN_AVX512 inline __m512 load16(const at::BFloat16* p) {
+  __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+FASTGEN_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+// e^x for x ≤ 0 (scores minus their maximum): x = n·ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 polynomial (relative
+// error ~2e-7), times 2^n by scalef. Below -87 (e^x < 2^-126) the result is exactly 0; a NaN stays NaN, so a
+// fault in the cache reaches the logits (and the engine's non-finite check) as it does through torch's softmax.
+FASTGEN_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // this operand order keeps a NaN (max returns the second)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);   // ln2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+struct Strides {
+  int64_t row, head, position;
+};
+
+// one (row, head): q [Dh] (fp32), keys / values [span, Dh] at the given position stride, bias [span] (stride
+// bias_stride) → out [Dh] (fp32). scores: a buffer of at least span floats.
+template <typename T, typename B>
+FASTGEN_AVX512 void attend(const float* q, const T* keys, const T* values, int64_t position_stride, const B* bias,
+                           int64_t bias_stride, int64_t span, int64_t dh, float scale, float* scores, float* out) {
+  const int64_t chunks = dh / 16;
+  __m512 qv[8];  // Dh ≤ 128
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_set1_ps(scale));
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < span; ++j) {
+    const T* key = keys + j * position_stride;
+    __m512 acc = _mm512_mul_ps(qv[0], load16(key));
+    for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(key + c * 16), acc);
+    const float score = _mm512_reduce_add_ps(acc) + static_cast<float>(bias[j * bias_stride]);
+    scores[j] = score;
+    best = score > best ? score : best;
+  }
+  // softmax numerators in place, and their sum
+  const __m512 top = _mm512_set1_ps(best);
+  __m512 total = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= span; j += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j), top));
+    _mm512_storeu_ps(scores + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (j < span) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (span - j)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), top));
+    _mm512_mask_storeu_ps(scores + j, tail, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+  }
+  const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+  __m512 acc[8];
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < span; ++k) {
+    const T* value = values + k * position_stride;
+    const __m512 weight = _mm512_set1_ps(scores[k]);
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(weight, load16(value + c * 16), acc[c]);
+  }
+  for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+}
+
+}  // namespace
+
+// q [R, H, Dh]; keys, values [R, H, span, Dh] (Dh contiguous, other strides free); bias [R, 1, 1, span] additive
+// → [R, H, Dh] in q's dtype.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& bias, double scale) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && bias.dim() == 4,
+              "cpu_attention: q [R, H, Dh], keys / values [R, H, span, Dh], bias [R, 1, 1, span]");
+  const int64_t R = q.size(0), H = q.size(1), dh = q.size(2), span = keys.size(2);
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(0) == R && keys.size(1) == H && keys.size(3) == dh,
+              "cpu_attention: keys and values must be [R, H, span, Dh] matching q");
+  TORCH_CHECK(keys.strides() == values.strides() && keys.stride(3) == 1,
+              "cpu_attention: keys and values need the same strides, Dh contiguous");
+  TORCH_CHECK(bias.size(0) == R && bias.size(3) == span, "cpu_attention: bias must be [R, 1, 1, span]");
+  TORCH_CHECK(dh % 16 == 0 && dh <= 128, "cpu_attention: head size must be a multiple of 16, at most 128");
+  TORCH_CHECK(span >= 1, "cpu_attention: at least one key");
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
+              (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kFloat),
+              "cpu_attention: the cache must be bfloat16 or float32");
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({R, H, dh}, q.options().dtype(at::kFloat));
+  const Strides kv{keys.stride(0), keys.stride(1), keys.stride(2)};
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, bias.scalar_type(), "cpu_attention_bias", [&] {
+    using B = scalar_t;
+    const B* bp = bias.data_ptr<B>();
+    const int64_t bias_row = bias.stride(0), bias_stride = bias.stride(3);
+    auto run = [&](auto* k0, auto* v0) {
+      at::parallel_for(0, R * H, 1, [&](int64_t first, int64_t end) {
+        std::vector<float> scores(span);
+        for (int64_t task = first; task < end; ++task) {
+          const int64_t r = task / H, h = task % H;
+          const int64_t at = r * kv.row + h * kv.head;
+          attend(qp + task * dh, k0 + at, v0 + at, kv.position, bp + r * bias_row, bias_stride, span, dh, s,
+                 scores.data(), op + task * dh);
+        }
+      });
+    };
+    if (keys.scalar_type() == at::kBFloat16)
+      run(keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>());
+    else
+      run(keys.data_ptr<float>(), values.data_ptr<float>());
+  });
+  return out.to(q.scalar_type());
+}
+
+#else
+
+at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+  TORCH_CHECK(false, "cpu_attention: built for a CPU without AVX-512");
+}
+
+#endif
+
+TORCH_LIBRARY_FRAGMENT(fastgen_cpu, m) {
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastgen_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
