@@ -42,7 +42,7 @@ def _gemv_linear_shape(x, packed, out_features, residual=None):
     return x.new_empty(x.shape[0], out_features)
 
 
-def _decode_attention_shape(q, keys, values, bias, scale):
+def _decode_attention_shape(q, k_cache, v_cache, cache_rows, span, bias, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -1,8 +1,8 @@
 // Single-query attention over a KV cache on an x86 CPU with AVX-512: out[r, h] = softmax(q·Kᵀ·scale + bias) · V
 // for each row r and head h, the decode step's attention (one new query per row).
 //
-// Each (row, head) is one task: its keys and values are read once, in order, from the cache (a strided view: any
-// row and head strides, positions contiguous in Dh), its scores kept in a small buffer between the three passes
+// Each (row, head) is one task: its keys and values are read once, in order, from its row of the layer's cache (any
+// row and head strides, Dh contiguous), its scores kept in a small buffer between the three passes
 // (scores, softmax, weighted sum of values). The softmax and accumulation are in fp32 whatever the cache's dtype;
 // exp is a polynomial in registers (scalef for the power of two), exact 0 for scores far below the maximum (the
 // masked keys, whose bias is the dtype's lowest value). Dh must be a multiple of 16 (64 in MusicGen).
@@ -51,6 +51,33 @@ struct Strides {
   int64_t row, head, position;
 };
 
+// the 16 lane sums of v[0..15], as one vector (lane i = sum of v[i]): a transposing tree of unpacks and lane
+// shuffles, ~45 operations where 16 separate horizontal sums take ~130
+FASTGEN_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i 0+2, v2i+1 0+2, v2i 1+3, v2i+1 1+3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sum of v4i .. v4i+3
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // across the four 128-bit lanes: lane k of the result holds quads[k]'s four totals
+  const __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// q·key (q already scaled) as a vector of 16 partial sums
+template <typename T>
+FASTGEN_AVX512 inline __m512 dot_lanes(const __m512* qv, const T* key, int64_t chunks) {
+  __m512 acc = _mm512_mul_ps(qv[0], load16(key));
+  for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(key + c * 16), acc);
+  return acc;
+}
+
 // one (row, head): q [Dh] (fp32), keys / values [span, Dh] at the given position stride, bias [span] (stride
 // bias_stride) → out [Dh] (fp32). scores: a buffer of at least span floats.
 template <typename T, typename B>
@@ -59,12 +86,22 @@ FASTGEN_AVX512 void attend(const float* q, const T* keys, const T* values, int64
   const int64_t chunks = dh / 16;
   __m512 qv[8];  // Dh ≤ 128
   for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + c * 16), _mm512_set1_ps(scale));
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < span; ++j) {
-    const T* key = keys + j * position_stride;
-    __m512 acc = _mm512_mul_ps(qv[0], load16(key));
-    for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(key + c * 16), acc);
-    const float score = _mm512_reduce_add_ps(acc) + static_cast<float>(bias[j * bias_stride]);
+  // scores, 16 keys at a time; the maximum ignores NaN (a NaN score still turns the output NaN below)
+  __m512 best16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t first = 0;
+  for (; first + 16 <= span; first += 16) {
+    __m512 lanes[16];
+    for (int i = 0; i < 16; ++i) lanes[i] = dot_lanes(qv, keys + (first + i) * position_stride, chunks);
+    alignas(64) float biases[16];
+    for (int i = 0; i < 16; ++i) biases[i] = static_cast<float>(bias[(first + i) * bias_stride]);
+    const __m512 block = _mm512_add_ps(sum16(lanes), _mm512_load_ps(biases));
+    _mm512_storeu_ps(scores + first, block);
+    best16 = _mm512_max_ps(block, best16);  // max returns its second operand where the first is NaN
+  }
+  float best = _mm512_reduce_max_ps(best16);
+  for (int64_t j = first; j < span; ++j) {
+    const float score = _mm512_reduce_add_ps(dot_lanes(qv, keys + j * position_stride, chunks)) +
+                        static_cast<float>(bias[j * bias_stride]);
     scores[j] = score;
     best = score > best ? score : best;
   }
@@ -96,26 +133,34 @@ FASTGEN_AVX512 void attend(const float* q, const T* keys, const T* values, int64
 
 }  // namespace
 
-// q [R, H, Dh]; keys, values [R, H, span, Dh] (Dh contiguous, other strides free); bias [R, 1, 1, span] additive
-// → [R, H, Dh] in q's dtype.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& bias, double scale) {
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && bias.dim() == 4,
-              "cpu_attention: q [R, H, Dh], keys / values [R, H, span, Dh], bias [R, 1, 1, span]");
-  const int64_t R = q.size(0), H = q.size(1), dh = q.size(2), span = keys.size(2);
-  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(0) == R && keys.size(1) == H && keys.size(3) == dh,
-              "cpu_attention: keys and values must be [R, H, span, Dh] matching q");
-  TORCH_CHECK(keys.strides() == values.strides() && keys.stride(3) == 1,
-              "cpu_attention: keys and values need the same strides, Dh contiguous");
+// q [R, H, Dh]; k_cache, v_cache [rows, H, positions, Dh] (one layer's cache: Dh contiguous, other strides free);
+// cache_rows [R] int64, the cache row of each query row; the first ``span`` positions are read; bias [R, 1, 1, span]
+// additive → [R, H, Dh] in q's dtype. The rows are read in place: no gather of the batch's rows, eager or compiled.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_rows, int64_t span, const at::Tensor& bias, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && bias.dim() == 4,
+              "cpu_attention: q [R, H, Dh], caches [rows, H, positions, Dh], bias [R, 1, 1, span]");
+  const int64_t R = q.size(0), H = q.size(1), dh = q.size(2);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == H && k_cache.size(3) == dh,
+              "cpu_attention: the caches must be [rows, H, positions, Dh] matching q");
+  TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1,
+              "cpu_attention: the caches need the same strides, Dh contiguous");
+  TORCH_CHECK(span >= 1 && span <= k_cache.size(2), "cpu_attention: span must be in [1, positions]");
   TORCH_CHECK(bias.size(0) == R && bias.size(3) == span, "cpu_attention: bias must be [R, 1, 1, span]");
   TORCH_CHECK(dh % 16 == 0 && dh <= 128, "cpu_attention: head size must be a multiple of 16, at most 128");
-  TORCH_CHECK(span >= 1, "cpu_attention: at least one key");
-  TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
-              (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kFloat),
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+              (k_cache.scalar_type() == at::kBFloat16 || k_cache.scalar_type() == at::kFloat),
               "cpu_attention: the cache must be bfloat16 or float32");
+  TORCH_CHECK(cache_rows.dim() == 1 && cache_rows.size(0) == R && cache_rows.scalar_type() == at::kLong,
+              "cpu_attention: cache_rows must be [R] int64");
+  const at::Tensor rows = cache_rows.contiguous();
+  const int64_t* row_of = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(row_of[r] >= 0 && row_of[r] < k_cache.size(0), "cpu_attention: cache row ", row_of[r],
+                " out of range [0, ", k_cache.size(0), ")");
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({R, H, dh}, q.options().dtype(at::kFloat));
-  const Strides kv{keys.stride(0), keys.stride(1), keys.stride(2)};
+  const Strides kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const float* qp = qf.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
@@ -128,30 +173,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
         std::vector<float> scores(span);
         for (int64_t task = first; task < end; ++task) {
           const int64_t r = task / H, h = task % H;
-          const int64_t at = r * kv.row + h * kv.head;
+          const int64_t at = row_of[r] * kv.row + h * kv.head;
           attend(qp + task * dh, k0 + at, v0 + at, kv.position, bp + r * bias_row, bias_stride, span, dh, s,
                  scores.data(), op + task * dh);
         }
       });
     };
-    if (keys.scalar_type() == at::kBFloat16)
-      run(keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>());
+    if (k_cache.scalar_type() == at::kBFloat16)
+      run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
     else
-      run(keys.data_ptr<float>(), values.data_ptr<float>());
+      run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   });
   return out.to(q.scalar_type());
 }
 
 #else
 
-at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            const at::Tensor&, double) {
   TORCH_CHECK(false, "cpu_attention: built for a CPU without AVX-512");
 }
 
 #endif
 
 TORCH_LIBRARY_FRAGMENT(fastgen_cpu, m) {
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_rows, int span, Tensor bias, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }

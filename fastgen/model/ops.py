@@ -53,7 +53,8 @@ class StepContext:
 
 class TorchOps:
     name = "torch"
-    # on a CPU with AVX-512: attention through fastgen.kernels.cpu_attention (set by choose_attention)
+    # on a CPU with AVX-512: attention through fastgen.kernels.cpu_attention, which reads each row of the layer's
+    # cache in place (neither runs nor a gather needed); set by choose_attention
     cpu_attention = False
 
     def choose_attention(self, device: torch.device, cache_dtype: torch.dtype, head_dim: int) -> None:
@@ -91,7 +92,8 @@ class TorchOps:
         text_keys = torch.arange(text_span, device=rows.device)
         ctx.self_bias = torch.where(self_keys <= position.view(-1, 1), 0.0, low).to(dtype).view(-1, 1, 1, kv_span)
         ctx.cross_bias = torch.where(text_keys < text_length.view(-1, 1), 0.0, low).to(dtype).view(-1, 1, 1, text_span)
-        if rows.device.type == "cpu" and not torch.compiler.is_compiling():  # host memory: reading it is no sync
+        # host memory: reading it is no sync (and the CPU attention kernel reads rows in place, needing no runs)
+        if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not self.cpu_attention:
             row_list = rows.tolist()
             ctx.self_runs = _row_runs(row_list)
             # a row without text (every uncond row) attends to nothing: its output is exactly 0, so it is skipped
@@ -101,18 +103,22 @@ class TorchOps:
     def self_attention(self, ctx: StepContext, k_cache, v_cache, q, k, v, scale: float) -> torch.Tensor:
         k_cache[ctx.rows, :, ctx.position] = k
         v_cache[ctx.rows, :, ctx.position] = v
+        if self.cpu_attention:
+            return torch.ops.fastgen_cpu.decode_attention(q, k_cache, v_cache, ctx.rows, ctx.kv_span, ctx.self_bias,
+                                                          scale)
         if ctx.self_runs is not None:
-            return _attention_over_runs(q, k_cache, v_cache, ctx.self_runs, ctx.kv_span, ctx.self_bias, scale,
-                                        self.cpu_attention)
-        return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.kv_span, ctx.self_bias, scale,
-                                   self.cpu_attention)
+            return _attention_over_runs(q, k_cache, v_cache, ctx.self_runs, ctx.kv_span, ctx.self_bias, scale)
+        return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.kv_span, ctx.self_bias, scale)
 
     def cross_attention(self, ctx: StepContext, k_cache, v_cache, q, scale: float) -> torch.Tensor:
+        if self.cpu_attention:
+            # every row, text or not: a row without text (every uncond row) reads cross K/V rows that are never
+            # written, so zero, and its all-masked scores average them to exactly 0, as the skipped runs give
+            return torch.ops.fastgen_cpu.decode_attention(q, k_cache, v_cache, ctx.rows, ctx.text_span,
+                                                          ctx.cross_bias, scale)
         if ctx.cross_runs is not None:
-            return _attention_over_runs(q, k_cache, v_cache, ctx.cross_runs, ctx.text_span, ctx.cross_bias, scale,
-                                        self.cpu_attention)
-        return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.text_span, ctx.cross_bias, scale,
-                                   self.cpu_attention)
+            return _attention_over_runs(q, k_cache, v_cache, ctx.cross_runs, ctx.text_span, ctx.cross_bias, scale)
+        return _gathered_attention(q, k_cache, v_cache, ctx.rows, ctx.text_span, ctx.cross_bias, scale)
 
     def end_step(self, ctx: StepContext, logits, state, pad_id: int, audio_channels: int, dummy_slot: int,
                  hints: SamplerHints = SamplerHints()) -> None:
@@ -149,29 +155,24 @@ def _row_runs(rows: list[int], keep: list[bool] | None = None) -> list[tuple[int
     return [tuple(run) for run in runs] if len(runs) <= MAX_ROW_RUNS else None
 
 
-def _attention_over_runs(q, k_cache, v_cache, runs, span, bias, scale, kernel: bool) -> torch.Tensor:
+def _attention_over_runs(q, k_cache, v_cache, runs, span, bias, scale) -> torch.Tensor:
     """Attention of each run of rows over its slice of the cache; rows in no run get 0."""
     if len(runs) == 1 and runs[0][0] == 0 and runs[0][2] == q.shape[0]:
         _, row, count = runs[0]
-        return _attention(q, k_cache[row:row + count, :, :span], v_cache[row:row + count, :, :span], bias, scale,
-                          kernel)
+        return _attention(q, k_cache[row:row + count, :, :span], v_cache[row:row + count, :, :span], bias, scale)
     out = torch.zeros_like(q)
     for index, row, count in runs:
         out[index:index + count] = _attention(q[index:index + count], k_cache[row:row + count, :, :span],
-                                              v_cache[row:row + count, :, :span], bias[index:index + count], scale,
-                                              kernel)
+                                              v_cache[row:row + count, :, :span], bias[index:index + count], scale)
     return out
 
 
-def _gathered_attention(q, k_cache, v_cache, rows, span, bias, scale, kernel: bool) -> torch.Tensor:
-    return _attention(q, k_cache[rows, :, :span], v_cache[rows, :, :span], bias, scale, kernel)
+def _gathered_attention(q, k_cache, v_cache, rows, span, bias, scale) -> torch.Tensor:
+    return _attention(q, k_cache[rows, :, :span], v_cache[rows, :, :span], bias, scale)
 
 
-def _attention(q, keys, values, bias, scale, kernel: bool = False) -> torch.Tensor:
-    """q [R, H, Dh] against keys / values [R, H, span, Dh] with an additive bias [R, 1, 1, span]. ``kernel``: the
-    CPU kernel (fastgen.kernels.cpu_attention), which reads the cache's views in place, eagerly and compiled."""
-    if kernel:
-        return torch.ops.fastgen_cpu.decode_attention(q, keys, values, bias, scale)
+def _attention(q, keys, values, bias, scale) -> torch.Tensor:
+    """q [R, H, Dh] against keys / values [R, H, span, Dh] with an additive bias [R, 1, 1, span]."""
     if torch.compiler.is_compiling() or (q.device.type == "cpu" and q.dtype != torch.float32):
         # spelled out: under torch.compile inductor fuses the scaling, mask and softmax into its own loops (SDPA would
         # stay one opaque call, ~14 µs on a CPU for a tiny model); and on a CPU in bf16, SDPA's single-query path is
