@@ -196,8 +196,10 @@ at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tens
 
 #endif
 
+// span is a SymInt: the compiled step traces its read spans as symbols, and a plain int would specialise (recompile
+// for every new span)
 TORCH_LIBRARY_FRAGMENT(fastgen_cpu, m) {
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_rows, int span, Tensor bias, "
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_rows, SymInt span, Tensor bias, "
         "float scale) -> Tensor");
 }
 
