@@ -102,7 +102,7 @@ class ModelRunner:
         sampler hints are not used, the batch size is marked dynamic, and warm-up calls with different read spans make
         dynamo trace the spans as symbols (never 0 or 1, which it specialises, nor the cache length, hence one spare
         cache position); a batch of one, always specialised, gets a graph of its own. Three compiles at start-up (the
-        first, with fixed spans, is only a stepping stone): tens of seconds the first time for a tiny model, 6-7 minutes
+        first, with fixed spans, is only a stepping stone): tens of seconds the first time for a tiny model, 3-7 minutes
         for musicgen-small on 2 cores; then inductor's on-disk cache serves later processes. Dynamo also guards on the
         intra-op thread count: see ensure_compiled."""
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
