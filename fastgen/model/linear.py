@@ -130,17 +130,15 @@ class GemvLinear:
 
     def __init__(self, weight: torch.Tensor) -> None:
         from fastgen.kernels import cpu_gemv
-        if weight.device.type != "cpu":
-            reason = "not a CPU tensor"
-        elif weight.shape[0] % cpu_gemv.BLOCK or weight.shape[1] % 2:
-            reason = f"shape {tuple(weight.shape)}: N must be a multiple of {cpu_gemv.BLOCK} and K even"
-        else:
-            reason = cpu_gemv.unavailable_reason(weight.dtype)  # builds the kernel the first time
-        if reason is not None:
+        try:  # the shape first (pack's own check), so odd test models never build the kernel
+            self.packed = cpu_gemv.pack(weight)
+        except ValueError as exc:
+            raise RuntimeError(f"the gemv path cannot run here: {exc}") from None
+        reason = "not a CPU tensor" if weight.device.type != "cpu" else cpu_gemv.unavailable_reason(weight.dtype)
+        if reason is not None:  # unavailable_reason builds the kernel the first time
             raise RuntimeError(f"the gemv path cannot run here: {reason}")
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
-        self.packed = cpu_gemv.pack(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
