@@ -1,7 +1,8 @@
 """fastgen's C++ CPU kernels (``cpu_*.cpp`` beside this file) as one extension, registered as the operators
 ``fastgen_cpu::*``: built on first use with torch's extension builder (ninja and a C++ compiler; ~30 s, cached under
 ``TORCH_EXTENSIONS_DIR``, rebuilt when a source changes) and loaded once per process. The kernels are compiled for
-AVX-512 through function attributes, so the build works on any x86-64 host; callers check the CPU's instructions
+AVX-512 and for AVX2 through function attributes and pick one at run time, so the build works on any x86-64 host;
+callers check the CPU's instructions
 (``instruction_set_missing``) before calling them. Where the build fails, ``build()`` says why and the callers keep
 their other paths."""
 from __future__ import annotations
@@ -16,11 +17,12 @@ SOURCES = sorted(str(path) for path in Path(__file__).parent.glob("cpu_*.cpp"))
 
 
 def instruction_set_missing(dtype: torch.dtype) -> str | None:
-    """Why this CPU cannot run the kernels on ``dtype`` data (bf16 dot products need AVX512-BF16), or None."""
-    if dtype not in (torch.bfloat16, torch.float32):
-        return f"the kernels take bfloat16 or float32, not {dtype}"
-    if not torch.cpu._is_avx512_supported():
-        return "the CPU has no AVX-512"
+    """Why this CPU cannot run the kernels on ``dtype`` data, or None: they need AVX2 and FMA at least (torch's AVX2
+    level includes FMA), and use AVX-512 (bf16 dot products: AVX512-BF16) where the CPU has it."""
+    if dtype not in (torch.bfloat16, torch.float32, torch.int8):
+        return f"the kernels take bfloat16, float32 or int8 (GEMV weights), not {dtype}"
+    if not torch.cpu._is_avx2_supported():
+        return "the CPU has no AVX2"
     return None
 
 
@@ -38,7 +40,7 @@ def build() -> str | None:
     return None
 
 
-def _gemv_linear_shape(x, packed, out_features, residual=None):
+def _gemv_linear_shape(x, packed, out_features, residual=None, scale=None):
     return x.new_empty(x.shape[0], out_features)
 
 

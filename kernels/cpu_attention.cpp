@@ -1,11 +1,12 @@
-// Single-query attention over a KV cache on an x86 CPU with AVX-512: out[r, h] = softmax(q·Kᵀ·scale + bias) · V
+// Single-query attention over a KV cache on an x86 CPU (AVX-512, or AVX2 + FMA): out[r, h] = softmax(q·Kᵀ·scale + bias) · V
 // for each row r and head h, the decode step's attention (one new query per row).
 //
 // Each (row, head) is one task: its keys and values are read once, in order, from its row of the layer's cache (any
 // row and head strides, Dh contiguous), its scores kept in a small buffer between the three passes
 // (scores, softmax, weighted sum of values). The softmax and accumulation are in fp32 whatever the cache's dtype;
 // exp is a polynomial in registers (scalef for the power of two), exact 0 for scores far below the maximum (the
-// masked keys, whose bias is the dtype's lowest value). Dh must be a multiple of 16 (64 in MusicGen).
+// masked keys, whose bias is the dtype's lowest value). Dh must be a multiple of 16 (64 in MusicGen). The AVX-512
+// passes work on 16 keys or lanes at a time; on a CPU without AVX-512 the AVX2 passes do the same on 8.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -131,6 +132,122 @@ FASTGEN_AVX512 void attend(const float* q, const T* keys, const T* values, int64
   for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
+#define FASTGEN_AVX2 __attribute__((target("avx2,fma")))
+
+// The same three passes with AVX2 + FMA (8 fp32 lanes; no masks, no scalef), for CPUs without AVX-512.
+FASTGEN_AVX2 inline __m256 load8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+FASTGEN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+FASTGEN_AVX2 inline float sum_lanes(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// the largest lane; a NaN lane may or may not win (a NaN score turns the output NaN in the value pass regardless)
+FASTGEN_AVX2 inline float max_lanes(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+// e^x for x ≤ 0 as exp_nonpositive, with 2^n built in the exponent bits (n ≥ -126 after the clamp: a normal float)
+FASTGEN_AVX2 inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // max returns its second operand, x, where x is NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+
+// lane i = the sum of v[i]'s lanes: two rounds of pairwise adds and one exchange of 128-bit halves
+FASTGEN_AVX2 inline __m256 sum8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [v0..v3 low, v0..v3 high], v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+template <typename T>
+FASTGEN_AVX2 inline __m256 dot_lanes8(const __m256* qv, const T* key, int64_t chunks) {
+  __m256 acc = _mm256_mul_ps(qv[0], load8(key));
+  for (int64_t c = 1; c < chunks; ++c) acc = _mm256_fmadd_ps(qv[c], load8(key + c * 8), acc);
+  return acc;
+}
+
+template <typename T, typename B>
+FASTGEN_AVX2 void attend_avx2(const float* q, const T* keys, const T* values, int64_t position_stride,
+                              const B* bias, int64_t bias_stride, int64_t span, int64_t dh, float scale,
+                              float* scores, float* out) {
+  const int64_t chunks = dh / 8;
+  __m256 qv[16];  // Dh ≤ 128
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(q + c * 8), _mm256_set1_ps(scale));
+  float best = -std::numeric_limits<float>::infinity();
+  __m256 best8 = _mm256_set1_ps(best);
+  int64_t first = 0;
+  for (; first + 8 <= span; first += 8) {
+    __m256 lanes[8];
+    for (int i = 0; i < 8; ++i) lanes[i] = dot_lanes8(qv, keys + (first + i) * position_stride, chunks);
+    alignas(32) float biases[8];
+    for (int i = 0; i < 8; ++i) biases[i] = static_cast<float>(bias[(first + i) * bias_stride]);
+    const __m256 block = _mm256_add_ps(sum8(lanes), _mm256_load_ps(biases));
+    _mm256_storeu_ps(scores + first, block);
+    best8 = _mm256_max_ps(block, best8);
+  }
+  best = max_lanes(best8);
+  for (int64_t j = first; j < span; ++j) {
+    const float score = sum_lanes(dot_lanes8(qv, keys + j * position_stride, chunks)) +
+                        static_cast<float>(bias[j * bias_stride]);
+    scores[j] = score;
+    best = score > best ? score : best;
+  }
+  const __m256 top = _mm256_set1_ps(best);
+  __m256 total = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= span; j += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
+    _mm256_storeu_ps(scores + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  if (j < span) {  // the tail through a buffer padded with -inf, whose exponentials are exactly 0
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = j + i < span ? scores[j + i] : -std::numeric_limits<float>::infinity();
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_load_ps(tail), top));
+    _mm256_store_ps(tail, e);
+    for (int i = 0; j + i < span; ++i) scores[j + i] = tail[i];
+    total = _mm256_add_ps(total, e);
+  }
+  const float inverse = 1.0f / sum_lanes(total);
+  __m256 acc[16];
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < span; ++k) {
+    const T* value = values + k * position_stride;
+    const __m256 weight = _mm256_set1_ps(scores[k]);
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(weight, load8(value + c * 8), acc[c]);
+  }
+  for (int64_t c = 0; c < chunks; ++c) _mm256_storeu_ps(out + c * 8, _mm256_mul_ps(acc[c], _mm256_set1_ps(inverse)));
+}
+
+// the AVX-512 passes run here; read once per process
+bool use_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512dq");
+  return supported;
+}
+
 }  // namespace
 
 // q [R, H, Dh]; k_cache, v_cache [rows, H, positions, Dh] (one layer's cache: Dh contiguous, other strides free);
@@ -164,6 +281,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const float* qp = qf.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
+  const bool avx512 = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, bias.scalar_type(), "cpu_attention_bias", [&] {
     using B = scalar_t;
     const B* bp = bias.data_ptr<B>();
@@ -174,8 +292,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         for (int64_t task = first; task < end; ++task) {
           const int64_t r = task / H, h = task % H;
           const int64_t at = row_of[r] * kv.row + h * kv.head;
-          attend(qp + task * dh, k0 + at, v0 + at, kv.position, bp + r * bias_row, bias_stride, span, dh, s,
-                 scores.data(), op + task * dh);
+          if (avx512)
+            attend(qp + task * dh, k0 + at, v0 + at, kv.position, bp + r * bias_row, bias_stride, span, dh, s,
+                   scores.data(), op + task * dh);
+          else
+            attend_avx2(qp + task * dh, k0 + at, v0 + at, kv.position, bp + r * bias_row, bias_stride, span, dh,
+                        s, scores.data(), op + task * dh);
         }
       });
     };
@@ -191,7 +313,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                             const at::Tensor&, double) {
-  TORCH_CHECK(false, "cpu_attention: built for a CPU without AVX-512");
+  TORCH_CHECK(false, "cpu_attention: built for a CPU that is not x86-64");
 }
 
 #endif

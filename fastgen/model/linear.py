@@ -2,14 +2,15 @@
 fastest path wants, chosen by measurement rather than by vendor name.
 
 On a CPU, the stock ``F.linear`` is MKL's SGEMM in fp32, whose small-M code streams weights far below the memory
-bandwidth on some CPUs (an AMD EPYC: ~6 GB/s at 2 rows); oneDNN's inner product over a weight reordered once into
-its blocked layout runs at ~0.75 of the read bandwidth, in fp32 and bf16; and fastgen's own AVX-512 GEMV
-(fastgen.kernels.cpu_gemv) over a weight packed into one stream per 16 outputs runs at the read bandwidth. Which is
-faster depends on the CPU, its libraries and the shapes, so ``choose_cpu_path`` times the candidates at load on the
-model's own weights (all layers of a shape, so they stream from DRAM as in a real step), once per process per
-(dtype, shape, rows, threads). Weight-only int8
-(fastgen.model.quantize) runs through ``aten._weight_int8pack_mm`` on a CPU and a Triton GEMV on CUDA; int8 with
-dynamically quantised activations through fbgemm's dynamic linear (CPU only).
+bandwidth on some CPUs (AMD EPYCs: ~6 GB/s at 2 rows); oneDNN's inner product over a weight reordered once into
+its blocked layout runs at ~0.75 of the read bandwidth, in fp32, and in bf16 where the CPU has AVX-512; and
+fastgen's own GEMV (fastgen.kernels.cpu_gemv, AVX-512 or AVX2) over a weight packed into one stream per 16 outputs
+runs at or near the read bandwidth. Which is faster depends on the CPU, its libraries and the shapes, so
+``choose_cpu_path`` times the candidates at load on the model's own weights (all layers of a shape, so they stream
+from DRAM as in a real step), once per process per (dtype, shape, rows, threads). Weight-only int8
+(fastgen.model.quantize) is measured the same way between ``aten._weight_int8pack_mm`` and the GEMV over int8
+codes, and runs as a Triton GEMV on CUDA; int8 with dynamically quantised activations runs through fbgemm's dynamic
+linear (CPU only).
 
 Every Linear computes y = x @ W^T for x [..., K] and ``add_to(residual, x)`` = residual + x @ W^T (fused where the
 path can). torch.compile (compile_step) cannot trace the opaque packed weights of oneDNN and fbgemm, so under it
@@ -32,6 +33,7 @@ from fastgen.model.quantize import INT4_GROUP_SIZE, dequantize_int4, dequantize_
 # the rows a decode step multiplies: one request, its cond and uncond rows
 DECODE_ROWS = 2
 CPU_PATHS = ("aten", "onednn-packed", "gemv")
+INT8_CPU_PATHS = ("int8", "int8-gemv")  # weight-only int8: aten's _weight_int8pack_mm, fastgen's GEMV
 # the candidates run over this many bytes of weights: well past any L3 cache, so they stream from DRAM
 MEASURE_BYTES = 96 << 20
 _CHOSEN: dict[tuple, str] = {}  # (dtype, N, K, rows, threads) → path, measured once per process
@@ -120,8 +122,22 @@ class PackedLinear(_Opaque):
         return DenseLinear(self.packed.to_dense())
 
 
+def _gemv_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] (float, or int8 codes) in fastgen.kernels.cpu_gemv's layout; RuntimeError where that kernel
+    cannot run (no AVX2, no compiler, not a CPU tensor, a shape it does not take)."""
+    from fastgen.kernels import cpu_gemv
+    try:  # the shape first (pack's own check), so odd test models never build the kernel
+        packed = cpu_gemv.pack(weight)
+    except ValueError as exc:
+        raise RuntimeError(f"the gemv path cannot run here: {exc}") from None
+    reason = "not a CPU tensor" if weight.device.type != "cpu" else cpu_gemv.unavailable_reason(weight.dtype)
+    if reason is not None:  # unavailable_reason builds the kernel the first time
+        raise RuntimeError(f"the gemv path cannot run here: {reason}")
+    return packed
+
+
 class GemvLinear:
-    """fastgen's own AVX-512 GEMV (fastgen.kernels.cpu_gemv) over a weight packed at load into one sequential stream
+    """fastgen's own AVX-512 / AVX2 GEMV (fastgen.kernels.cpu_gemv) over a weight packed at load into one sequential stream
     per block of 16 output channels; float32 and bfloat16. It reads the weights at the rate of a plain sum, where
     oneDNN's inner product reaches ~0.75 of it at decode rows; from ~8 rows on it is compute-bound and oneDNN's GEMM
     is as fast or faster (see the README's CPU section). A registered C++ operator: torch.compile traces it and
@@ -129,14 +145,7 @@ class GemvLinear:
     path = "gemv"
 
     def __init__(self, weight: torch.Tensor) -> None:
-        from fastgen.kernels import cpu_gemv
-        try:  # the shape first (pack's own check), so odd test models never build the kernel
-            self.packed = cpu_gemv.pack(weight)
-        except ValueError as exc:
-            raise RuntimeError(f"the gemv path cannot run here: {exc}") from None
-        reason = "not a CPU tensor" if weight.device.type != "cpu" else cpu_gemv.unavailable_reason(weight.dtype)
-        if reason is not None:  # unavailable_reason builds the kernel the first time
-            raise RuntimeError(f"the gemv path cannot run here: {reason}")
+        self.packed = _gemv_pack(weight)
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
 
@@ -160,42 +169,63 @@ class GemvLinear:
 
 
 class Int8Linear:
-    """Weight-only int8: y = (x @ q^T) * scale, per output channel. CPU: ``aten._weight_int8pack_mm`` with bf16
-    activations (its fp32 path is several times slower, so fp32 inputs go through bf16 and come back); CUDA: the
-    Triton GEMV in fastgen.kernels.int8_linear."""
+    """Weight-only int8: y = (x @ q^T) * scale, per output channel. On a CPU, one of two kernels, chosen by
+    measurement at load (``build_linears``): fastgen's GEMV (fastgen.kernels.cpu_gemv, ``cpu_kernel="gemv"``: the
+    codes packed in its layout, widened to fp32 in registers) or ``aten._weight_int8pack_mm`` (the default) with bf16
+    activations (its fp32 path is several times slower, so fp32 inputs go through bf16 and come back); shapes neither
+    takes (tiny test models) multiply by the dequantised weight, made once. CUDA: the Triton GEMV in
+    fastgen.kernels.int8_linear."""
     path = "int8"
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.q = q.contiguous()              # [N, K] int8
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, cpu_kernel: str | None = None) -> None:
+        if cpu_kernel not in (None, "gemv"):
+            raise ValueError(f"cpu_kernel must be None or 'gemv', got {cpu_kernel!r}")
+        self.shape = tuple(q.shape)
         self.scale = scale.float()           # [N] float32
         self.scale_bf16 = scale.to(torch.bfloat16)
-        self.fast_cpu = self.q.shape[1] % _INT8PACK_K_MULTIPLE == 0
-        # shapes the CPU kernel does not take (tiny test models with odd widths): the dequantised weight, made once
-        self.fallback_weight = dequantize_int8(q, scale) if not self.fast_cpu and q.device.type == "cpu" else None
+        self.packed = _gemv_pack(q) if cpu_kernel == "gemv" else None
+        self.kernel = cpu_kernel or ("int8pack" if q.shape[1] % _INT8PACK_K_MULTIPLE == 0 else "dequantised")
+        self._q = None if self.packed is not None else q.contiguous()  # [N, K] int8, or only the packed copy
+        # shapes the CPU kernels do not take (tiny test models with odd widths): the dequantised weight, made once
+        self.fallback_weight = (dequantize_int8(q, scale) if self.kernel == "dequantised" and q.device.type == "cpu"
+                                else None)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
-        return cls(*quantize_int8(weight))
+    def from_float(cls, weight: torch.Tensor, cpu_kernel: str | None = None) -> "Int8Linear":
+        return cls(*quantize_int8(weight), cpu_kernel=cpu_kernel)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The [N, K] int8 codes (for the fused Triton kernels), unpacked anew where only the GEMV's copy is kept."""
+        if self._q is not None:
+            return self._q
+        from fastgen.kernels import cpu_gemv
+        return cpu_gemv.unpack(self.packed).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         flat = x.reshape(-1, k)
         if x.device.type == "cuda":
             from fastgen.kernels.int8_linear import int8_linear
-            out = int8_linear(flat, self.q, self.scale)
-        elif self.fast_cpu:
-            out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.q,
+            out = int8_linear(flat, self._q, self.scale)
+        elif self.kernel == "gemv":
+            out = torch.ops.fastgen_cpu.gemv_linear(flat, self.packed, self.shape[0], None, self.scale)
+        elif self.kernel == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self._q,
                                                      self.scale_bf16).to(x.dtype)
         else:
             out = F.linear(flat.float(), self.fallback_weight).to(x.dtype)
-        return out.view(*lead, self.q.shape[0])
+        return out.view(*lead, self.shape[0])
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "gemv" and x.dim() == 2 and x.device.type == "cpu":
+            return torch.ops.fastgen_cpu.gemv_linear(x, self.packed, self.shape[0], residual, self.scale)
         return residual + self(x)
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 2  # int8 codes + the bf16 (or fp32 on CUDA: ~same) scales
+        # int8 codes + the scales the kernel reads: fp32 for the GEMV, bf16 for aten's (fp32 on CUDA: ~same)
+        return self.shape[0] * self.shape[1] + self.shape[0] * (4 if self.kernel == "gemv" else 2)
 
     def dense(self) -> "Int8Linear":
         return self
@@ -306,18 +336,21 @@ def _time_pass(linears: list, x: torch.Tensor, passes: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def choose_cpu_path(weights: list[torch.Tensor], rows: int = DECODE_ROWS) -> str:
-    """The fastest CPU path for these same-shape float weights at ``rows`` rows: each candidate runs over all of
-    them (from DRAM, like a step) and the quickest median wins. Cached per process by dtype, shape, rows and the
-    intra-op thread count; a candidate the CPU does not support (fp16 reorders without avx512_fp16) is skipped."""
+def choose_cpu_path(weights: list[torch.Tensor], rows: int = DECODE_ROWS, quantization: str | None = None) -> str:
+    """The fastest CPU path for these same-shape float weights at ``rows`` rows: each candidate (CPU_PATHS, or
+    INT8_CPU_PATHS for ``quantization="int8"``, which quantise the weights first) runs over all of them (from DRAM,
+    like a step) and the quickest median wins. Cached per process by dtype (or "int8"), shape, rows and the intra-op
+    thread count; a candidate the CPU does not support (oneDNN's bf16 reorder without AVX-512, the GEMV without
+    AVX2) is skipped."""
     w = weights[0]
-    key = (w.dtype, tuple(w.shape), rows, torch.get_num_threads())
+    candidates = INT8_CPU_PATHS if quantization == "int8" else CPU_PATHS
+    key = (quantization or w.dtype, tuple(w.shape), rows, torch.get_num_threads())
     if key in _CHOSEN:
         return _CHOSEN[key]
     x = torch.randn(rows, w.shape[1], dtype=w.dtype)
     timings = {}
     with torch.inference_mode():
-        for path in CPU_PATHS:
+        for path in candidates:
             try:
                 linears = [make_linear(weight, path) for weight in weights]
                 timings[path] = _time_pass(linears, x)
@@ -325,7 +358,7 @@ def choose_cpu_path(weights: list[torch.Tensor], rows: int = DECODE_ROWS) -> str
                 continue
             finally:
                 linears = []
-    _CHOSEN[key] = min(timings, key=timings.get) if timings else "aten"
+    _CHOSEN[key] = min(timings, key=timings.get) if timings else candidates[0]
     return _CHOSEN[key]
 
 
@@ -338,36 +371,47 @@ def make_linear(weight: torch.Tensor, path: str) -> Linear:
         return GemvLinear(weight)
     if path == "int8":
         return Int8Linear.from_float(weight)
+    if path == "int8-gemv":
+        return Int8Linear.from_float(weight, cpu_kernel="gemv")
     raise ValueError(f"unknown linear path {path!r}")
 
 
 def build_linears(loaders: list[Callable[[], torch.Tensor]], *, device: torch.device, dtype: torch.dtype,
                   quantization: str | None) -> list[Linear]:
     """One role's weights (every layer's fc1, say: one shape), each read by its loader (float, as in the checkpoint)
-    → Linears. int8 and int4 quantise each from the checkpoint's float values; otherwise a CPU measures its paths
-    on the first weights (about MEASURE_BYTES of them) and converts every weight as it is read, so memory never
-    holds a role twice; other devices use the stock path."""
+    → Linears. The quantisations quantise each from the checkpoint's float values; a CPU measures its float paths,
+    and its int8 kernels, on the first weights (about MEASURE_BYTES of them) and converts every weight as it is
+    read, so memory never holds a role twice; other devices use the stock path (int8: the Triton GEMV)."""
     def cast(load: Callable[[], torch.Tensor]) -> torch.Tensor:
         weight = load()  # a meta tensor stands for a missing weight: the checkpoint reader reports those at the end
         return weight if weight.is_meta else weight.to(device=device, dtype=dtype)
 
+    if quantization == "int8" and device.type == "cpu":  # measured like the float paths, over as many codes
+        return _measured_linears(loaders, lambda load: load(), quantization, bytes_per_weight=1)
     if quantization in QUANTIZED_PATHS:
         kind = {"int8": Int8Linear, "int8-dynamic": DynamicInt8Linear, "int4": Int4Linear}[quantization]
         return [kind.from_float(w) if not w.is_meta else DenseLinear(w) for w in (load() for load in loaders)]
     if device.type != "cpu":
         return [DenseLinear(cast(load)) for load in loaders]
+    return _measured_linears(loaders, cast, None, bytes_per_weight=dtype.itemsize)
+
+
+def _measured_linears(loaders: list[Callable[[], torch.Tensor]], read: Callable, quantization: str | None,
+                      bytes_per_weight: int) -> list[Linear]:
+    """CPU Linears on the path choose_cpu_path measures fastest over the first weights (about MEASURE_BYTES of what
+    the path streams), each weight read and converted in turn."""
     remaining = iter(loaders)
     sample: list[torch.Tensor] = []
     for load in remaining:
-        sample.append(cast(load))
-        if sum(w.numel() * w.element_size() for w in sample) >= MEASURE_BYTES:
+        sample.append(read(load))
+        if sum(w.numel() for w in sample) * bytes_per_weight >= MEASURE_BYTES:
             break
     if any(w.is_meta for w in sample):  # a missing weight: the loader reports it after reading the rest
-        return [DenseLinear(w) for w in sample] + [DenseLinear(cast(load)) for load in remaining]
-    path = choose_cpu_path(sample)
+        return [DenseLinear(w) for w in sample] + [DenseLinear(read(load)) for load in remaining]
+    path = choose_cpu_path(sample, quantization=quantization)
     linears = [make_linear(w, path) for w in sample]
     del sample
-    return linears + [make_linear(cast(load), path) for load in remaining]
+    return linears + [make_linear(read(load), path) for load in remaining]
 
 
 def chosen_paths() -> dict[tuple, str]:
