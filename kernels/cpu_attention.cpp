@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -241,9 +243,11 @@ FASTGEN_AVX2 void attend_avx2(const float* q, const T* keys, const T* values, in
   for (int64_t c = 0; c < chunks; ++c) _mm256_storeu_ps(out + c * 8, _mm256_mul_ps(acc[c], _mm256_set1_ps(inverse)));
 }
 
-// the AVX-512 passes run here; read once per process
+// the AVX-512 passes run here; read once per process. FASTGEN_CPU_ISA=avx2 keeps an AVX-512 CPU on the AVX2 ones.
 bool use_avx512() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  const char* isa = std::getenv("FASTGEN_CPU_ISA");
+  static const bool supported = !(isa != nullptr && std::strcmp(isa, "avx2") == 0) &&
+                                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                 __builtin_cpu_supports("avx512dq");
   return supported;
 }

@@ -18,12 +18,19 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
 namespace {
+
+inline bool avx2_requested() {
+  const char* isa = std::getenv("FASTGEN_CPU_ISA");
+  return isa != nullptr && std::strcmp(isa, "avx2") == 0;
+}
 
 constexpr int64_t kBlock = 16;        // output channels per packed block: one fp32 vector of results
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead of the loads to prefetch the weight stream
@@ -204,9 +211,10 @@ void linear_rows(const Activation<Avx512, Weight>* x, int64_t M, int64_t K, cons
   });
 }
 
-// the AVX-512 kernels for this weight type run here (bf16 also needs AVX512-BF16); read once per process
+// the AVX-512 kernels for this weight type run here (bf16 also needs AVX512-BF16); read once per process.
+// FASTGEN_CPU_ISA=avx2 keeps an AVX-512 CPU on the AVX2 kernels (the tests run both that way).
 bool use_avx512(at::ScalarType weight_type) {
-  static const bool f = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool f = !avx2_requested() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   static const bool bf16 = f && __builtin_cpu_supports("avx512bf16");
   if (weight_type == at::kFloat) return f;
   return weight_type == at::kBFloat16 && bf16;
