@@ -6,7 +6,7 @@ this kernel (``cpu_gemv.cpp``) reads one sequential stream per thread and keeps 
 once, at load, into blocks of 16 output channels: bf16 as [N/16, K/2, 16, 2] (AVX512-BF16's dot-product operand
 layout), fp32 as [N/16, K, 16]. Weight-only int8 codes (fastgen.model.quantize.quantize_int8) are packed like fp32,
 [N/16, K, 16], and widened to fp32 in registers against fp32 activations, the per-channel scale applied to each
-result: one byte per weight streamed, where ``aten._weight_int8pack_mm`` reads its int8 weights at ~0.6 of the
+result: one byte per weight streamed, where ``aten._weight_int8pack_mm`` reads its int8 weights at about half the
 rate this kernel does (musicgen-small, 2 rows, the same 2-core AMD EPYC). Floor: N·K·|w| bytes of weight
 (+ 4·N of int8 scales) + M·K·|x| in + M·N·|y| out.
 

@@ -89,7 +89,7 @@ def test_cpu_int8_linear_matches_reference(rows, k, cpu_kernel):
 
 
 def test_int8_gemv_keeps_one_copy_of_the_codes():
-    """The GEMV's linear holds only its packed codes (the int8 bytes once), and gives the plain codes back."""
+    """The GEMV's linear holds only its packed codes (the int8 bytes once) until the plain codes are asked for."""
     q, scale = quantize_int8(torch.randn(48, 64))
     try:
         linear = Int8Linear(q, scale, cpu_kernel="gemv")
@@ -97,6 +97,7 @@ def test_int8_gemv_keeps_one_copy_of_the_codes():
         pytest.skip(str(exc))
     assert linear.packed.numel() == q.numel() and linear._q is None
     assert torch.equal(linear.q, q) and linear.nbytes == q.numel() + 48 * 4
+    assert linear.q is linear.q  # the fused kernels' copy is unpacked once, not every step
     with pytest.raises(ValueError, match="cpu_kernel"):
         Int8Linear(q, scale, cpu_kernel="mkl")
 

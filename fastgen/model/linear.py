@@ -196,11 +196,12 @@ class Int8Linear:
 
     @property
     def q(self) -> torch.Tensor:
-        """The [N, K] int8 codes (for the fused Triton kernels), unpacked anew where only the GEMV's copy is kept."""
-        if self._q is not None:
-            return self._q
-        from fastgen.kernels import cpu_gemv
-        return cpu_gemv.unpack(self.packed).contiguous()
+        """The [N, K] int8 codes (for the fused Triton kernels, which read them every step): where only the GEMV's
+        packed copy was kept, unpacked once on first use and kept from then on."""
+        if self._q is None:
+            from fastgen.kernels import cpu_gemv
+            self._q = cpu_gemv.unpack(self.packed).contiguous()
+        return self._q
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
