@@ -8,10 +8,12 @@ tools are missing, `aot_unavailable()` says why so callers can skip.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 DIVISIBILITY = 16
@@ -141,6 +143,11 @@ def engine_configs() -> list[KernelConfig]:
             *int8_linear.ENGINE_CONFIGS, *fused_linear.ENGINE_CONFIGS]
 
 
+def _compile_job(job: tuple[int, int]) -> Resources:
+    index, arch = job
+    return compile_config(engine_configs()[index], arch)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m fastgen.kernels._aot [--arch 80 90] [--json PATH]`: compile every engine config, print resources.
 
@@ -159,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
         return 2
-    rows = [compile_config(config, arch) for config in engine_configs() for arch in args.arch]
+    jobs = [(index, arch) for index in range(len(engine_configs())) for arch in args.arch]
+    # one process per core: each compile is single-threaded (Triton's passes, then ptxas); forked, so the workers
+    # share the imported kernels and are handed indices, not the unpicklable kernel objects
+    with ProcessPoolExecutor(max_workers=min(len(jobs), len(os.sched_getaffinity(0))),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        rows = list(pool.map(_compile_job, jobs))
     print(format_report(rows))
     if args.json:
         fields = ("label", "arch", "num_warps", "num_stages", "registers", "stack", "shared", "local",

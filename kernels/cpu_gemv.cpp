@@ -9,11 +9,12 @@
 // with accumulators in fp32.
 //
 // Two instruction sets, picked at run time by what the CPU reports: AVX-512 (bf16 weights through vdpbf16ps, which
-// rounds the activations to bf16; fp32 weights by FMA; groups of 4 rows), and AVX2 + FMA, where every weight type is
-// widened to fp32 in registers (bf16 by a shift or mask of each 32-bit lane of a k-pair, int8 by sign extension:
-// both exact) against fp32 activations, in groups of 2 rows (16 vector registers). int8 codes always take the
-// widening path; their scale is applied once per result. The kernels are compiled for each set through function
-// attributes, so this file builds on any x86-64 host; the Python side calls them only where torch reports AVX2.
+// rounds the activations to bf16; fp32 weights by FMA; int8 codes widened to fp32 by sign extension, 16 at a time;
+// groups of 4 rows), and AVX2 + FMA, where every weight type is widened to fp32 in registers (bf16 by a shift or mask
+// of each 32-bit lane of a k-pair, int8 by sign extension: both exact) against fp32 activations, in groups of 2 rows
+// (16 vector registers). int8's scale is applied once per result. The kernels are compiled for each set through
+// function attributes, so this file builds on any x86-64 host; the Python side calls them only where torch reports
+// AVX2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -67,30 +68,47 @@ void block_bf16(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* 
   for (int g = 0; g < G; ++g) _mm512_storeu_ps(results + g * kBlock, _mm512_add_ps(even[g], odd[g]));
 }
 
-template <int G>
+// prefetch the cache lines kPrefetchBytes ahead of the k-pair at k in a block's stream of Weight (16 per k), each
+// line once: an int8 pair is half a line
+template <typename Weight>
+inline void prefetch_pair(const char* stream, int64_t k) {
+  constexpr int64_t pair_bytes = 32 * sizeof(Weight);
+  const int64_t at = k * 16 * static_cast<int64_t>(sizeof(Weight));
+  if (at % 64 != 0) return;  // (int8: the previous pair's prefetch covered this line)
+  for (int64_t line = 0; line < std::max<int64_t>(pair_bytes, 64); line += 64)
+    _mm_prefetch(stream + at + line + kPrefetchBytes, _MM_HINT_T0);
+}
+
+// the 16 outputs' weights at k as fp32: fp32 loaded, int8 codes widened (sign extension: exact)
+__attribute__((target("avx512f"))) inline __m512 widen16(const float* w, int64_t k) {
+  return _mm512_loadu_ps(w + k * 16);
+}
+__attribute__((target("avx512f"))) inline __m512 widen16(const int8_t* w, int64_t k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 16))));
+}
+
+// G rows of fp32 x against one block of fp32 weights or int8 codes (their scale is applied in store)
+template <int G, typename Weight>
 __attribute__((target("avx512f")))
-void block_fp32(const float* x, int64_t K, const float* w, float* results) {
+void block_fp32(const float* x, int64_t K, const Weight* w, float* results) {
   __m512 even[G], odd[G];
   for (int g = 0; g < G; ++g) { even[g] = _mm512_setzero_ps(); odd[g] = _mm512_setzero_ps(); }
   const char* stream = reinterpret_cast<const char*>(w);
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
-    _mm_prefetch(stream + k * 64 + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(stream + k * 64 + 64 + kPrefetchBytes, _MM_HINT_T0);
-    __m512 w0 = _mm512_loadu_ps(w + k * 16);
-    __m512 w1 = _mm512_loadu_ps(w + k * 16 + 16);
+    prefetch_pair<Weight>(stream, k);
+    const __m512 w0 = widen16(w, k), w1 = widen16(w, k + 1);
     for (int g = 0; g < G; ++g) {
       even[g] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[g * K + k]), even[g]);
       odd[g] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[g * K + k + 1]), odd[g]);
     }
   }
   if (k < K) {
-    __m512 w0 = _mm512_loadu_ps(w + k * 16);
+    const __m512 w0 = widen16(w, k);
     for (int g = 0; g < G; ++g) even[g] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[g * K + k]), even[g]);
   }
   for (int g = 0; g < G; ++g) _mm512_storeu_ps(results + g * kBlock, _mm512_add_ps(even[g], odd[g]));
 }
-
 
 #define FASTGEN_AVX2 __attribute__((target("avx2,fma")))
 
@@ -123,11 +141,9 @@ FASTGEN_AVX2 void block_avx2(const float* x, int64_t K, const Weight* w, float* 
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
   const char* stream = reinterpret_cast<const char*>(w);
-  constexpr int64_t pair_bytes = 32 * sizeof(Weight);
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
-    for (int64_t line = 0; line < pair_bytes; line += 64)
-      _mm_prefetch(stream + k * 16 * sizeof(Weight) + line + kPrefetchBytes, _MM_HINT_T0);
+    prefetch_pair<Weight>(stream, k);
     __m256 wk[4];
     widen_pair(w, k, wk);
     for (int g = 0; g < G; ++g) {
@@ -170,17 +186,17 @@ inline void store(const float* results, const float* scale, const Out* residual,
   }
 }
 
-// Avx512: the AVX-512 kernels (float weights only); otherwise AVX2, which takes every weight type
+// Avx512: the AVX-512 kernels; otherwise AVX2. Activations are fp32 but for AVX-512's bf16 dot products.
 template <bool Avx512, typename Weight>
-using Activation = std::conditional_t<Avx512, Weight, float>;
+using Activation = std::conditional_t<Avx512 && std::is_same_v<Weight, at::BFloat16>, at::BFloat16, float>;
 
 template <bool Avx512, typename Weight, typename Out, int G>
 void rows_of_block(const Activation<Avx512, Weight>* x, int64_t K, const Weight* w, const float* scale,
                    const Out* residual, Out* out, int64_t N) {
   float results[G * kBlock];
   if constexpr (!Avx512) block_avx2<G>(x, K, w, results);
-  else if constexpr (std::is_same_v<Weight, float>) block_fp32<G>(x, K, w, results);
-  else block_bf16<G>(x, K, w, results);
+  else if constexpr (std::is_same_v<Weight, at::BFloat16>) block_bf16<G>(x, K, w, results);
+  else block_fp32<G>(x, K, w, results);  // fp32 weights or int8 codes
   for (int g = 0; g < G; ++g)
     store<Out>(results + g * kBlock, scale, residual ? residual + g * N : nullptr, out + g * N);
 }
@@ -216,7 +232,7 @@ void linear_rows(const Activation<Avx512, Weight>* x, int64_t M, int64_t K, cons
 bool use_avx512(at::ScalarType weight_type) {
   static const bool f = !avx2_requested() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   static const bool bf16 = f && __builtin_cpu_supports("avx512bf16");
-  if (weight_type == at::kFloat) return f;
+  if (weight_type == at::kFloat || weight_type == at::kChar) return f;
   return weight_type == at::kBFloat16 && bf16;
 }
 
@@ -237,7 +253,7 @@ at::Tensor gemv_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(packed.numel() == N * K, "cpu_gemv: x's width does not match the packed weight");
   const bool avx512 = use_avx512(weight_type);
-  const at::Tensor xw = x.to(avx512 ? weight_type : at::kFloat).contiguous();
+  const at::Tensor xw = x.to(avx512 && weight_type == at::kBFloat16 ? at::kBFloat16 : at::kFloat).contiguous();
   const at::Tensor weight = packed.contiguous();
   at::Tensor scales;
   if (int8) {
@@ -253,7 +269,10 @@ at::Tensor gemv_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cpu_gemv", [&] {
     const scalar_t* r = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
-    if (int8)
+    if (int8 && avx512)
+      linear_rows<true, int8_t, scalar_t>(xw.data_ptr<float>(), M, K, weight.data_ptr<int8_t>(),
+                                          scales.data_ptr<float>(), r, o, N);
+    else if (int8)
       linear_rows<false, int8_t, scalar_t>(xw.data_ptr<float>(), M, K, weight.data_ptr<int8_t>(),
                                            scales.data_ptr<float>(), r, o, N);
     else if (weight_type == at::kBFloat16 && avx512)

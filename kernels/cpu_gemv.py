@@ -1,4 +1,4 @@
-"""Decode-shape linear on an x86 CPU with AVX-512: y = x @ W^T (+ residual) for a few rows (2 per request under CFG).
+"""Decode-shape linear on an x86 CPU with AVX-512 or AVX2: y = x @ W^T (+ residual) for a few rows (2 per request under CFG).
 
 A decode step streams every weight once, so a GEMV is as fast as its weight stream. oneDNN's inner product reads
 its packed bf16 weights at ~0.75 of a plain sum's read rate on a 2-core AMD EPYC (musicgen-small shapes at 2 rows);
@@ -6,8 +6,8 @@ this kernel (``cpu_gemv.cpp``) reads one sequential stream per thread and keeps 
 once, at load, into blocks of 16 output channels: bf16 as [N/16, K/2, 16, 2] (AVX512-BF16's dot-product operand
 layout), fp32 as [N/16, K, 16]. Weight-only int8 codes (fastgen.model.quantize.quantize_int8) are packed like fp32,
 [N/16, K, 16], and widened to fp32 in registers against fp32 activations, the per-channel scale applied to each
-result: one byte per weight streamed, where ``aten._weight_int8pack_mm`` reads its int8 weights at about half the
-rate this kernel does (musicgen-small, 2 rows, the same 2-core AMD EPYC). Floor: N·K·|w| bytes of weight
+result: one byte per weight streamed, where ``aten._weight_int8pack_mm`` reads its int8 weights at a third to a half
+of this kernel's rate (musicgen-small, 2 rows, 2-core AMD EPYCs with AVX-512 and with AVX2 only). Floor: N·K·|w| bytes of weight
 (+ 4·N of int8 scales) + M·K·|x| in + M·N·|y| out.
 
 The C++ is built on first use (fastgen.kernels._cpu_extension) as the operator ``fastgen_cpu::gemv_linear``, which

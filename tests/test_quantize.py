@@ -61,8 +61,9 @@ def test_launcher_rejects_bad_inputs():
         int8_linear(torch.randn(2, 16), q, scale.half())
 
 
-@pytest.mark.parametrize("k", [64, 48, 37])  # multiples of 16 take aten._weight_int8pack_mm; others the fallback
-@pytest.mark.parametrize("rows", [1, 2, 6])
+# multiples of 16 take aten._weight_int8pack_mm, others the fallback; the GEMV takes every K (37, 39: its tail loop)
+@pytest.mark.parametrize("k", [64, 48, 37, 39])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])  # every remainder of the GEMV's row groups (4 on AVX-512, 2 on AVX2)
 @pytest.mark.parametrize("cpu_kernel", [None, "gemv"])
 def test_cpu_int8_linear_matches_reference(rows, k, cpu_kernel):
     gen = torch.Generator().manual_seed(k + rows)
