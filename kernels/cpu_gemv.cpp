@@ -90,7 +90,7 @@ __attribute__((target("avx512f"))) inline __m512 widen16(const int8_t* w, int64_
 // G rows of fp32 x against one block of fp32 weights or int8 codes (their scale is applied in store)
 template <int G, typename Weight>
 __attribute__((target("avx512f")))
-void block_fp32(const float* x, int64_t K, const Weight* w, float* results) {
+void block_fma(const float* x, int64_t K, const Weight* w, float* results) {
   __m512 even[G], odd[G];
   for (int g = 0; g < G; ++g) { even[g] = _mm512_setzero_ps(); odd[g] = _mm512_setzero_ps(); }
   const char* stream = reinterpret_cast<const char*>(w);
@@ -196,7 +196,7 @@ void rows_of_block(const Activation<Avx512, Weight>* x, int64_t K, const Weight*
   float results[G * kBlock];
   if constexpr (!Avx512) block_avx2<G>(x, K, w, results);
   else if constexpr (std::is_same_v<Weight, at::BFloat16>) block_bf16<G>(x, K, w, results);
-  else block_fp32<G>(x, K, w, results);  // fp32 weights or int8 codes
+  else block_fma<G>(x, K, w, results);  // fp32 weights or int8 codes
   for (int g = 0; g < G; ++g)
     store<Out>(results + g * kBlock, scale, residual ? residual + g * N : nullptr, out + g * N);
 }
