@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(index, arch) for index in range(len(engine_configs())) for arch in args.arch]
     # one process per core: each compile is single-threaded (Triton's passes, then ptxas); forked, so the workers
     # share the imported kernels and are handed indices, not the unpicklable kernel objects
-    with ProcessPoolExecutor(max_workers=min(len(jobs), len(os.sched_getaffinity(0))),
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=min(len(jobs), cores),
                              mp_context=multiprocessing.get_context("fork")) as pool:
         rows = list(pool.map(_compile_job, jobs))
     print(format_report(rows))

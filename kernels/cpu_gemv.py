@@ -1,4 +1,5 @@
-"""Decode-shape linear on an x86 CPU with AVX-512 or AVX2: y = x @ W^T (+ residual) for a few rows (2 per request under CFG).
+"""Decode-shape linear on an x86 CPU with AVX-512 or AVX2: y = x @ W^T (+ residual) for a few rows (2 per request
+under CFG).
 
 A decode step streams every weight once, so a GEMV is as fast as its weight stream. oneDNN's inner product reads
 its packed bf16 weights at ~0.75 of a plain sum's read rate on a 2-core AMD EPYC (musicgen-small shapes at 2 rows);
@@ -7,8 +8,8 @@ once, at load, into blocks of 16 output channels: bf16 as [N/16, K/2, 16, 2] (AV
 layout), fp32 as [N/16, K, 16]. Weight-only int8 codes (fastgen.model.quantize.quantize_int8) are packed like fp32,
 [N/16, K, 16], and widened to fp32 in registers against fp32 activations, the per-channel scale applied to each
 result: one byte per weight streamed, where ``aten._weight_int8pack_mm`` reads its int8 weights at a third to a half
-of this kernel's rate (musicgen-small, 2 rows, 2-core AMD EPYCs with AVX-512 and with AVX2 only). Floor: N·K·|w| bytes of weight
-(+ 4·N of int8 scales) + M·K·|x| in + M·N·|y| out.
+of this kernel's rate (musicgen-small, 2 rows, 2-core AMD EPYCs with AVX-512 and with AVX2 only). Floor: N·K·|w|
+bytes of weight (+ 4·N of int8 scales) + M·K·|x| in + M·N·|y| out.
 
 The C++ is built on first use (fastgen.kernels._cpu_extension) as the operator ``fastgen_cpu::gemv_linear``, which
 torch.compile traces through its fake and inductor calls directly. Where it cannot be built or the CPU lacks the

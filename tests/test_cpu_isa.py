@@ -1,6 +1,6 @@
-"""The CPU kernels' AVX2 variants on a CPU that would pick AVX-512: the GEMV (float and int8) and attention tests rerun in a
-subprocess with FASTGEN_CPU_ISA=avx2, which keeps the C++ kernels on their AVX2 code (on an AVX2-only CPU the plain
-run of those tests already covers it)."""
+"""The CPU kernels' AVX2 variants on a CPU that would pick AVX-512: the GEMV (float and int8) and attention tests
+rerun in a subprocess with FASTGEN_CPU_ISA=avx2, which keeps the C++ kernels on their AVX2 code (on an AVX2-only CPU
+the plain run of those tests already covers it)."""
 from __future__ import annotations
 
 import os

@@ -61,7 +61,7 @@ def test_launcher_rejects_bad_inputs():
         int8_linear(torch.randn(2, 16), q, scale.half())
 
 
-# multiples of 16 take aten._weight_int8pack_mm, others the fallback; the GEMV takes every K (37, 39: its tail loop)
+# multiples of 16 take aten._weight_int8pack_mm, others the fallback; the GEMV takes every K (odd: a last k alone)
 @pytest.mark.parametrize("k", [64, 48, 37, 39])
 @pytest.mark.parametrize("rows", [1, 2, 3, 6])  # every remainder of the GEMV's row groups (4 on AVX-512, 2 on AVX2)
 @pytest.mark.parametrize("cpu_kernel", [None, "gemv"])
