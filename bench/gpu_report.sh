@@ -36,8 +36,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 START=$(date +%s)
-# Python runs from a scratch folder, never the repository root: there the checkout's fastgen/ (which lacks
-# fastgen.kernels, mapped from kernels/ by pyproject) would shadow the installed package or the shim below.
+# Python runs from a scratch folder, so that the fastgen it reports is the one installed (or the checkout, below).
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
@@ -55,8 +54,9 @@ else
 fi
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 
-# fastgen as installed; else an editable install (no network, no dependencies); else a shim package tree that links
-# fastgen/* and kernels/ as fastgen.kernels, first on PYTHONPATH. FASTGEN_REPORT_SHIM=1 goes straight to the shim.
+# fastgen as installed; else an editable install (no network, no dependencies); else the checkout itself first on
+# PYTHONPATH (its fastgen/ is a whole package: fastgen/kernels links to kernels/). FASTGEN_REPORT_SHIM=1 goes straight
+# to the checkout.
 IMPORTED="installed"
 importable() { "$PY" -c "import fastgen.kernels, fastgen, sys; sys.exit(0 if fastgen.__file__.startswith('$1') else 1)" 2>/dev/null; }
 if [ "${FASTGEN_REPORT_SHIM:-0}" = 1 ] || ! importable "$REPO"; then
@@ -65,14 +65,10 @@ if [ "${FASTGEN_REPORT_SHIM:-0}" = 1 ] || ! importable "$REPO"; then
         && importable "$REPO"; then
         IMPORTED="editable install (pip --no-deps --no-build-isolation --no-index)"
     else
-        SHIM="$WORK/shim"
-        mkdir -p "$SHIM/fastgen"
-        for entry in "$REPO"/fastgen/*; do ln -s "$entry" "$SHIM/fastgen/"; done
-        ln -s "$REPO/kernels" "$SHIM/fastgen/kernels"
-        export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-        importable "$SHIM" || { echo "gpu_report.sh: cannot import fastgen from $SHIM:" >&2;
+        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        importable "$REPO" || { echo "gpu_report.sh: cannot import fastgen from $REPO:" >&2;
                                 "$PY" -c "import fastgen.kernels" >&2; exit 1; }
-        IMPORTED="shim $SHIM (symlinks, first on PYTHONPATH)"
+        IMPORTED="the checkout, first on PYTHONPATH"
     fi
 fi
 
@@ -139,8 +135,8 @@ step throughput 110 "$PY" "$B/throughput.py" --device "$DEVICE" --dtype "$DTYPE"
 # e. the CUDA tests, then the quick kernel bench
 step cuda-tests 95 "$PY" -m pytest -v --tb=short -p no:cacheprovider --junit-xml="$RESULTS/cuda-tests.xml" \
     "${KERNEL_TESTS[@]}"
-step kernel-bench 60 "$PY" "$B/kernels.py" --quick --out "$RESULTS/kernels.json"
-[ -f "$RESULTS/kernels.json" ] || "$PY" -c "import json, sys; json.dump({'skipped': 'bench/kernels.py measures \
+step kernel-bench 60 "$PY" "$B/kernel_bench.py" --quick --out "$RESULTS/kernels.json"
+[ -f "$RESULTS/kernels.json" ] || "$PY" -c "import json, sys; json.dump({'skipped': 'bench/kernel_bench.py measures \
 compiled kernels on CUDA only; none ran here'}, open(sys.argv[1], 'w'))" "$RESULTS/kernels.json"
 
 {

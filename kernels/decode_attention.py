@@ -17,7 +17,7 @@ from device values, so the launch can be captured in a CUDA graph. When one spli
 merged result (weight exp2(0) = 1).
 Stage one is a GEMV per (row, head): 64-key × Dh tiles of K and V are loaded together and reduced with tl.sum in
 fp32 (4 warps); with one query per head a tl.dot would run mostly on padding, and its cp.async pipelining is the
-only thing it would add — worth measuring on a GPU (bench/kernels.py) before switching.
+only thing it would add — worth measuring on a GPU (bench/kernel_bench.py) before switching.
 
 `decode_attention_append` also writes this step's key and value at position length − 1 of each cache row (the
 program whose split holds that position stores them and uses them directly), saving the two scatter launches of

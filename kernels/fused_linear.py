@@ -27,7 +27,7 @@ split-K reduction costs M·N·SPLIT_K·4 bytes written and read again, mostly in
 128 KiB against 8 MiB of bf16 FC2 weight, under 2%; but it grows with M: at 512 rows × 1024 × 4 splits, 16 MiB
 against 2 MiB of D→D weight, which is where a batch-invariant kernel pays most against cuBLAS) plus one atomic per
 program. Small D→D stops at 128 programs (4 splits): 8 splits would leave each part one 128-wide chunk.
-Expected cost (an estimate to check with bench/kernels.py, not a measurement): at M = 2 each launch is its weight
+Expected cost (an estimate to check with bench/kernel_bench.py, not a measurement): at M = 2 each launch is its weight
 stream at the bandwidth 128–512 programs reach plus a few µs of ramp and tail, i.e. a musicgen-small layer's
 six projections ≈ 28 MiB ≈ 7–10 µs of streaming at 3–4 TB/s. With a LayerNorm prologue every program computes its
 rows' statistics over all of K itself (M·K reads from L2; no second launch). Programs at M = 2 (`launch_config`):

@@ -24,7 +24,7 @@ def test_dry_run_writes_every_file_of_the_gpu_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert {p.name for p in out.iterdir()} == FILES
     assert sorted((REPO / "bench" / "results").rglob("*")) == results_before  # nothing outside $OUT
-    assert "shim" in (out / "versions.txt").read_text()
+    assert "the checkout" in (out / "versions.txt").read_text()
     smoke = json.loads((out / "smoke.json").read_text())
     assert [c["name"] for c in smoke["checks"] if c["ok"]] == [
         "parity-fp32-mono", "bf16-finite", "steps-per-call-4", "async-stage-worker-abort"], smoke

@@ -1,6 +1,6 @@
 """Kernel benchmarks: each Triton kernel against its eager PyTorch reference at MusicGen shapes.
 
-    python bench/kernels.py [--quick] [--out bench/results/kernels-<gpu>.json]
+    python bench/kernel_bench.py [--quick] [--out bench/results/kernels-<gpu>.json]
                             [--only embedding,attention,sampling,fused]
 
 "fused": each fused projection (kernels/fused_linear.py) against what the torch linear backend runs for it: cuBLAS
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logits-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU; none is available here, nothing measured.")
+        print("bench/kernel_bench.py needs a CUDA GPU; none is available here, nothing measured.")
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to benchmark compiled kernels")
