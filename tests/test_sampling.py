@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import fastgen
 from fastgen.kernels.sampling import sample_next_tokens_ref, seed_key
+
+from kernel_checks import chi_square_p_value
 
 FALSE_ALARM = 1e-4
 
@@ -57,8 +58,8 @@ def test_frequencies_match_exact_probabilities(temperature, top_k, top_p):
     counts = torch.bincount(samples, minlength=12)[support].numpy()
     kept = probs[support].double().numpy()
     expected = kept / kept.sum() * n
-    result = stats.chisquare(counts, expected)
-    assert result.pvalue > FALSE_ALARM, f"chi-square p={result.pvalue:.2e}: counts {counts} vs {expected.round()}"
+    p_value = chi_square_p_value(counts, expected)
+    assert p_value > FALSE_ALARM, f"chi-square p={p_value:.2e}: counts {counts} vs {expected.round()}"
 
 
 def test_guidance_is_applied_before_sampling():
@@ -76,8 +77,27 @@ def test_guidance_is_applied_before_sampling():
         torch.zeros((n, 1, 9), dtype=torch.int64), torch.zeros(n, dtype=torch.int32), vocab, 1)
     probs = (uncond + scale * (cond - uncond)).softmax(-1)
     expected = probs.double().numpy()
-    result = stats.chisquare(torch.bincount(tokens[:, 0], minlength=vocab).numpy(), expected / expected.sum() * n)
-    assert result.pvalue > FALSE_ALARM
+    counts = torch.bincount(tokens[:, 0], minlength=vocab)
+    assert chi_square_p_value(counts, expected / expected.sum() * n) > FALSE_ALARM
+
+
+def test_chi_square_p_value_matches_closed_forms_and_scipy():
+    """The tests' own p-value (no scipy on the lent GPU machine): 3 bins are 2 degrees of freedom, whose upper tail is
+    exp(-x / 2); 2 bins are 1, erfc(sqrt(x / 2)); where scipy is installed, its chisquare on random tables."""
+    assert chi_square_p_value([15, 5, 10], [10, 10, 10]) == pytest.approx(np.exp(-2.5), rel=1e-12)  # statistic 5
+    assert chi_square_p_value([12, 8], [10, 10]) == pytest.approx(float(torch.special.erfc(torch.tensor(
+        0.4, dtype=torch.float64).sqrt())), rel=1e-12)  # statistic 0.8
+    assert chi_square_p_value([10, 10, 10], [10, 10, 10]) == 1.0
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    rng = np.random.default_rng(0)
+    for bins in (2, 5, 12, 300):
+        probs = rng.dirichlet(np.ones(bins))
+        counts = rng.multinomial(5000, probs)
+        assert chi_square_p_value(counts, probs * 5000) == pytest.approx(stats.chisquare(counts, probs * 5000).pvalue,
+                                                                         rel=1e-8)
 
 
 def test_greedy_is_argmax_and_ignores_filters():
