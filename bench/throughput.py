@@ -78,6 +78,26 @@ def run_fastgen(args, folder, times, system: str) -> dict:
             **summarize(latency, first_step, wall, audio_s, peak_memory(args.device))}
 
 
+def decode_in_batches(decode, device):
+    """transformers' generate hands EnCodec the whole batch's codes in one call, whose activations grow with clips x
+    samples (a 10 s clip in bf16 grows a CPU process by about 0.35 GB: 256 at once would not fit an 80 GB GPU). Decode
+    as many clips per call as fastgen does, so both pay the codec alike."""
+    import torch
+    from transformers.models.encodec.modeling_encodec import EncodecDecoderOutput
+
+    from fastgen.model.codec import CPU_DECODE_BATCH, DECODE_BATCH
+    clips = CPU_DECODE_BATCH if device.type == "cpu" else DECODE_BATCH
+
+    def decode_batches(audio_codes, audio_scales, *args, **kwargs):  # codes: [chunks, batch, codebooks, frames]
+        parts = []
+        for first in range(0, audio_codes.shape[1], clips):
+            rows = slice(first, first + clips)
+            scales = [None if s is None else s[rows] for s in audio_scales]  # per-clip scales (None for MusicGen)
+            parts.append(decode(audio_codes[:, rows], scales, *args, **kwargs).audio_values)
+        return EncodecDecoderOutput(audio_values=torch.cat(parts))
+    return decode_batches
+
+
 def run_transformers(args, folder, times, batch: int) -> dict:
     import torch
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
@@ -87,15 +107,16 @@ def run_transformers(args, folder, times, batch: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     new_tokens = round(args.seconds * FRAME_RATE) + 3  # same frames as fastgen's duration (the delay eats 3)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.audio_encoder.decode = decode_in_batches(model.audio_encoder.decode, device)
 
-    def generate(prompts):
+    def generate(prompts, tokens=new_tokens):
         inputs = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
-            out = model.generate(**inputs, do_sample=True, guidance_scale=3.0, top_k=250, max_new_tokens=new_tokens)
+            out = model.generate(**inputs, do_sample=True, guidance_scale=3.0, top_k=250, max_new_tokens=tokens)
         sync()
         return out
 
-    generate(PROMPTS[:1])  # warm-up
+    generate(PROMPTS[:1], tokens=8)  # warm-up: every kernel and the codec once, as fastgen's warm-up (not a clip)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     latency, first_step = [], []

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FILES = {"versions.txt", "smoke.json", "profile.json", "e2e.jsonl", "throughput.jsonl", "cuda-tests.xml",
@@ -36,7 +37,16 @@ def test_dry_run_writes_every_file_of_the_gpu_report(tmp_path):
     assert [row["system"] for row in e2e] == ["fastgen", "transformers"]
     throughput = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
     assert [row["system"] for row in throughput] == ["fastgen", "transformers(batch=3)"]
+    # the CUDA tests run right after the smoke step, before the long benchmarks; each test group in its own process
+    steps = ["versions", "smoke", "cuda-tests", "checkpoint", "profile", "e2e", "throughput", "kernel-bench"]
+    started = [line.split("]")[0].removeprefix("=== [") for line in done.stdout.splitlines()
+               if line.startswith("=== [") and "(timeout" in line]
+    assert started == steps, started
+    cases = [case for case in ElementTree.parse(out / "cuda-tests.xml").getroot().iter("testcase")]
+    assert len({case.get("classname") for case in cases}) >= 2 and all(len(case) == 0 for case in cases), \
+        ElementTree.tostring(ElementTree.parse(out / "cuda-tests.xml").getroot())[:2000]
     summary = done.stdout[done.stdout.rindex("=== summary"):]  # printed last
-    for step in ("versions", "smoke", "checkpoint", "profile", "e2e", "throughput", "cuda-tests", "kernel-bench"):
+    for step in steps:
         assert f"  {step}: ok" in summary, summary
     assert "smoke: 4/4 checks ok" in summary and "throughput fastgen:" in summary
+    assert f"cuda tests: {len(cases)} passed, 0 failed, 0 errors, 0 skipped" in summary, summary
