@@ -7,8 +7,13 @@
 // exp is a polynomial in registers (scalef for the power of two), exact 0 for scores far below the maximum (the
 // masked keys, whose bias is the dtype's lowest value). Dh must be a multiple of 16 (64 in MusicGen). The AVX-512
 // passes work on 16 keys or lanes at a time; on a CPU without AVX-512 the AVX2 passes do the same on 8.
-#include <torch/extension.h>
+// Narrow torch headers, not <torch/extension.h>: that one pulls in pybind11 and torch's Python and C++ API headers,
+// about two thirds of this file's build time; the operators are registered with TORCH_LIBRARY and loaded without
+// Python bindings. (Outputs come from Tensor::new_empty: <ATen/ops/empty.h> alone adds ~2 s to a build.)
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -280,7 +285,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     TORCH_CHECK(row_of[r] >= 0 && row_of[r] < k_cache.size(0), "cpu_attention: cache row ", row_of[r],
                 " out of range [0, ", k_cache.size(0), ")");
   const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({R, H, dh}, q.options().dtype(at::kFloat));
+  at::Tensor out = q.new_empty({R, H, dh}, q.options().dtype(at::kFloat));
   const Strides kv{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const float* qp = qf.data_ptr<float>();
   float* op = out.data_ptr<float>();
