@@ -60,9 +60,9 @@ def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled:
     import torch
 
     import fastgen
-    from fastgen.model import linear as linear_module
+    from fastgen.model import cpu_paths as linear_module
     measured = linear_module.CPU_PATHS
-    linear_module._CHOSEN.clear()  # each variant measures (or is pinned) afresh; the paths it got are reported
+    linear_module._CHOSEN.clear()  # each variant chooses (or is pinned) afresh; the paths it got are reported
     if cpu_path:
         linear_module.CPU_PATHS = (cpu_path,)
     try:

@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> dict:
             return timed(lambda: model.generate([PROMPTS[0]] * args.batch, params), sync)
         decoder = model.engine.model.decoder
         decoder_bytes = decoder.step_weight_bytes()  # what a step streams, at the stored width (int8: 1 byte)
-        from fastgen.model.linear import chosen_paths
+        from fastgen.model.cpu_paths import chosen_paths
         linear_paths = sorted({f"{str(k[0]).removeprefix('torch.')} {k[1][0]}x{k[1][1]}: {v}"
                                for k, v in chosen_paths().items()})
     else:

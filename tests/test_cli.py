@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import fastgen
 import fastgen.cli
 from fastgen.cli import NOISE_WARNING, main
 
@@ -466,3 +467,13 @@ def test_missing_soundfile_fails_before_loading(tmp_path, tiny_mono_dir):
         "fastgen: error: reading or writing audio files needs the soundfile package: pip install soundfile "
         "(or pip install 'fastgen[audio]')"]
     assert not out.exists()
+
+
+def test_files_are_the_python_apis_audio(capsys, tmp_path, tiny_mono_dir):
+    """Same seed, same music across entry points: the CLI's file holds the samples the Python API returns."""
+    code, _, stderr = run(capsys, "lofi", "--seed", "5", *gen_args(tiny_mono_dir, tmp_path / "cli", duration="0.6"))
+    assert code == 0, stderr
+    model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, device="cpu")
+    audio = model.generate(["lofi"], fastgen.SamplingParams(duration=0.6, seed=5))[0].audio
+    fastgen.audio.write_audio(tmp_path / "api.wav", audio, SR)
+    assert audio_files(tmp_path / "cli")[0].read_bytes() == (tmp_path / "api.wav").read_bytes()

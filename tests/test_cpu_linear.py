@@ -1,18 +1,19 @@
-"""The decoder's linear paths: every candidate computes the same product, the choice is a measured one and is made
-once per process and shape, the opaque packed paths run under torch.compile as one custom operator, and the fused
+"""The decoder's linear paths: every candidate computes the same product, the choice is a rule (the first path
+that runs the shape here, never a timing), the opaque packed paths run under torch.compile as one custom operator, and the fused
 kernels get plain weights back."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastgen.kernels import cpu_gemv
-from fastgen.model import linear as linear_module
-from fastgen.model.linear import (CPU_PATHS, DenseLinear, DynamicInt8Linear, Int4Linear, PackedLinear, build_linears,
-                                  choose_cpu_path, make_linear)
+from fastgen.model import cpu_paths
+from fastgen.model.cpu_paths import CPU_PATHS, build_linears, choose_cpu_path, make_linear
+from fastgen.model.linear import DenseLinear, DynamicInt8Linear, Int4Linear, PackedLinear
 from fastgen.model.musicgen import MusicgenModel, cpu_has_native_bf16, parse_dtype
 
 
@@ -36,39 +37,33 @@ def test_paths_compute_the_same_product(path, dtype, tol):
     assert linear.nbytes == weight.numel() * weight.element_size()
 
 
-def test_choice_is_measured_once_per_shape(monkeypatch):
-    timed = []
-    real = linear_module._time_pass
-    monkeypatch.setattr(linear_module, "_time_pass", lambda linears, x: timed.append(linears[0].path) or
-                        real(linears, x))
-    monkeypatch.setattr(linear_module, "_CHOSEN", {})
-    runnable = [p for p in CPU_PATHS if p != "gemv" or cpu_gemv.unavailable_reason(torch.float32) is None]
+def test_the_choice_is_a_rule_not_a_race(monkeypatch):
+    """The path is the first of CPU_PATHS that runs the shape here, nothing is timed, and every weight of the role
+    takes it: the same in every process on this machine."""
+    gemv_runs = cpu_gemv.unavailable_reason(torch.float32) is None  # builds the kernels first, if need be
+    monkeypatch.setattr(cpu_paths, "_CHOSEN", {})
+    monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("a load-time choice timed something"))
     weights = [torch.randn(80, 56) for _ in range(3)]
-    first = choose_cpu_path(weights)
-    assert first in CPU_PATHS and sorted(timed) == sorted(runnable)  # every candidate this CPU runs was timed
-    assert choose_cpu_path(weights) == first and len(timed) == len(runnable)  # cached: not timed again
-    timed.clear()
-    assert choose_cpu_path([torch.randn(72, 56)]) != "gemv" and "gemv" not in timed  # N not a multiple of 16
+    expected = "gemv" if gemv_runs else choose_cpu_path(weights[0])
+    assert choose_cpu_path(weights[0]) == expected and expected in CPU_PATHS
     built = build_linears([lambda w=w: w for w in weights], device=torch.device("cpu"), dtype=torch.float32,
                           quantization=None)
-    assert {b.path for b in built} == {first}
+    assert {b.path for b in built} == {expected}
+    assert choose_cpu_path(torch.randn(72, 56)) != "gemv"  # N not a multiple of 16: the next path that runs it
+    assert cpu_paths.chosen_paths() == {(torch.float32, (80, 56)): expected,
+                                        (torch.float32, (72, 56)): choose_cpu_path(torch.randn(72, 56))}
 
 
-def test_int8_kernel_is_measured_too(monkeypatch):
-    """quantization="int8" on a CPU times aten's int8 kernel against the GEMV over int8 codes, like the float paths,
-    and builds every weight of the role with the winner."""
-    timed = []
-    real = linear_module._time_pass
-    monkeypatch.setattr(linear_module, "_time_pass", lambda linears, x: timed.append(linears[0].kernel) or
-                        real(linears, x))
-    monkeypatch.setattr(linear_module, "_CHOSEN", {})
+def test_int8_takes_the_gemv_where_it_runs(monkeypatch):
+    """quantization="int8" on a CPU: the GEMV over int8 codes where it runs, else aten's int8 kernel, for every
+    weight of the role."""
+    monkeypatch.setattr(cpu_paths, "_CHOSEN", {})
     weights = [torch.randn(64, 48) for _ in range(3)]
     built = build_linears([lambda w=w: w for w in weights], device=torch.device("cpu"), dtype=torch.float32,
                           quantization="int8")
-    runnable = ["int8pack"] + (["gemv"] if cpu_gemv.unavailable_reason(torch.int8) is None else [])
-    assert sorted(timed) == sorted(runnable)
-    chosen = linear_module.chosen_paths()[("int8", (64, 48), 2, torch.get_num_threads())]
-    assert {b.kernel for b in built} == {"gemv" if chosen == "int8-gemv" else "int8pack"}
+    gemv_runs = cpu_gemv.unavailable_reason(torch.int8) is None
+    assert cpu_paths.chosen_paths()[("int8", (64, 48))] == ("int8-gemv" if gemv_runs else "int8")
+    assert {b.kernel for b in built} == {"gemv" if gemv_runs else "int8pack"}
     x = torch.randn(2, 48)
     for linear in built:  # the quantised product (aten's kernel rounds x to bf16)
         expected = F.linear(x, linear.q.float() * linear.scale[:, None])

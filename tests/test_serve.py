@@ -334,3 +334,16 @@ def test_serve_flags_reach_the_engine(tiny_mono_dir):
         engine.shutdown_sync()
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantize", "int3"])
+
+
+def test_a_seeded_request_is_the_python_apis_audio(live, tiny_mono_dir):
+    """Same seed, same music across entry points: the server's samples are the Python API's (PCM16 of them)."""
+    from fastgen import MusicGen, SamplingParams
+    from fastgen.serve.encoding import pcm16
+    with httpx.Client(base_url=live.url, headers=AUTH, timeout=TIMEOUT) as client:
+        served = client.post("/v1/audio/generate", json={"prompt": "a tune", "duration": 0.8, "seed": 5,
+                                                          "response_format": "pcm"})
+    assert served.status_code == 200, served.text
+    audio = MusicGen.from_pretrained(tiny_mono_dir, device="cpu").generate(
+        ["a tune"], SamplingParams(duration=0.8, seed=5))[0].audio
+    assert served.content == pcm16(audio)

@@ -181,10 +181,11 @@ class ModelRunner:
     @property
     def text_alone(self) -> bool:
         """Whether each prompt is T5-encoded (and projected) on its own rather than in one padded batch with the
-        prompts admitted beside it: on the batch-invariant path (the fused projections), whose promise is that a
-        request's codes depend only on its prompt, parameters and seed. A GEMM library picks algorithms by row
-        count, so a batched T5 could move a prompt's last bits with its fellow prompts. Costs one T5 call a prompt."""
-        return self.decoder.linear_backend == "triton"
+        prompts admitted beside it: on the batch-invariant paths (the fused projections, and every CPU path), whose
+        promise is that a request's codes depend only on its prompt, parameters and seed. A GEMM library picks
+        algorithms by row count, and padding changes the attention's row lengths, so a batched T5 could move a
+        prompt's last bits with its fellow prompts. Costs one T5 call a prompt."""
+        return self.decoder.linear_backend == "triton" or self.device.type == "cpu"
 
     @torch.inference_mode()
     def encode_text(self, token_ids: list[list[int]]) -> list[torch.Tensor]:

@@ -13,11 +13,15 @@ import numpy as np
 import torch
 
 from fastgen.errors import CheckpointError
+from fastgen.model.codec_convs import make_thread_invariant
 from fastgen.model.loader import check_weights, load_submodule, take_prefixed
 
 STAGE_DTYPE = torch.float32
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # T5's fast tokenizer, or its sentencepiece model
 DECODE_BATCH = 8  # clips per EnCodec call: its activations grow with batch × samples (30 s clips: ~1 GB each)
+# On a CPU each clip is decoded alone: a convolution's algorithm (and so its last bits) can change with the batch, and
+# a request's audio must not depend on which requests finished beside it. A CUDA GPU batches for throughput.
+CPU_DECODE_BATCH = 1
 
 
 @contextlib.contextmanager
@@ -118,6 +122,8 @@ class AudioCodec:
             # paddings) that a checkpoint does not carry
             model = EncodecModel(config)
         self.model = load_submodule(model, own, "audio_encoder", optional).to(device, STAGE_DTYPE).eval()
+        if device.type == "cpu":  # the same audio at any thread count
+            make_thread_invariant(self.model)
         self.device = device
         self.audio_channels = audio_channels
         self.sample_rate = config.sampling_rate
@@ -137,14 +143,15 @@ class AudioCodec:
 
     @torch.inference_mode()
     def decode(self, codes: list[torch.Tensor]) -> list[np.ndarray]:
-        """Codes [K, frames] per request → audio [channels, samples] float32. Requests of equal length are decoded
-        together; different lengths are never padded into one batch (padding changes EnCodec's output)."""
+        """Codes [K, frames] per request → audio [channels, samples] float32. On CUDA, requests of equal length are
+        decoded together; different lengths are never padded into one batch (padding changes EnCodec's output). On a
+        CPU each alone (CPU_DECODE_BATCH)."""
+        batch_size = CPU_DECODE_BATCH if self.device.type == "cpu" else DECODE_BATCH
         results: list[np.ndarray | None] = [None] * len(codes)
         by_length: dict[int, list[int]] = {}
         for i, c in enumerate(codes):
             by_length.setdefault(c.shape[-1], []).append(i)
-        chunks = [group[i:i + DECODE_BATCH] for group in by_length.values()
-                  for i in range(0, len(group), DECODE_BATCH)]
+        chunks = [group[i:i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
         for indices in chunks:
             batch = torch.stack([codes[i] for i in indices]).to(self.device)  # [n, K, frames]
             channels = [batch] if self.audio_channels == 1 else [batch[:, 0::2], batch[:, 1::2]]

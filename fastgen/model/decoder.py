@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
-from fastgen.model.linear import QUANTIZED_PATHS, DenseLinear, Int8Linear, Linear, build_linears
+from fastgen.model.cpu_paths import build_linears
+from fastgen.model.linear import QUANTIZED_PATHS, DenseLinear, Int8Linear, Linear
 from fastgen.model.ops import Ops, StepContext
 from fastgen.model.projections import LINEAR_BACKENDS, FusedProjections, TorchProjections
 from fastgen.model.quantize import FUSED_KERNEL_QUANTIZATIONS, validate_quantization

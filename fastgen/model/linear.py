@@ -1,16 +1,13 @@
 """The decoder's projections at decode shapes (a handful of rows: 2 per request under CFG), each in the layout its
-fastest path wants, chosen by measurement rather than by vendor name.
+path wants. Which path a role's weights take is fastgen.model.cpu_paths' rule, never a measurement.
 
 On a CPU, the stock ``F.linear`` is MKL's SGEMM in fp32, whose small-M code streams weights far below the memory
 bandwidth on some CPUs (AMD EPYCs: ~6 GB/s at 2 rows); oneDNN's inner product over a weight reordered once into
 its blocked layout runs at ~0.75 of the read bandwidth, in fp32, and in bf16 where the CPU has AVX-512; and
 fastgen's own GEMV (fastgen.kernels.cpu_gemv, AVX-512 or AVX2) over a weight packed into one stream per 16 outputs
-runs at or near the read bandwidth. Which is faster depends on the CPU, its libraries and the shapes, so
-``choose_cpu_path`` times the candidates at load on the model's own weights (all layers of a shape, so they stream
-from DRAM as in a real step), once per process per (dtype, shape, rows, threads). Weight-only int8
-(fastgen.model.quantize) is measured the same way between ``aten._weight_int8pack_mm`` and the GEMV over int8
-codes, and runs as a Triton GEMV on CUDA; int8 with dynamically quantised activations runs through fbgemm's dynamic
-linear (CPU only).
+runs at or near the read bandwidth. Weight-only int8 (fastgen.model.quantize) runs through the GEMV over int8 codes
+or ``aten._weight_int8pack_mm`` on a CPU and as a Triton GEMV on CUDA; int8 with dynamically quantised activations
+runs through fbgemm's dynamic linear (CPU only).
 
 Every Linear computes y = x @ W^T for x [..., K] and ``add_to(residual, x)`` = residual + x @ W^T (fused where the
 path can). torch.compile (compile_step) cannot trace the opaque packed weights of oneDNN and fbgemm, so under it
@@ -19,10 +16,8 @@ call their kernels directly. The GEMV is a registered operator with a fake, trac
 from __future__ import annotations
 
 import itertools
-import time
 import warnings
 import weakref
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +27,6 @@ from fastgen.model.quantize import INT4_GROUP_SIZE, dequantize_int4, dequantize_
 
 # the rows a decode step multiplies: one request, its cond and uncond rows
 DECODE_ROWS = 2
-CPU_PATHS = ("aten", "onednn-packed", "gemv")
-INT8_CPU_PATHS = ("int8", "int8-gemv")  # weight-only int8: aten's _weight_int8pack_mm, fastgen's GEMV
-# the candidates run over this many bytes of weights: well past any L3 cache, so they stream from DRAM
-MEASURE_BYTES = 96 << 20
-_CHOSEN: dict[tuple, str] = {}  # (dtype, N, K, rows, threads) → path, measured once per process
 _INT8PACK_K_MULTIPLE = 16  # _weight_int8pack_mm crashes (segfault) on other K in torch 2.13
 _INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses other N
 
@@ -169,12 +159,11 @@ class GemvLinear:
 
 
 class Int8Linear:
-    """Weight-only int8: y = (x @ q^T) * scale, per output channel. On a CPU, one of two kernels, chosen by
-    measurement at load (``build_linears``): fastgen's GEMV (fastgen.kernels.cpu_gemv, ``cpu_kernel="gemv"``: the
-    codes packed in its layout, widened to fp32 in registers) or ``aten._weight_int8pack_mm`` (the default) with bf16
+    """Weight-only int8: y = (x @ q^T) * scale, per output channel. On a CPU, one of two kernels, chosen at load by
+    fastgen.model.cpu_paths: fastgen's GEMV (fastgen.kernels.cpu_gemv, ``cpu_kernel="gemv"``: the codes packed in
+    its layout, widened to fp32 in registers) or, where that cannot run, ``aten._weight_int8pack_mm`` with bf16
     activations (its fp32 path is several times slower, so fp32 inputs go through bf16 and come back); shapes neither
-    takes (tiny test models) multiply by the dequantised weight, made once. CUDA: the Triton GEMV in
-    fastgen.kernels.int8_linear."""
+    takes multiply by the dequantised weight, made once. CUDA: the Triton GEMV in fastgen.kernels.int8_linear."""
     path = "int8"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, cpu_kernel: str | None = None) -> None:
@@ -322,99 +311,3 @@ def cpu_has_vnni() -> bool:
 
 Linear = DenseLinear | PackedLinear | GemvLinear | Int8Linear | DynamicInt8Linear | Int4Linear
 QUANTIZED_PATHS = tuple(q for q in QUANTIZATIONS if q)  # Linear.path of the quantised kinds
-
-
-def _time_pass(linears: list, x: torch.Tensor, passes: int = 3) -> float:
-    """Median seconds of one pass over every weight (a pass streams them all, as a step does)."""
-    for linear in linears[:2]:
-        linear(x)
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        for linear in linears:
-            linear(x)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def choose_cpu_path(weights: list[torch.Tensor], rows: int = DECODE_ROWS, quantization: str | None = None) -> str:
-    """The fastest CPU path for these same-shape float weights at ``rows`` rows: each candidate (CPU_PATHS, or
-    INT8_CPU_PATHS for ``quantization="int8"``, which quantise the weights first) runs over all of them (from DRAM,
-    like a step) and the quickest median wins. Cached per process by dtype (or "int8"), shape, rows and the intra-op
-    thread count; a candidate the CPU does not support (oneDNN's bf16 reorder without AVX-512, the GEMV without
-    AVX2) is skipped."""
-    w = weights[0]
-    candidates = INT8_CPU_PATHS if quantization == "int8" else CPU_PATHS
-    key = (quantization or w.dtype, tuple(w.shape), rows, torch.get_num_threads())
-    if key in _CHOSEN:
-        return _CHOSEN[key]
-    x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-    timings = {}
-    with torch.inference_mode():
-        for path in candidates:
-            try:
-                linears = [make_linear(weight, path) for weight in weights]
-                timings[path] = _time_pass(linears, x)
-            except RuntimeError:  # not supported on this CPU / dtype
-                continue
-            finally:
-                linears = []
-    _CHOSEN[key] = min(timings, key=timings.get) if timings else candidates[0]
-    return _CHOSEN[key]
-
-
-def make_linear(weight: torch.Tensor, path: str) -> Linear:
-    if path == "aten":
-        return DenseLinear(weight)
-    if path == "onednn-packed":
-        return PackedLinear(weight)
-    if path == "gemv":
-        return GemvLinear(weight)
-    if path == "int8":
-        return Int8Linear.from_float(weight)
-    if path == "int8-gemv":
-        return Int8Linear.from_float(weight, cpu_kernel="gemv")
-    raise ValueError(f"unknown linear path {path!r}")
-
-
-def build_linears(loaders: list[Callable[[], torch.Tensor]], *, device: torch.device, dtype: torch.dtype,
-                  quantization: str | None) -> list[Linear]:
-    """One role's weights (every layer's fc1, say: one shape), each read by its loader (float, as in the checkpoint)
-    → Linears. The quantisations quantise each from the checkpoint's float values; a CPU measures its float paths,
-    and its int8 kernels, on the first weights (about MEASURE_BYTES of them) and converts every weight as it is
-    read, so memory never holds a role twice; other devices use the stock path (int8: the Triton GEMV)."""
-    def cast(load: Callable[[], torch.Tensor]) -> torch.Tensor:
-        weight = load()  # a meta tensor stands for a missing weight: the checkpoint reader reports those at the end
-        return weight if weight.is_meta else weight.to(device=device, dtype=dtype)
-
-    if quantization == "int8" and device.type == "cpu":  # measured like the float paths, over as many codes
-        return _measured_linears(loaders, lambda load: load(), quantization, bytes_per_weight=1)
-    if quantization in QUANTIZED_PATHS:
-        kind = {"int8": Int8Linear, "int8-dynamic": DynamicInt8Linear, "int4": Int4Linear}[quantization]
-        return [kind.from_float(w) if not w.is_meta else DenseLinear(w) for w in (load() for load in loaders)]
-    if device.type != "cpu":
-        return [DenseLinear(cast(load)) for load in loaders]
-    return _measured_linears(loaders, cast, None, bytes_per_weight=dtype.itemsize)
-
-
-def _measured_linears(loaders: list[Callable[[], torch.Tensor]], read: Callable, quantization: str | None,
-                      bytes_per_weight: int) -> list[Linear]:
-    """CPU Linears on the path choose_cpu_path measures fastest over the first weights (about MEASURE_BYTES of what
-    the path streams), each weight read and converted in turn."""
-    remaining = iter(loaders)
-    sample: list[torch.Tensor] = []
-    for load in remaining:
-        sample.append(read(load))
-        if sum(w.numel() for w in sample) * bytes_per_weight >= MEASURE_BYTES:
-            break
-    if any(w.is_meta for w in sample):  # a missing weight: the loader reports it after reading the rest
-        return [DenseLinear(w) for w in sample] + [DenseLinear(read(load)) for load in remaining]
-    path = choose_cpu_path(sample, quantization=quantization)
-    linears = [make_linear(w, path) for w in sample]
-    del sample
-    return linears + [make_linear(read(load), path) for load in remaining]
-
-
-def chosen_paths() -> dict[tuple, str]:
-    """What choose_cpu_path measured in this process (for benchmarks and logs)."""
-    return dict(_CHOSEN)
