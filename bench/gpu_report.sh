@@ -87,8 +87,9 @@ if [ "${FASTGEN_REPORT_SHIM:-0}" = 1 ] || ! importable "$REPO"; then
     fi
 fi
 
-NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu-dry-run')")
-RESULTS=${OUT:-$REPO/bench/results/gpu-report-$NAME}
+# (the device's name costs a torch import: asked only where $OUT is not set)
+RESULTS=${OUT:-$REPO/bench/results/gpu-report-$("$PY" -c "import torch
+print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu-dry-run')")}
 mkdir -p "$RESULTS"
 LOG="$RESULTS/report.log"
 : >"$LOG"

@@ -20,8 +20,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import atomic_write_text, checkpoint, machine_name  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # bench/common.py, imported where needed: it imports fastgen, torch
 
 
 def versions(imported: str, out: Path) -> None:
@@ -31,6 +30,7 @@ def versions(imported: str, out: Path) -> None:
     import triton
 
     import fastgen
+    from common import atomic_write_text, machine_name
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [f"machine: {machine_name(device)}",
              f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  "
@@ -180,6 +180,7 @@ def main() -> None:
     if args.command == "versions":
         versions(args.imported, args.out)
     elif args.command == "checkpoint":
+        from common import checkpoint
         print(checkpoint(args.model, args.dtype))
     elif args.command == "pytest":
         sys.exit(parallel_pytest(args.junit, args.group, args.pytest_args))
