@@ -11,7 +11,7 @@
 # transformers and start CUDA; a cold Triton compile costs ~0.5 s a kernel variant (the AOT compile of the ~150 engine
 # configs for sm_90 takes ~60 CPU-s); musicgen-small's graph-replayed step ~0.5 ms at batch 1 (its weights' floor is
 # ~0.25 ms) and ~5 ms at batch 256 near position 250 (the KV cache it reads), transformers' eager step 20-30 ms.
-#        ~10 s          import checks and the device name, before the steps
+#    10-20 s            the CUDA and import checks (and the editable install where fastgen is not installed)
 #   1.   ~5 /  15 s     versions.txt   versions, device, how fastgen was imported
 #   2.  ~40 /  75 s     smoke.json     tiny model: graph replay vs eager Triton vs torch backend vs transformers (fp32
 #                                      greedy codes, mono and stereo), bf16 finite, steps_per_call 4 = 1, AsyncEngine
@@ -27,12 +27,12 @@
 #   6.  ~45 /  60 s     e2e.jsonl      musicgen-small (random weights) bf16 batch 1, 40 and 80 steps twice: fastgen,
 #                                      transformers (~320 eager steps with the warm-up: ~8 s), fastgen steps_per_call 4;
 #                                      each in its own process, a line each
-#   7.  ~55 /  70 s     throughput.jsonl  256 requests x 10 s: fastgen (~500 steps at bucket 256: ~3 s), then
+#   7.  ~55 /  75 s     throughput.jsonl  256 requests x 10 s: fastgen (~500 steps at bucket 256: ~3 s), then
 #                                      transformers in one batch of 256 (~500 eager steps at ~30-40 ms, its KV cache
 #                                      copied by torch.cat each step; EnCodec 8 clips a call)
-#   8.  ~20 /  30 s     kernels.json   the quick kernel bench
-#        ~3 s           the summary
-# In all ~265 s expected; 395 s of timeouts and ~13 s around them fit the 420 s budget.
+#   8.  ~20 /  25 s     kernels.json   the quick kernel bench
+#        <1 s           the summary
+# In all ~265 s expected; 395 s of timeouts and 10-20 s around them fit the 420 s budget.
 # Results go to $OUT when it is set, else bench/results/gpu-report-<device>/: these 7 files and report.log (every
 # step's output, and the summary of the key numbers, printed last).
 set -u -o pipefail
@@ -159,10 +159,10 @@ step e2e 60 "$PY" "$B/e2e.py" --device "$DEVICE" --dtype "$DTYPE" --models "$SMA
     --repeats "$REPEATS" --systems "$E2E_SYSTEMS" --jsonl "$RESULTS/e2e.jsonl"
 # 7. throughput: fastgen, then transformers in one static batch
 : >"$RESULTS/throughput.jsonl"
-step throughput 70 "$PY" "$B/throughput.py" --device "$DEVICE" --dtype "$DTYPE" --model "$SMALL" \
+step throughput 75 "$PY" "$B/throughput.py" --device "$DEVICE" --dtype "$DTYPE" --model "$SMALL" \
     --requests "$REQUESTS" --seconds "$SECONDS_EACH" --tf-batches "$TF_BATCH" --jsonl "$RESULTS/throughput.jsonl"
 # 8. the quick kernel bench
-step kernel-bench 30 "$PY" "$B/kernel_bench.py" --quick --out "$RESULTS/kernels.json"
+step kernel-bench 25 "$PY" "$B/kernel_bench.py" --quick --out "$RESULTS/kernels.json"
 [ -f "$RESULTS/kernels.json" ] || "$PY" -c "import json, sys; json.dump({'skipped': 'bench/kernel_bench.py measures \
 compiled kernels on CUDA only; none ran here'}, open(sys.argv[1], 'w'))" "$RESULTS/kernels.json"
 
