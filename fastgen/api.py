@@ -16,6 +16,7 @@ from fastgen.audio import prepare_audio_prompt
 from fastgen.config import EngineConfig, FrameLimits, ModelConfig
 from fastgen.engine import longform
 from fastgen.engine.engine import Engine
+from fastgen.engine.threads import resolve_cpu_threads
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.errors import RequestError, RequestFailed
 from fastgen.model.musicgen import MusicgenModel
@@ -61,13 +62,16 @@ class MusicGen:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
-                        **engine_options: Any) -> "MusicGen":
+                        cpu_threads: int | None = None, **engine_options: Any) -> "MusicGen":
         """Load a MusicGen checkpoint folder (config.json, safetensors weights, tokenizer, generation_config.json)
-        or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …)."""
+        or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …).
+        ``cpu_threads``: on a CPU, the intra-op thread count the engine's decode runs with (default
+        $FASTGEN_CPU_THREADS, else the calling thread's count: torch's default unless changed)."""
         config = EngineConfig(**engine_options)  # bad options fail before the weights are read
+        cpu_threads = resolve_cpu_threads(cpu_threads)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    quantization=config.quantization, compiled=config.compile_step)
-        return cls(Engine(model, config))
+        return cls(Engine(model, config, cpu_threads))
 
     @staticmethod
     def inspect(name_or_path: str | Path, max_duration_s: float | None = None, *,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastgen.config import QUANTIZATIONS, QUANTIZE_HELP
 from fastgen.errors import FastgenError
+from fastgen.serve.server import COMPILE_HELP, THREADS_HELP  # (argparse only: FastAPI is imported when serving)
 
 BUILTIN_DIR = Path.home() / ".cache" / "fastgen" / "builtin-tiny-random"
 NOISE_WARNING = ("note: no --model given, so fastgen uses its built-in tiny checkpoint with RANDOM weights; it makes "
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's trained 30 s)")
     gen.add_argument("--kv-cache-gib", type=float, metavar="GIB",
                      help="KV-cache memory budget (default: 2 GiB on a CPU, 75%% of free memory on a GPU)")
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step (CPU: several times faster on small models after a "
-                          "one-off compile of tens of seconds; needs a C++ compiler)")
+    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (default: off)")
+    gen.add_argument("--threads", type=int, metavar="N",
+                     help=THREADS_HELP % "torch's, one per core")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
     gen.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                      help="on SIGINT/SIGTERM, let running requests finish for this long (default: 10)")
@@ -107,6 +108,7 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     import fastgen
     from fastgen.batch.manifest import items_from_prompts, read_manifest
     from fastgen.batch.run import JobSpec, run_job
+    from fastgen.engine.threads import resolve_cpu_threads
 
     defaults = fastgen.SamplingParams(
         duration=args.duration, guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
@@ -148,6 +150,9 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     if args.quantize:
         options["quantization"] = args.quantize
     fastgen.EngineConfig(**options)  # bad engine options fail here, before anything is loaded
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    threads = resolve_cpu_threads(args.threads)  # a bad $FASTGEN_CPU_THREADS fails now too
     if not args.grace >= 0:
         raise ValueError(f"--grace must be ≥ 0 seconds, got {args.grace}")
 
@@ -161,7 +166,7 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     spec = JobSpec(items=items, out=args.out, model=model, model_name=name, extension=f".{args.format}",
                    device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, engine_options=options,
                    skip_existing=args.skip_existing, grace_s=args.grace, resume_command=shlex.join(["fastgen", *resume]),
-                   ray_workers=(args.workers or 1) if args.ray else None)
+                   ray_workers=(args.workers or 1) if args.ray else None, cpu_threads=threads)
     return run_job(spec)
 
 

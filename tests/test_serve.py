@@ -347,3 +347,43 @@ def test_a_seeded_request_is_the_python_apis_audio(live, tiny_mono_dir):
     audio = MusicGen.from_pretrained(tiny_mono_dir, device="cpu").generate(
         ["a tune"], SamplingParams(duration=0.8, seed=5))[0].audio
     assert served.content == pcm16(audio)
+
+
+def test_serve_threads_reach_the_engine_and_the_load_line_says_so(tiny_mono_dir):
+    """`fastgen serve --threads N`: the engine's loop decodes with N intra-op threads, and once loaded the server
+    logs the model, device, dtype, quantization, slots and threads (uvicorn's logger, shown at --log-level info)."""
+    import argparse
+    import logging
+
+    import torch
+
+    from fastgen import SamplingParams
+    from fastgen.serve.server import add_arguments, engine_factory
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="--threads must be a positive integer"):
+        engine_factory(parser.parse_args(["--model", str(tiny_mono_dir), "--threads", "0"]))
+    args = parser.parse_args(["--model", str(tiny_mono_dir), "--device", "cpu", "--max-slots", "2", "--threads", "2",
+                              "--quantize", "int8"])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        engine = engine_factory(args)()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    try:
+        seen = []
+        engine.engine.listeners.append(lambda request, kind, payload: seen.append(torch.get_num_threads()))
+        engine.submit("a", SamplingParams(duration=0.1)).result(timeout=120)
+        assert engine.cpu_threads == 2 and set(seen) == {2}
+    finally:
+        engine.shutdown_sync()
+    (line,) = [r.getMessage() for r in records]
+    assert line.startswith(f"fastgen: loaded {tiny_mono_dir} on cpu: dtype ")
+    assert "quantization int8, 2 slot(s) of up to 300.00 s, 2 decode thread(s) (in " in line

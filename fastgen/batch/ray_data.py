@@ -88,7 +88,7 @@ def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *,
     context.enable_progress_bars = False  # fastgen prints its own lines; Ray's would repeat every 10 s
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpu = device.startswith("cuda")
-    threads = None if gpu else max(1, (os.cpu_count() or 1) // workers)
+    threads = None if gpu else spec.cpu_threads or max(1, (os.cpu_count() or 1) // workers)
     options = dict(spec.engine_options)
     batch_size = batch_size or options.get("max_slots") or DEFAULT_BATCH
     print(f"running on Ray Data: {workers} worker(s), one engine each on {'a GPU' if gpu else 'the CPU'}, "

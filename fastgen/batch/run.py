@@ -46,6 +46,7 @@ class JobSpec:
     grace_s: float = GRACE_S
     resume_command: str = ""                   # printed when interrupted
     ray_workers: int | None = None             # run on Ray Data with this many engines
+    cpu_threads: int | None = None             # CPU: the decode's intra-op threads (None: the engine decides)
 
 
 def check_device(device: str | None) -> str:
@@ -128,6 +129,8 @@ def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop
                records: TextIO) -> JobResult:
     import json
 
+    import torch
+
     from fastgen.api import MusicGen
     options = spec.engine_options
     compiling = " and compiling the decode step (a one-off of tens of seconds; cached afterwards)" \
@@ -136,13 +139,16 @@ def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop
     print(f"loading {name} on {device}{compiling}{warmup}…", file=log, flush=True)
     started = time.perf_counter()
     model = MusicGen.from_pretrained(spec.model, device=device, dtype=spec.dtype, allow_pickle=spec.allow_pickle,
-                                     **options)
+                                     cpu_threads=spec.cpu_threads, **options)
     wanted = options.get("max_slots")
     if wanted is not None and model.num_slots < wanted:
         raise ValueError(f"--max-slots {wanted}: the KV-cache budget holds only {model.num_slots} slot(s) of "
                          f"{model.max_duration_s:.1f} s; raise --kv-cache-gib or lower --max-duration")
+    threads = ""
+    if model.engine.device.type == "cpu":
+        threads = f", {model.engine.cpu_threads or torch.get_num_threads()} CPU thread(s)"
     print(f"loaded in {time.perf_counter() - started:.1f} s: {model.num_slots} concurrent slot(s), up to "
-          f"{model.max_duration_s:.2f} s per request", file=log, flush=True)
+          f"{model.max_duration_s:.2f} s per request{threads}", file=log, flush=True)
     progress = Progress(len(items), 0.0, stream=log)
 
     def written(record: dict[str, Any]) -> None:

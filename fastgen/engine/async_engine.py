@@ -6,7 +6,6 @@ loop thread: submissions and aborts reach it through queues."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 
 from fastgen.config import EngineConfig
 from fastgen.engine.engine import Engine
+from fastgen.engine.threads import resolve_cpu_threads
 from fastgen.engine.request import GenerationOutput, Request
 from fastgen.engine.streaming import StreamConfig
 from fastgen.errors import EngineClosed, RequestAborted, RequestError, RequestFailed
@@ -141,27 +141,24 @@ class RequestHandle:
             return self._terminal().output  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def _intra_op_threads(count: int | None):
-    """torch's intra-op thread count of this thread set to ``count`` (None: unchanged) for the block."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
 
 
+# The loop thread's intra-op threads on a CPU when neither cpu_threads nor $FASTGEN_CPU_THREADS says otherwise:
+# OpenMP regions entered from a thread other than the process's first cost ~65 µs each here (vs ~1 µs), which made a
+# CPU step ~5× slower than the same step from the main thread; one intra-op thread avoids them.
+LOOP_CPU_THREADS = 1
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine, cpu_threads: int = 1) -> None:
+    def __init__(self, engine: Engine, cpu_threads: int | None = None) -> None:
+        """``cpu_threads``: on a CPU, the intra-op thread count the loop thread decodes with (default: the engine's
+        own ``cpu_threads``, else $FASTGEN_CPU_THREADS, else 1); the engine records the same number."""
         self.engine = engine
-        self.cpu_threads = cpu_threads
+        self.cpu_threads = resolve_cpu_threads(cpu_threads) or engine.cpu_threads or LOOP_CPU_THREADS
+        engine.cpu_threads = self.cpu_threads
         # request_id → handle, from submit until the engine ends the request; the ids of those not started yet
         self._handles: dict[str, RequestHandle] = {}
         self._waiting: set[str] = set()
@@ -181,15 +178,15 @@ class AsyncEngine:
             raise self._start_error
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, device="cpu", dtype=None, allow_pickle=False, cpu_threads: int = 1,
-                        **engine_options: Any) -> "AsyncEngine":
+    def from_pretrained(cls, name_or_path, *, device="cpu", dtype=None, allow_pickle=False,
+                        cpu_threads: int | None = None, **engine_options: Any) -> "AsyncEngine":
+        """``cpu_threads``: as for AsyncEngine (default $FASTGEN_CPU_THREADS, else 1), checked before loading."""
         config = EngineConfig(**engine_options)
+        cpu_threads = resolve_cpu_threads(cpu_threads, default=LOOP_CPU_THREADS)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    quantization=config.quantization, compiled=config.compile_step)
-        # built with the loop thread's thread count, so a compiled step (compile_step) is compiled for it once
-        with _intra_op_threads(cpu_threads if model.decoder.device.type == "cpu" else None):
-            engine = Engine(model, config)
-        return cls(engine, cpu_threads)
+        # the engine is built with the loop thread's count, so a compiled step (compile_step) is compiled for it once
+        return cls(Engine(model, config, cpu_threads), cpu_threads)
 
     # ---------------------------------------------------------------------------------------- caller side
     def submit(self, prompt: str | None, params: SamplingParams | None = None,
@@ -257,10 +254,7 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------------------------------- loop thread
     def _loop(self) -> None:
-        if self.engine.device.type == "cpu":
-            # OpenMP regions entered from a thread other than the process's first cost ~65 µs each here (vs ~1 µs),
-            # which made a CPU step ~5× slower than the same step from the main thread; one intra-op thread avoids
-            # them (the setting is per thread: the caller's threads keep theirs)
+        if self.engine.device.type == "cpu":  # (see LOOP_CPU_THREADS; the setting is per thread: callers keep theirs)
             torch.set_num_threads(self.cpu_threads)
         try:
             self.engine.runner.ensure_compiled()  # no-op unless compiled for another thread count

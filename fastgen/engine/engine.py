@@ -3,6 +3,7 @@
 MusicGen.generate and the CLI run on it; the AsyncEngine drives it from a background thread."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -16,6 +17,7 @@ from fastgen.config import EngineConfig, FrameLimits
 from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.intake import RequestIntake
 from fastgen.engine.stage_worker import StageWorker
+from fastgen.engine.threads import intra_op_threads, resolve_cpu_threads
 from fastgen.engine.streaming import AudioStreamer, StreamConfig
 from fastgen.engine.request import GenerationOutput, Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
@@ -35,10 +37,14 @@ logger = logging.getLogger("fastgen")
 
 
 class Engine:
-    def __init__(self, model: MusicgenModel, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model: MusicgenModel, config: EngineConfig = EngineConfig(),
+                 cpu_threads: int | None = None) -> None:
+        """``cpu_threads``: on a CPU, the intra-op thread count step() runs with (default $FASTGEN_CPU_THREADS, else
+        the calling thread's count); recorded as ``self.cpu_threads``."""
         self.model = model
         self.config = config
         self.device = model.decoder.device
+        self.cpu_threads = resolve_cpu_threads(cpu_threads)
         if config.quantization is not None and config.quantization != model.decoder.quantization:
             raise ValueError(f"quantization={config.quantization!r} but the model was loaded without it: pass it "
                              "to from_pretrained (or MusicgenModel.load), which quantises at load")
@@ -69,10 +75,11 @@ class Engine:
                              "Triton kernels are compiled already and run as CUDA graphs")
         model.decoder.set_linear_backend(linear_backend)  # before graph capture: the graphs record its launches
         num_slots = self._plan_slots()
-        self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
-                                  max_frames=self.slot_frames, max_text_tokens=config.max_text_tokens,
-                                  compile_step=config.compile_step, steps_per_call=config.steps_per_call,
-                                  max_request_frames=self.max_frames)
+        with self._threads():  # a compiled step is compiled for the thread count it will run with
+            self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
+                                      max_frames=self.slot_frames, max_text_tokens=config.max_text_tokens,
+                                      compile_step=config.compile_step, steps_per_call=config.steps_per_call,
+                                      max_request_frames=self.max_frames)
         self.scheduler = Scheduler(num_slots)
         if linear_backend == "triton":  # split-K scratch for the most rows a step runs, before any graph capture
             model.decoder.reserve_fused_scratch(2 * self.runner.total_slots)
@@ -93,11 +100,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, device: str | torch.device = "cpu", dtype=None,
-                        allow_pickle: bool = False, **engine_options) -> "Engine":
+                        allow_pickle: bool = False, cpu_threads: int | None = None, **engine_options) -> "Engine":
         config = EngineConfig(**engine_options)  # validated before any loading
+        cpu_threads = resolve_cpu_threads(cpu_threads)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    quantization=config.quantization, compiled=config.compile_step)
-        return cls(model, config)
+        return cls(model, config, cpu_threads)
+
+    def _threads(self) -> contextlib.AbstractContextManager:
+        return intra_op_threads(self.cpu_threads if self.device.type == "cpu" else None)
 
     def _plan_slots(self) -> int:
         """As many slots as the KV-cache budget holds, each sized for one window (or the longest request allowed)."""
@@ -240,7 +251,12 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit what fits, advance every running request by ``steps_per_call`` positions (one graph replay on CUDA;
         admissions, aborts and retirements happen between calls), retire what finished. Returns the
-        requests that ended since the last step (finished or failed), outputs attached."""
+        requests that ended since the last step (finished or failed), outputs attached. On a CPU it runs with
+        ``cpu_threads`` intra-op threads (when set)."""
+        with self._threads():
+            return self._step()
+
+    def _step(self) -> list[Request]:
         self._submit_text()
         ended = self._collect_stages(block=not self.scheduler.running and not self.scheduler.has_ready())
         ended += self._admit()
