@@ -36,26 +36,28 @@ from common import PROMPTS, checkpoint, copy_bandwidth, machine_name, quantize_m
 PINNABLE_PATHS = ("aten", "onednn-packed", "gemv")
 
 
-def variant_name(dtype: str, quantization: str | None, compiled: bool, cpu_path: str | None = None) -> str:
+def variant_name(dtype: str, quantization: str | None, compiled: bool, cpu_path: str | None = None,
+                 layerwise: bool = False) -> str:
     return (dtype + (f"+{quantization}" if quantization else "") + (f"+{cpu_path}" if cpu_path else "")
-            + (" compiled" if compiled else ""))
+            + ("+layerwise" if layerwise else "") + (" compiled" if compiled else ""))
 
 
 def parse_variant(spec: str) -> dict:
     """"float32+int4+compiled" → {"dtype": "float32", "quantization": "int4", "compiled": True, "cpu_path": None};
-    "bfloat16+onednn-packed" pins the projections to oneDNN's packed path."""
+    "bfloat16+onednn-packed" pins the projections to oneDNN's packed path; "+layerwise" runs an eager step's layers
+    one operator at a time instead of through fastgen.kernels.cpu_decoder_layers (the same result)."""
     dtype, *rest = spec.split("+")
-    compiled = "compiled" in rest
+    flags = {"compiled", "layerwise"}
     paths = [part for part in rest if part in PINNABLE_PATHS]
-    quantizations = quantize_modes(",".join(part for part in rest if part != "compiled" and part not in paths))
+    quantizations = quantize_modes(",".join(part for part in rest if part not in flags and part not in paths))
     if dtype not in ("float32", "bfloat16", "float16") or len(quantizations) > 1 or len(paths) > 1:
-        raise SystemExit(f"--variants: cannot read {spec!r} (DTYPE[+QUANTIZATION][+CPU_PATH][+compiled])")
-    return {"dtype": dtype, "quantization": quantizations[0] if quantizations else None, "compiled": compiled,
-            "cpu_path": paths[0] if paths else None}
+        raise SystemExit(f"--variants: cannot read {spec!r} (DTYPE[+QUANTIZATION][+CPU_PATH][+layerwise][+compiled])")
+    return {"dtype": dtype, "quantization": quantizations[0] if quantizations else None, "compiled": "compiled" in rest,
+            "cpu_path": paths[0] if paths else None, "layerwise": "layerwise" in rest}
 
 
 def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled: bool,
-                 cpu_path: str | None = None) -> dict:
+                 cpu_path: str | None = None, layerwise: bool = False) -> dict:
     """An engine with one request admitted, and its step and projections as callables of a position."""
     import torch
 
@@ -73,6 +75,7 @@ def load_variant(model_dir: str, dtype: str, quantization: str | None, compiled:
     paths = sorted({f"{str(k[0]).removeprefix('torch.')} {k[1][0]}x{k[1][1]}: {v}"
                     for k, v in linear_module.chosen_paths().items()})
     runner, decoder = engine.runner, engine.model.decoder
+    decoder.cpu_layers_op = not layerwise
     longest = engine.max_frames / engine.frame_rate  # the slot's full length: every position below is in range
     engine.add_request(PROMPTS[0], fastgen.SamplingParams(duration=longest, guidance_scale=3.0, top_k=250, seed=0))
     engine.step()  # admit and run the first step
@@ -148,7 +151,8 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
 
 def print_row(row: dict) -> None:
-    variant = variant_name(row["dtype"], row["quantization"], row["compiled"], row.get("cpu_path"))
+    variant = variant_name(row["dtype"], row["quantization"], row["compiled"], row.get("cpu_path"),
+                           row.get("layerwise", False))
     for position, r in row["positions"].items():
         print(f"{row['model']:<7}{variant:<30}{row['threads']:>4}{position:>6}{r['step_ms']:>9.2f}"
               f"{r['linears_ms']:>9.2f}{r['rest_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['step_over_floor']:>8.2f}"
@@ -167,7 +171,8 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help="instead of the product of the flags above: a comma list such as "
                              "float32,float32+int4,float32+int4+compiled,bfloat16+compiled; a CPU path "
-                             f"({', '.join(PINNABLE_PATHS)}) in a variant pins its float projections to it")
+                             f"({', '.join(PINNABLE_PATHS)}) in a variant pins its float projections to it; "
+                             "+layerwise runs the eager layers without the one-call C++ operator")
     parser.add_argument("--threads", default="1,2", help="comma list of torch intra-op thread counts")
     parser.add_argument("--positions", default="30,250,1500")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each times every variant once)")

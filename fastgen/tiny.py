@@ -223,7 +223,7 @@ def _musicgen_config(
     )
 
 
-def tiny_config(*, stereo: bool = False) -> MusicgenConfig:
+def tiny_config(*, stereo: bool = False, decoder_layers: int = 2) -> MusicgenConfig:
     """Test-sized MusicGen: T5 width 32 != decoder width 64, so enc_to_dec_proj exists."""
     text_encoder = T5Config(
         vocab_size=_text_vocab_size(),
@@ -245,7 +245,7 @@ def tiny_config(*, stereo: bool = False) -> MusicgenConfig:
         text_encoder,
         audio_encoder,
         hidden=64,
-        layers=2,
+        layers=decoder_layers,
         heads=4,  # head_dim 16: the smallest tile Triton's tl.dot accepts
         ffn=128,
         max_positions=512,
@@ -473,18 +473,20 @@ def _save(
 
 
 def build_tiny_checkpoint(
-    path: str | pathlib.Path, *, stereo: bool = False, seed: int = 0, overwrite: bool = False
+    path: str | pathlib.Path, *, stereo: bool = False, seed: int = 0, overwrite: bool = False,
+    decoder_layers: int = 2,
 ) -> pathlib.Path:
     """Writes a test-sized MusicGen checkpoint to ``path`` and returns the folder.
 
     The same seed gives identical weights (and, with the same library versions,
     identical files). Mono uses 4 codebooks; stereo uses 8 interleaved
     codebooks (left, right, left, ...) decoded by a mono EnCodec, like
-    musicgen-stereo.
+    musicgen-stereo. ``decoder_layers``: 24 gives musicgen-small's structure at a tiny width (for counts that
+    depend on structure, not width).
     """
     path = _prepare_dir(path, overwrite)
     with quiet_token_id_warnings():  # transformers' harmless pad/bos warnings about every MusicgenConfig
-        config = tiny_config(stereo=stereo)
+        config = tiny_config(stereo=stereo, decoder_layers=decoder_layers)
         with _seeded(seed, torch.float32):
             model = MusicgenForConditionalGeneration(config)
         generator = torch.Generator().manual_seed(seed)

@@ -105,4 +105,9 @@ def _decode_attention_shape(q, k_cache, v_cache, cache_rows, span, bias, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-_FAKES = {"gemv_linear": _gemv_linear_shape, "decode_attention": _decode_attention_shape}
+def _decoder_layers_shape(hidden, *rest):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+_FAKES = {"gemv_linear": _gemv_linear_shape, "decode_attention": _decode_attention_shape,
+          "decoder_layers": _decoder_layers_shape}

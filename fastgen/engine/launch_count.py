@@ -125,3 +125,23 @@ def count_decode_step(runner, bucket: int = 1) -> LaunchCount:
         with torch.inference_mode(), count_launches() as count:
             runner.decode_step(slot_ids, SamplerHints(), None, None)
     return count
+
+
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self, count: LaunchCount) -> None:
+        super().__init__()
+        self.count = count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count.by_op[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_operators() -> Iterator[LaunchCount]:
+    """Every operator dispatched under it, views and allocations included, each run as usual: on a CPU each one is
+    a dispatch with Python and often an OpenMP fork/join around it, whatever it computes (the eager CPU step's
+    fixed cost). Operators a C++ operator calls inside itself are not dispatched from Python and are not counted."""
+    count = LaunchCount()
+    with _OperatorCounter(count):
+        yield count

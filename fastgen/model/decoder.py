@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
 from fastgen.errors import CheckpointError
 from fastgen.model.cpu_paths import build_linears
-from fastgen.model.linear import QUANTIZED_PATHS, DenseLinear, Int8Linear, Linear
+from fastgen.model.linear import QUANTIZED_PATHS, DenseLinear, GemvLinear, Int8Linear, Linear
 from fastgen.model.ops import Ops, StepContext
 from fastgen.model.projections import LINEAR_BACKENDS, FusedProjections, TorchProjections
 from fastgen.model.quantize import FUSED_KERNEL_QUANTIZATIONS, validate_quantization
@@ -159,6 +159,10 @@ class MusicgenDecoder:
             self.text_proj = (w.take("enc_to_dec_proj.weight", (d, text_hidden_size)),
                               w.take("enc_to_dec_proj.bias", (d,)))
         w.finish()
+        # an eager CPU step runs its layers in one C++ call where it can (_cpu_layers); False runs them one operator
+        # at a time (the same result, bitwise: for tests and benchmarks)
+        self.cpu_layers_op = True
+        self._cpu_layers_args: tuple | None | bool = False  # False: not worked out yet
         self.projections: Projections = TorchProjections(self.activation, self.final_norm, self.head_logits,
                                                          LAYER_NORM_EPS)
 
@@ -171,6 +175,7 @@ class MusicgenDecoder:
         batch-invariant kernels, on plain weights: a packed CPU layout goes back to [N, K]). Prefill is unaffected."""
         if backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
+        self._cpu_layers_args = False
         if backend == "torch":
             self.projections = TorchProjections(self.activation, self.final_norm, self.head_logits, LAYER_NORM_EPS)
             return
@@ -211,6 +216,7 @@ class MusicgenDecoder:
             for role in ("qkv", "self_out", "cross_q", "cross_out", "fc1", "fc2"):
                 setattr(layer, role, getattr(layer, role).dense())
         self.lm_heads = self.lm_heads.dense()
+        self._cpu_layers_args = False
 
     # ------------------------------------------------------------------------------------------------------------
     def project_text(self, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -238,6 +244,13 @@ class MusicgenDecoder:
         c = self.config
         heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
         p = self.projections
+        layers_args = self._cpu_layers(ops, hidden, cache)
+        if layers_args is not None:  # the same layers as below, in one C++ call (bitwise equal)
+            hidden = torch.ops.fastgen_cpu.decoder_layers(
+                hidden, *layers_args, cache.self_k, cache.self_v, cache.cross_k, cache.cross_v, ctx.rows,
+                ctx.position, ctx.kv_span, ctx.self_bias, ctx.text_span, ctx.cross_bias, self.scale, LAYER_NORM_EPS,
+                c.activation)
+            return p.logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
         for i, layer in enumerate(self.layers):
             q, k, v = p.normed(layer.qkv, hidden, layer.self_norm).view(num_rows, 3, heads, head_dim).unbind(1)
             attn = ops.self_attention(ctx, cache.self_k_layers[i], cache.self_v_layers[i], q, k, v, self.scale)
@@ -249,6 +262,32 @@ class MusicgenDecoder:
 
             hidden = p.add_to(layer.fc2, hidden, p.normed_activated(layer.fc1, hidden, layer.ffn_norm))
         return p.logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
+
+    def _cpu_layers(self, ops: Ops, hidden: torch.Tensor, cache: KVCache) -> tuple | None:
+        """The weights of fastgen.kernels.cpu_decoder_layers (norms, packed, scales), when an eager CPU step can run
+        all its layers through it: the torch projections with every one on fastgen's GEMV (bf16, fp32 or int8
+        codes), the CPU attention kernel, and the cache in the hidden state's dtype. None otherwise; under
+        torch.compile inductor fuses the layers' glue itself."""
+        if not self.cpu_layers_op or torch.compiler.is_compiling() or not getattr(ops, "cpu_attention", False):
+            return None
+        if cache.self_k.dtype != hidden.dtype or hidden.device.type != "cpu" or hidden.dim() != 2:
+            return None
+        if self._cpu_layers_args is False:
+            self._cpu_layers_args = self._cpu_layers_weights()
+        return self._cpu_layers_args
+
+    def _cpu_layers_weights(self) -> tuple | None:
+        from fastgen.kernels import cpu_decoder_layers as kernel
+        linears = [linear for layer in self.layers for linear in layer.linears()]
+        on_gemv = all(isinstance(linear, GemvLinear) or (isinstance(linear, Int8Linear) and linear.kernel == "gemv")
+                      for linear in linears)
+        if (not isinstance(self.projections, TorchProjections) or not on_gemv
+                or self.config.activation not in kernel.ACTIVATIONS or kernel.unavailable_reason(self.dtype)):
+            return None
+        norms = [t for layer in self.layers for pair in (layer.self_norm, layer.cross_norm, layer.ffn_norm)
+                 for t in pair]
+        scales = [linear.scale if isinstance(linear, Int8Linear) else None for linear in linears]
+        return norms, [linear.packed for linear in linears], scales
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM heads of all codebooks: hidden [R, D] → fp32 logits [R, K·V]."""
