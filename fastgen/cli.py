@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     import fastgen
-    from fastgen.batch.manifest import items_from_prompts, read_manifest
+    from fastgen.batch.manifest import Problems, items_from_prompts, read_manifest
     from fastgen.batch.run import JobSpec, run_job
     from fastgen.engine.threads import resolve_cpu_threads
 
@@ -119,11 +119,13 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError(f"--unconditional must be ≥ 0, got {args.unconditional}")
     if args.workers is not None and (not args.ray or args.workers < 1):
         raise ValueError("--workers N (N ≥ 1) goes with --ray")
+    problems = None
     if args.manifest is not None:
         if args.prompts or args.prompts_file or args.unconditional or args.audio_prompt:
             raise ValueError("--manifest holds the whole job: give no prompts, --prompts-file, --unconditional or "
                              "--audio-prompt beside it (a line may name its own audio_prompt)")
-        items = read_manifest(args.manifest, defaults, args.seed)
+        problems = Problems()  # every bad line, reported with the limits' findings before anything loads
+        items = read_manifest(args.manifest, defaults, args.seed, problems)
     else:
         prompts: list[str | None] = list(args.prompts)
         if args.prompts_file is not None:
@@ -166,7 +168,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     spec = JobSpec(items=items, out=args.out, model=model, model_name=name, extension=f".{args.format}",
                    device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, engine_options=options,
                    skip_existing=args.skip_existing, grace_s=args.grace, resume_command=shlex.join(["fastgen", *resume]),
-                   ray_workers=(args.workers or 1) if args.ray else None, cpu_threads=threads)
+                   ray_workers=(args.workers or 1) if args.ray else None, cpu_threads=threads,
+                   problems=problems)
     return run_job(spec)
 
 

@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 import fastgen
-from fastgen.batch.manifest import ManifestError, check_limits, items_from_prompts, read_manifest
+from fastgen.batch.manifest import ManifestError, Problems, check_limits, items_from_prompts, read_manifest
 from fastgen.batch.writer import RESULTS, OutputFolder, OutputFolderBusy, check_out_dir
 
 
@@ -60,6 +60,48 @@ def test_bad_manifest_line_is_one_error_naming_line_and_field(tmp_path, line, na
     with pytest.raises(ManifestError) as info:
         read_manifest(manifest)
     assert "line 2" in str(info.value) and named in str(info.value)
+
+
+def test_every_bad_line_is_reported_at_once(tmp_path):
+    """Fixing a long manifest takes one run, not one per mistake: every bad line, and every bad field of a line."""
+    manifest = write_manifest(tmp_path / "jobs.jsonl",
+                              {"prompt": "ok"},
+                              {"prompt": "a", "top_k": "ten", "temperature": 0},   # two bad fields
+                              {"prompt": "b", "tempo": 3},
+                              {"prompt": "fine", "name": "x"},
+                              '{"prompt": "c"',
+                              {"prompt": "d", "name": "X"})                        # clashes with line 4
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest)
+    problems = info.value.problems
+    assert len(problems) == 5 and str(info.value).startswith("5 problems in the job (nothing was generated):")
+    assert [p.split(":")[0] for p in problems] == [f"{manifest} line {n}" + tail for n, tail in
+                                                  ((2, " (field 'temperature')"), (2, " (field 'top_k')"), (3, ""),
+                                                   (5, ""), (6, ""))]
+    assert "'ten'" in problems[1] and "unknown field 'tempo'" in problems[2] and "not valid JSON" in problems[3]
+    assert "already used by" in problems[4]
+    assert all(p in str(info.value) for p in problems)
+
+
+def test_problems_are_bounded_and_in_line_order(tmp_path):
+    lines = [{"prompt": f"p{i}", "num_samples": 0} for i in range(120)]
+    with pytest.raises(ManifestError) as info:
+        read_manifest(write_manifest(tmp_path / "jobs.jsonl", *lines))
+    message = str(info.value)
+    assert message.startswith("120 problems") and message.endswith("\n  … and 70 more")
+    assert [int(p.split(" line ")[1].split(":")[0]) for p in info.value.problems] == list(range(1, 51))
+    problems = Problems(limit=3)
+    for line in (9, 2, 7, 1, 8):
+        problems.add(f"line {line}", line)
+    assert problems.error().problems == ["line 1", "line 2", "line 7"] and "… and 2 more" in str(problems.error())
+
+
+def test_limits_report_every_output_over(tmp_path, tiny_mono_dir):
+    manifest = write_manifest(tmp_path / "jobs.jsonl", {"prompt": "a", "duration": 2}, {"prompt": "b", "duration": 3},
+                              {"prompt": "c", "duration": 0.5}, {"prompt": "d", "max_new_tokens": 2})
+    with pytest.raises(ManifestError) as info:
+        check_limits(read_manifest(manifest), fastgen.MusicGen.inspect(tiny_mono_dir, max_duration_s=1.0))
+    assert [p.split(" (")[0] for p in info.value.problems] == [f"{manifest} line {n}" for n in (1, 2, 4)]
 
 
 def test_duplicate_variant_names_are_refused(tmp_path):

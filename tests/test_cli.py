@@ -359,6 +359,25 @@ def test_bad_manifest_line_fails_before_loading(capsys, tmp_path, tiny_mono_dir,
     assert code == 2 and "--manifest holds the whole job" in stderr
 
 
+def test_a_manifest_with_three_bad_lines_names_all_three(capsys, tmp_path, tiny_mono_dir, monkeypatch):
+    """Every bad line at once, each naming its line and field, the limits' findings included; nothing loads."""
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text('{"prompt": "ok", "duration": 0.2}\n'
+                        '{"prompt": "a", "top_k": "ten"}\n'
+                        '# a comment\n'
+                        '{"prompt": "b", "duration": 3700}\n'    # over the 3600 s any engine takes
+                        '{"prompt": "c", "duration": 1, "extend_stride": 30}\n')  # over the tiny model's window
+    monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", None)
+    code, _, stderr = run(capsys, "--manifest", str(manifest), *gen_args(tiny_mono_dir, tmp_path / "out"))
+    assert code == 2
+    first, *lines = stderr.strip().splitlines()
+    assert first == "fastgen: error: 3 problems in the job (nothing was generated):"
+    assert [line.split(": ")[0].strip() for line in lines] == [
+        f"{manifest} line 2 (field 'top_k')", f"{manifest} line 4 (field 'duration')",
+        f"{manifest} line 5 (field 'extend_stride')"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_cache_budget_is_an_option_and_max_slots_is_honoured_or_refused(capsys, tmp_path, tiny_mono_dir):
     args = gen_args(tiny_mono_dir, tmp_path / "out", duration="0.1")
     i = args.index("--max-slots")

@@ -15,7 +15,7 @@ from typing import Any, Iterator, TextIO
 
 from fastgen.audio import check_can_write
 from fastgen.batch.job import GRACE_S, JobResult, Progress, StopSignal, run_items
-from fastgen.batch.manifest import JobItem, check_limits
+from fastgen.batch.manifest import JobItem, Problems, check_limits
 from fastgen.batch.writer import OutputFolder, check_out_dir
 from fastgen.config import DEFAULT_MAX_DURATION_S, MAX_REQUEST_DURATION_S
 
@@ -47,6 +47,7 @@ class JobSpec:
     resume_command: str = ""                   # printed when interrupted
     ray_workers: int | None = None             # run on Ray Data with this many engines
     cpu_threads: int | None = None             # CPU: the decode's intra-op threads (None: the engine decides)
+    problems: Problems | None = None           # errors found reading the job: reported with the limits' ones
 
 
 def check_device(device: str | None) -> str:
@@ -118,8 +119,16 @@ def _sized_for(spec: JobSpec) -> JobSpec:
     from fastgen.api import MusicGen
     options = spec.engine_options
     given = options.get("max_duration_s")
-    info = MusicGen.inspect(spec.model, given or MAX_REQUEST_DURATION_S, window_s=options.get("window_s"))
-    longest = check_limits(spec.items, info)
+    problems = spec.problems if spec.problems is not None else Problems()
+    try:
+        info = MusicGen.inspect(spec.model, given or MAX_REQUEST_DURATION_S, window_s=options.get("window_s"))
+    except Exception as exc:  # a bad --model: said alone, or beside the job's own problems
+        if not problems:
+            raise
+        problems.add(str(exc))
+        raise problems.error() from None
+    longest = check_limits(spec.items, info, problems)
+    problems.raise_if_any()
     if given is not None or longest <= DEFAULT_MAX_DURATION_S:
         return spec
     return dataclasses.replace(spec, engine_options={**options, "max_duration_s": longest})
