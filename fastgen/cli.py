@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "manifest line gives a seed)")
     gen.add_argument("--unconditional", type=int, default=0, metavar="N", help="also generate N unconditional clips")
     gen.add_argument("--skip-existing", action="store_true",
-                     help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again)")
+                     help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again); "
+                          "an --out with a results.jsonl is refused without this or --overwrite (default: off)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="start over in an --out that holds an earlier job: its results.jsonl is cleared first and "
+                          "its files replaced as the new ones are written (default: off)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs with native bf16)")
     gen.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], default=None, help=QUANTIZE_HELP)
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     import fastgen
     from fastgen.batch.manifest import Problems, items_from_prompts, read_manifest
-    from fastgen.batch.run import JobSpec, run_job
+    from fastgen.batch.run import JobSpec, check_rerun_flags, run_job
     from fastgen.engine.threads import resolve_cpu_threads
 
     defaults = fastgen.SamplingParams(
@@ -155,6 +159,7 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     threads = resolve_cpu_threads(args.threads)  # a bad $FASTGEN_CPU_THREADS fails now too
+    check_rerun_flags(args.skip_existing, args.overwrite)
     if not args.grace >= 0:
         raise ValueError(f"--grace must be ≥ 0 seconds, got {args.grace}")
 
@@ -164,10 +169,11 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         if not (BUILTIN_DIR / "config.json").is_file():
             _build_builtin()
         model, name = BUILTIN_DIR, "builtin-tiny-random"
-    resume = argv if "--skip-existing" in argv else [*argv, "--skip-existing"]
+    resume = [a for a in argv if a != "--overwrite"]
+    resume = resume if "--skip-existing" in resume else [*resume, "--skip-existing"]
     spec = JobSpec(items=items, out=args.out, model=model, model_name=name, extension=f".{args.format}",
                    device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, engine_options=options,
-                   skip_existing=args.skip_existing, grace_s=args.grace, resume_command=shlex.join(["fastgen", *resume]),
+                   skip_existing=args.skip_existing, overwrite=args.overwrite, grace_s=args.grace, resume_command=shlex.join(["fastgen", *resume]),
                    ray_workers=(args.workers or 1) if args.ray else None, cpu_threads=threads,
                    problems=problems)
     return run_job(spec)

@@ -18,6 +18,7 @@ import soundfile
 
 import fastgen
 import fastgen.cli
+from fastgen.batch.writer import OutputFolder
 from fastgen.cli import NOISE_WARNING, main
 
 SR = 32000
@@ -98,10 +99,17 @@ def test_skip_existing_resumes_from_results(capsys, tmp_path, tiny_mono_dir, mon
     monkeypatch.setattr(fastgen.MusicGen, "from_pretrained", None)
     code, stdout, stderr = run(capsys, "one", "two", "three", *gen_args(tiny_mono_dir, out, "--skip-existing"))
     assert code == 0 and records(stdout) == [] and "nothing left to do" in stderr
+    # without a flag, a folder with an earlier job's results is refused (before loading), naming both flags
+    code, stdout, stderr = run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, duration="0.2"))
+    assert code == 2 and stdout == "" and "--skip-existing" in stderr and "--overwrite" in stderr
+    code, _, stderr = run(capsys, "one", *gen_args(tiny_mono_dir, out, "--skip-existing", "--overwrite"))
+    assert code == 2 and "exclude each other" in stderr
     monkeypatch.undo()
-    # without the flag, existing files are regenerated
-    code, stdout, _ = run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, duration="0.2"))
-    assert code == 0 and len(records(stdout)) == 2
+    # --overwrite starts over: results.jsonl is cleared first, so it describes exactly the files of this run
+    code, stdout, stderr = run(capsys, "one", "two", *gen_args(tiny_mono_dir, out, "--overwrite", duration="0.2"))
+    assert code == 0 and len(records(stdout)) == 2 and "--overwrite: cleared" in stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert set(OutputFolder(out).completed()) == {"000_one", "001_two"}
 
 
 def test_prompts_file_and_unconditional(capsys, tmp_path, tiny_mono_dir):
@@ -238,7 +246,7 @@ def test_builtin_model_when_no_model_given(capsys, tmp_path, monkeypatch):
     assert soundfile.info(out / "000_noise.wav").samplerate == SR
     # the second run reuses the built checkpoint
     stamp = (builtin / "model.safetensors").stat().st_mtime_ns
-    code, _, stderr = run(capsys, *args)
+    code, _, stderr = run(capsys, *args, "--overwrite")
     assert code == 0 and NOISE_WARNING in stderr
     assert (builtin / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -283,6 +291,39 @@ def test_python_m_fastgen_cli(tmp_path, tiny_mono_dir):
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("fastgen: error: ")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m fastgen.cli ...` as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "fastgen.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.slow  # three real runs (~30 s on 2 busy cores); test_skip_existing_resumes_from_results is the quick tier's
+def test_a_rerun_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_mono_dir):
+    """A rerun into a finished --out without a flag used to overwrite every file silently and append lines to
+    results.jsonl that no longer matched the files: now it is refused, and --overwrite starts over cleanly."""
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(tiny_mono_dir), "a", "b", "--duration", "0.2", "--out", str(out), "--device",
+            "cpu", "--max-slots", "2"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = cli(*args)
+    assert again.returncode == 2, again.stderr[-3000:]
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith(f"fastgen: error: --out {out} already holds results.jsonl from an earlier job (2 output")
+    assert "--skip-existing" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    over = cli(*args, "--overwrite")
+    assert over.returncode == 0, over.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in lines) == ["000_a", "001_b"]  # this run's lines only
+    assert {r["seed"] for r in lines}.isdisjoint(r["seed"] for r in records(first.stdout))  # fresh random seeds
+    assert set(OutputFolder(out).completed()) == {"000_a", "001_b"}  # every line matches its file
 
 
 def test_audio_prompt_is_continued(capsys, tmp_path, tiny_stereo_dir):

@@ -17,7 +17,7 @@ import ray
 
 from fastgen.batch.job import JobResult, run_items
 from fastgen.batch.manifest import PARAM_FIELDS, JobItem, ManifestError, read_manifest
-from fastgen.batch.run import JobSpec, check_device, run_job
+from fastgen.batch.run import JobSpec, check_device, claim_folder, run_job
 from fastgen.batch.writer import OutputFolder, check_out_dir
 
 DEFAULT_BATCH = 16   # rows per batch when --max-slots is not given: the engine runs one batch at a time
@@ -119,17 +119,21 @@ def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *,
 
 def generate(source: "str | Path | ray.data.Dataset", *, out: str | Path, model: str | Path, workers: int = 1,
              extension: str = ".wav", device: str | None = None, dtype: str | None = None,
-             skip_existing: bool = False, batch_size: int | None = None, **engine_options: Any) -> JobResult | int:
+             skip_existing: bool = False, overwrite: bool = False, batch_size: int | None = None,
+             **engine_options: Any) -> JobResult | int:
     """Python entry point. ``source`` is a manifest path (validated whole, as the command line does; returns the
     exit status) or a Ray dataset whose rows are manifest objects for one output each, ``name`` required (checked
-    by the workers; bad rows fail alone). Returns the JobResult for a dataset."""
+    by the workers; bad rows fail alone). Returns the JobResult for a dataset. An ``out`` holding an earlier job's
+    results.jsonl needs ``skip_existing`` (resume) or ``overwrite`` (start over), as on the command line."""
     spec = JobSpec(items=[], out=Path(out), model=model, extension=extension, device=device, dtype=dtype,
-                   engine_options=engine_options, skip_existing=skip_existing, ray_workers=workers)
+                   engine_options=engine_options, skip_existing=skip_existing, overwrite=overwrite,
+                   ray_workers=workers)
     if not isinstance(source, ray.data.Dataset):
         return run_job(replace(spec, items=read_manifest(Path(source))))
     device = check_device(device)
     check_out_dir(spec.out)
     with OutputFolder(spec.out, extension) as folder:
+        claim_folder(folder, skip_existing, overwrite, sys.stderr)
         folder.remove_temporaries()
         if skip_existing:
             done = set(folder.completed())

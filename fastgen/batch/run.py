@@ -42,7 +42,8 @@ class JobSpec:
     dtype: str | None = None
     allow_pickle: bool = False
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
-    skip_existing: bool = False
+    skip_existing: bool = False                # resume: outputs recorded in OUT/results.jsonl are kept
+    overwrite: bool = False                    # start over: OUT/results.jsonl is cleared first
     grace_s: float = GRACE_S
     resume_command: str = ""                   # printed when interrupted
     ray_workers: int | None = None             # run on Ray Data with this many engines
@@ -89,6 +90,7 @@ def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = N
         spec = _sized_for(spec)
         folder = OutputFolder(spec.out, spec.extension)
         with folder:
+            claim_folder(folder, spec.skip_existing, spec.overwrite, log)
             removed = folder.remove_temporaries()
             if removed:
                 print(f"removed {removed} unfinished temporary file(s) from an interrupted run", file=log)
@@ -111,6 +113,29 @@ def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = N
             else:
                 result = _run_local(spec, items, device, name, stop, log, records)
     return _report(spec, result, stop, log)
+
+
+def check_rerun_flags(skip_existing: bool, overwrite: bool) -> None:
+    if skip_existing and overwrite:
+        raise ValueError("--skip-existing (resume the job in --out) and --overwrite (start it over) exclude each "
+                         "other; give one")
+
+
+def claim_folder(folder: OutputFolder, skip_existing: bool, overwrite: bool, log: TextIO) -> None:
+    """Reruns are safe (the folder is locked by this job): a folder holding an earlier job's results.jsonl is resumed
+    (skip_existing), started over (overwrite: results.jsonl cleared first, so it never describes files that are
+    replaced or gone), or refused, naming both flags."""
+    check_rerun_flags(skip_existing, overwrite)
+    recorded = folder.recorded_lines()
+    if not recorded or skip_existing:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {folder.path} already holds {folder.results_path.name} from an earlier job "
+                         f"({recorded} output(s) recorded): add --skip-existing to resume it (recorded files are "
+                         "kept) or --overwrite to start over (results.jsonl is cleared first), or choose another --out")
+    folder.clear_results()
+    print(f"--overwrite: cleared {folder.results_path} ({recorded} line(s) of an earlier job); its files are "
+          "replaced as this job writes its own", file=log, flush=True)
 
 
 def _sized_for(spec: JobSpec) -> JobSpec:

@@ -109,6 +109,16 @@ class OutputFolder:
                 removed += 1
         return removed
 
+    def recorded_lines(self) -> int:
+        """How many lines results.jsonl holds (0 when there is none): an earlier job's record."""
+        return sum(1 for line in _read_text(self.results_path).splitlines() if line.strip())
+
+    def clear_results(self) -> None:
+        """Start over: remove results.jsonl (durably), so it never holds lines for files that are replaced or gone.
+        Only the job holding the lock may call this."""
+        self.results_path.unlink(missing_ok=True)
+        _fsync_path(self.path)
+
     def completed(self) -> dict[str, dict[str, Any]]:
         """name → results record, for outputs whose line is in results.jsonl and whose file is there at the
         recorded size (a later line for a name wins; a torn last line from a crash is ignored)."""
