@@ -1,6 +1,7 @@
 """The HTTP API: ``POST /v1/audio/generate`` (JSON; the whole file or a chunked stream), its multipart twin for an
-uploaded audio prompt, ``GET /health``, ``GET /metrics``. One AsyncEngine per app, built and warmed up in the app's
-lifespan (so the same app runs under uvicorn and as a Ray Serve ingress).
+uploaded audio prompt, OpenAI's ``POST /v1/audio/speech`` and ``GET /v1/models`` (fastgen.serve.openai_routes), the
+web page at ``GET /`` (static/index.html), ``GET /health``, ``GET /metrics``. One AsyncEngine per app, built and
+warmed up in the app's lifespan (so the same app runs under uvicorn and as a Ray Serve ingress).
 
 A client that disconnects aborts its request (its slot is free before the engine's next step); bad input is a 422
 naming the field and its range, a full queue a 503 with Retry-After, a missing key a 401: never a 500."""
@@ -12,19 +13,21 @@ import dataclasses
 import hmac
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal
+from importlib import resources
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fastgen import AsyncEngine, FastgenError, QueueFull, RequestAborted, RequestError, RequestFailed, SamplingParams
 from fastgen.engine.streaming import StreamConfig
 from fastgen.serve import encoding
+from fastgen.serve.bodies import GenerateBody, field_of
 from fastgen.serve.metrics import ServerMetrics
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -37,6 +40,7 @@ class ServerSettings:
     retry_after_s: int = 1                     # the Retry-After of a 503 when the queue is full
     stream: StreamConfig = StreamConfig()
     disconnect_poll_s: float = 0.1             # how often a whole-file request checks that its client is there
+    model_name: str | None = None              # GET /v1/models' id; None: the recipe's model, else "musicgen"
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:
@@ -45,33 +49,26 @@ class ServerSettings:
             raise ValueError(f"max_audio_prompt_bytes must be ≥ 1, got {self.max_audio_prompt_bytes}")
 
 
-class GenerateBody(BaseModel):
-    """One generation. The sampling fields are fastgen.SamplingParams'; null takes the checkpoint's default."""
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"prompt": "lofi beat with warm keys", "duration": 8, "seed": 1, "response_format": "wav", "stream": True}]})
-    prompt: str | None = Field(None, description="text prompt; null: unconditional generation")
-    duration: float | None = Field(None, description="seconds of new audio, > 0 (the request, prompt included, "
-                                                     "at most the engine's max_duration_s; past the model's 30 s "
-                                                     "window it slides over windows, see extend_stride)")
-    extend_stride: float | None = Field(None, description="long-form: seconds each window after the first adds, in "
-                                                          "(0, window); null: 18 s of a 30 s window")
-    max_new_tokens: int | None = Field(None, description="decode steps instead of duration, ≥ codebooks")
-    guidance_scale: float | None = Field(None, description="classifier-free guidance in [0, 100]; ≤ 1: off")
-    temperature: float | None = Field(None, description="in (0, 100]")
-    top_k: int | None = Field(None, description="≥ 0; 0: off")
-    top_p: float | None = Field(None, description="in [0, 1]; 0 or 1: off")
-    do_sample: bool | None = Field(None, description="false: greedy decoding")
-    seed: int | None = Field(None, description="in [0, 2**63 - 1]; null: a fresh one (in the X-Seed header)")
-    response_format: Literal["wav", "flac", "pcm"] = Field(
-        "wav", description="wav (PCM 16-bit), flac, or pcm (raw s16le, interleaved channels)")
-    stream: bool = Field(False, description="chunked transfer while the audio is generated (wav or pcm); a "
-                                            "streamed WAV header carries sizes 0xFFFFFFFF")
-    audio_prompt: str | None = Field(None, description="base64 of a WAV (or, with soundfile, FLAC) file to "
-                                                       "continue; size-limited (413)")
-
-
 class _Disconnected(Exception):
     pass
+
+
+class Refused(Exception):
+    """A request answered with an error status; each route words it in its API's error shape. ``status`` 499: the
+    client left (nobody reads the answer)."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+@dataclass(slots=True)
+class Begun:
+    """An accepted request whose first event is in: its output (whole file), or its first audio chunk (streamed)."""
+    handle: Any
+    events: AsyncIterator[Any]
+    first: Any
+    accepted: float
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -79,12 +76,12 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
     return JSONResponse({"detail": detail if status == 422 else message}, status, headers=headers)
 
 
-def _field_of(message: str) -> str | None:
-    """RequestError messages start with the parameter they are about, or (a length over the limit) name it later."""
-    words = [w.strip(":,;()") for w in message.split()]
-    if words and words[0] in GenerateBody.model_fields:
-        return words[0]
-    return next((w for w in words if w in GenerateBody.model_fields and w != "prompt"), None)
+def _refused_response(exc: Refused) -> Response:
+    """/v1/audio/generate's shape: 422 as FastAPI's detail list naming the field, others {"detail": message}."""
+    if exc.status == 499:
+        return Response(status_code=499)
+    field = field_of(exc.message, GenerateBody.model_fields) if exc.status == 422 else None
+    return _error(exc.status, exc.message, field, exc.headers)
 
 
 class _Server:
@@ -132,15 +129,42 @@ class _Server:
 
     # -------------------------------------------------------------------------------------------- generate
     async def generate(self, body: GenerateBody, audio_bytes: bytes | None, request: Request) -> Response:
-        if not self.ready:
-            return JSONResponse({"detail": "the server is not ready"}, 503, headers={"Retry-After": "1"})
-        try:
-            params = SamplingParams(**{name: getattr(body, name) for name in PARAM_FIELDS})
+        def check() -> None:
             if body.stream and body.response_format not in encoding.STREAMABLE:
                 raise RequestError(f"response_format {body.response_format!r} cannot be streamed; with stream "
                                    f"use one of {encoding.STREAMABLE}")
             if body.response_format == "flac":
                 encoding._soundfile()  # fail before generating, not after
+        try:
+            begun = await self.begin(body.prompt, {name: getattr(body, name) for name in PARAM_FIELDS}, request,
+                                     stream=body.stream, audio_bytes=audio_bytes, check=check)
+        except Refused as exc:
+            return _refused_response(exc)
+        headers = {"X-Request-Id": begun.handle.request_id}
+        if not body.stream or not isinstance(begun.first, np.ndarray):  # the whole file
+            output, data = await self.whole(begun, body.response_format)
+            return Response(data, media_type=encoding.MEDIA_TYPES[body.response_format],
+                            headers={**headers, **self._audio_headers(output.audio.shape[0], output.sample_rate,
+                                                                      output.seed)})
+        channels = begun.first.shape[0]
+        headers.update(self._audio_headers(channels, self.sample_rate, None))
+        return StreamingResponse(self.stream_bytes(begun, body.response_format),
+                                 media_type=encoding.MEDIA_TYPES[body.response_format], headers=headers)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.engine.engine.sample_rate
+
+    async def begin(self, prompt: str | None, fields: dict[str, Any], request: Request, *, stream: bool,
+                    audio_bytes: bytes | None = None, check: Callable[[], None] | None = None) -> Begun:
+        """Validate (``check`` raises RequestError for what only the route knows), submit, and wait for the first
+        event while watching the client; raises Refused with the status to answer (and counts the outcome)."""
+        if not self.ready:
+            raise Refused(503, "the server is not ready", {"Retry-After": "1"})
+        try:
+            params = SamplingParams(**fields)
+            if check is not None:
+                check()
             audio = None
             if audio_bytes is not None:
                 try:
@@ -151,45 +175,59 @@ class _Server:
                     raise RequestError(f"audio_prompt: not a readable audio file ({type(exc).__name__}: {exc})")
 
             accepted = time.perf_counter()
-            handle = await run_in_threadpool(self.engine.submit, body.prompt, params, audio)
+            handle = await run_in_threadpool(self.engine.submit, prompt, params, audio)
         except QueueFull as exc:
-            return self.rejected("queue_full", JSONResponse(
-                {"detail": str(exc)}, 503, headers={"Retry-After": str(self.settings.retry_after_s)}))
+            self.metrics.requests.labels("queue_full").inc()
+            raise Refused(503, str(exc), {"Retry-After": str(self.settings.retry_after_s)}) from None
         except RequestError as exc:
-            message = str(exc)
-            return self.rejected("invalid", _error(422, message, _field_of(message)))
+            self.metrics.requests.labels("invalid").inc()
+            raise Refused(422, str(exc)) from None
         except FastgenError as exc:  # the engine is shutting down
-            return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "1"})
+            raise Refused(503, str(exc), {"Retry-After": "1"}) from None
         self.metrics.queue_depth.inc()
-        if body.stream:
+        if stream:
             handle.stream(self.settings.stream)
         events = self._track(handle, accepted)
-        headers = {"X-Request-Id": handle.request_id}
         try:
             first = await self._until_done_or_gone(events.__anext__(), handle, request)
         except _Disconnected:
-            return Response(status_code=499)  # nobody reads it
+            raise Refused(499, "the client disconnected") from None
         except RequestAborted as exc:  # the server is shutting down
-            return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "1"})
+            raise Refused(503, str(exc), {"Retry-After": "1"}) from None
         except RequestFailed as exc:
-            return JSONResponse({"detail": str(exc)}, 500)
-        if not body.stream or not isinstance(first, np.ndarray):  # the whole file
-            await events.aclose()  # past the output: ends the tracking (counts the outcome)
-            output = first
-            self.metrics.time_to_first_audio.observe(time.perf_counter() - accepted)
-            data = await run_in_threadpool(encoding.encode_whole, output.audio, output.sample_rate,
-                                           body.response_format)
-            self.metrics.latency.observe(time.perf_counter() - accepted)
-            return Response(data, media_type=encoding.MEDIA_TYPES[body.response_format],
-                            headers={**headers, **self._audio_headers(output.audio.shape[0], output.sample_rate,
-                                                                      output.seed)})
-        self.metrics.time_to_first_audio.observe(time.perf_counter() - accepted)
-        sample_rate = self.engine.engine.sample_rate
-        channels = first.shape[0]
-        headers.update(self._audio_headers(channels, sample_rate, None))
-        return StreamingResponse(self._stream_body(first, events, handle, body.response_format, channels,
-                                                   sample_rate, accepted),
-                                 media_type=encoding.MEDIA_TYPES[body.response_format], headers=headers)
+            raise Refused(500, str(exc)) from None
+        return Begun(handle, events, first, accepted)
+
+    async def whole(self, begun: Begun, response_format: str) -> tuple[Any, bytes]:
+        """A request begun without streaming (its first event is the output) → (output, the encoded file)."""
+        await begun.events.aclose()  # past the output: ends the tracking (counts the outcome)
+        output = begun.first
+        self.metrics.time_to_first_audio.observe(time.perf_counter() - begun.accepted)
+        data = await run_in_threadpool(encoding.encode_whole, output.audio, output.sample_rate, response_format)
+        self.metrics.latency.observe(time.perf_counter() - begun.accepted)
+        return output, data
+
+    async def stream_events(self, begun: Begun) -> AsyncIterator[Any]:
+        """A streamed request's audio chunks (float32 arrays, the first one first), then its output; aborts the
+        request if the consumer stops early (the client went away and the task is cancelled)."""
+        self.metrics.time_to_first_audio.observe(time.perf_counter() - begun.accepted)
+        try:
+            yield begun.first
+            async for event in begun.events:
+                yield event
+            self.metrics.latency.observe(time.perf_counter() - begun.accepted)
+        finally:
+            if not begun.handle.done:
+                self.engine.abort(begun.handle.request_id)
+            await begun.events.aclose()
+
+    async def stream_bytes(self, begun: Begun, response_format: str) -> AsyncIterator[bytes]:
+        """The streamed file: an open-ended WAV header (wav) and PCM16 as the chunks come."""
+        head = encoding.wav_header(begun.first.shape[0], self.sample_rate) if response_format == "wav" else b""
+        async for item in self.stream_events(begun):
+            if isinstance(item, np.ndarray):  # (the output is not sent: the chunks were all of it)
+                yield head + encoding.pcm16(item)
+                head = b""
 
     @staticmethod
     def _audio_headers(channels: int, sample_rate: int, seed: int | None) -> dict[str, str]:
@@ -197,20 +235,6 @@ class _Server:
         if seed is not None:
             headers["X-Seed"] = str(seed)
         return headers
-
-    async def _stream_body(self, first: np.ndarray, events: AsyncIterator, handle, response_format: str,
-                           channels: int, sample_rate: int, accepted: float) -> AsyncIterator[bytes]:
-        try:
-            head = encoding.wav_header(channels, sample_rate) if response_format == "wav" else b""
-            yield head + encoding.pcm16(first)
-            async for chunk in events:  # chunks, then the output (not sent: the chunks were all of it)
-                if isinstance(chunk, np.ndarray):
-                    yield encoding.pcm16(chunk)
-            self.metrics.latency.observe(time.perf_counter() - accepted)
-        finally:  # the client went away (the task is cancelled) or the request ended: never leave it running
-            if not handle.done:
-                self.engine.abort(handle.request_id)
-            await events.aclose()
 
     async def _track(self, handle, accepted: float) -> AsyncIterator[Any]:
         """The request's audio chunks (streaming) and then its output; keeps the queue / running gauges and the
@@ -260,17 +284,18 @@ class _Server:
 
 
 class _BodyLimit:
-    """Refuse a body whose declared length is over ``limit`` before reading it (413)."""
+    """Refuse a body whose declared length is over ``limit`` before reading it (413), in the error shape of the
+    path's API (``respond(path, status, message)``)."""
 
-    def __init__(self, app, limit: int, metrics: ServerMetrics) -> None:
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, metrics: ServerMetrics, respond: Callable[[str, int, str], Response]) -> None:
+        self.app, self.limit, self.metrics, self.respond = app, limit, metrics, respond
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             for name, value in scope.get("headers", []):
                 if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                     self.metrics.requests.labels("too_large").inc()
-                    response = JSONResponse({"detail": f"the request body is over {self.limit} bytes"}, 413)
+                    response = self.respond(scope["path"], 413, f"the request body is over {self.limit} bytes")
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -288,16 +313,24 @@ def create_app(engine_factory: Callable[[], AsyncEngine], settings: ServerSettin
         finally:
             await server.stop()
 
+    from fastgen.serve import openai_routes  # (it builds on this module's _Server)
     app = FastAPI(title="fastgen", version="0.1.0", lifespan=lifespan,
                   description="MusicGen text-to-music over HTTP: whole files or audio streamed while generated.")
     app.state.server = server
     limit = settings.max_audio_prompt_bytes
+
+    def error_for(path: str, status: int, message: str) -> Response:
+        if openai_routes.speaks_openai(path):
+            return openai_routes.error_response(status, message)
+        return JSONResponse({"detail": message}, status)
     # base64 is 4/3 the size, plus room for the other fields
-    app.add_middleware(_BodyLimit, limit=limit * 4 // 3 + (64 << 10), metrics=server.metrics)
+    app.add_middleware(_BodyLimit, limit=limit * 4 // 3 + (64 << 10), metrics=server.metrics, respond=error_for)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         server.metrics.requests.labels("invalid").inc()
+        if openai_routes.speaks_openai(request.url.path):
+            return openai_routes.validation_error_response(exc.errors())
         return JSONResponse({"detail": jsonable_encoder(exc.errors())}, 422)
 
     authorized = [Depends(server.require_key)]
@@ -307,7 +340,7 @@ def create_app(engine_factory: Callable[[], AsyncEngine], settings: ServerSettin
             {"detail": f"audio_prompt is over the limit of {limit} bytes"}, 413))
 
     @app.post("/v1/audio/generate", response_class=Response, dependencies=authorized, responses={
-        200: {"content": {t: {} for t in encoding.MEDIA_TYPES.values()}, "description": "the audio"},
+        200: {"content": {encoding.MEDIA_TYPES[f]: {} for f in encoding.FORMATS}, "description": "the audio"},
         401: {"description": "missing or wrong API key"}, 413: {"description": "audio_prompt too large"},
         422: {"description": "a field out of range (named in detail[].loc)"},
         503: {"description": "the waiting queue is full (Retry-After)"}})
@@ -343,6 +376,15 @@ def create_app(engine_factory: Callable[[], AsyncEngine], settings: ServerSettin
         if len(data) > limit:
             return too_large()
         return await server.generate(body, data, request)
+
+    openai_routes.add_routes(app, server, settings.model_name or getattr(engine_factory, "model", None)
+                             or "musicgen")
+    page = resources.files("fastgen.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        """The page to try prompts and listen (no key needed to load it; it asks for one if the server does)."""
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -1,6 +1,8 @@
 """Audio bytes for HTTP responses: WAV and raw PCM (16-bit little-endian) with the standard library and numpy, so they
-work where soundfile is missing (the GPU machines); FLAC through soundfile, imported only when asked for. A streamed
-WAV starts with an open-ended header (RIFF and data sizes 0xFFFFFFFF, as streaming TTS servers send it)."""
+work where soundfile is missing (the GPU machines); FLAC through soundfile, imported only when asked for; MP3 and Ogg
+Opus (OpenAI's speech formats) through soundfile's libsndfile where it writes them (1.1+), Opus resampled to 48 kHz by
+soxr. A streamed WAV starts with an open-ended header (RIFF and data sizes 0xFFFFFFFF, as streaming TTS servers send
+it)."""
 from __future__ import annotations
 
 import base64
@@ -15,7 +17,9 @@ from fastgen.errors import RequestError
 
 FORMATS = ("wav", "flac", "pcm")
 STREAMABLE = ("wav", "pcm")
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm"}
+SPEECH_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")  # /v1/audio/speech's, where this machine can encode them
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg", "opus": "audio/ogg"}
+OPUS_RATE = 48000  # Opus encodes 8, 12, 16, 24 or 48 kHz; MusicGen makes 32 kHz
 OPEN_ENDED = 0xFFFFFFFF
 
 
@@ -44,7 +48,44 @@ def encode_whole(audio: np.ndarray, sample_rate: int, response_format: str) -> b
         buffer = io.BytesIO()
         _soundfile().write(buffer, np.ascontiguousarray(audio.T), sample_rate, format="FLAC", subtype="PCM_16")
         return buffer.getvalue()
+    if response_format in ("mp3", "opus"):
+        soundfile, audio = _soundfile(), np.ascontiguousarray(audio.T)
+        if response_format == "opus":
+            import soxr
+            audio, sample_rate = soxr.resample(audio, sample_rate, OPUS_RATE), OPUS_RATE
+        buffer = io.BytesIO()
+        container, subtype = ("MP3", "MPEG_LAYER_III") if response_format == "mp3" else ("OGG", "OPUS")
+        soundfile.write(buffer, np.clip(audio, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
+        return buffer.getvalue()
     raise ValueError(f"unknown response_format {response_format!r}")
+
+
+def can_encode(response_format: str) -> bool:
+    """Whether encode_whole can write ``response_format`` on this machine (wav and pcm always)."""
+    if response_format in ("wav", "pcm"):
+        return True
+    try:
+        soundfile = _soundfile()
+        if response_format == "flac":
+            return True
+        if response_format == "mp3":
+            return "MPEG_LAYER_III" in soundfile.available_subtypes("MP3")
+        if response_format == "opus":
+            import soxr  # noqa: F401
+            return "OPUS" in soundfile.available_subtypes("OGG")
+    except (RequestError, ImportError, OSError):
+        pass
+    return False
+
+
+def check_speech_format(response_format: str) -> None:
+    """A RequestError naming the formats this machine encodes, unless ``response_format`` is one of them."""
+    if response_format in SPEECH_FORMATS and can_encode(response_format):
+        return
+    supported = [f for f in SPEECH_FORMATS if can_encode(f)]
+    reason = ("needs soundfile (and soxr for opus) with a libsndfile that writes it" if response_format in
+              SPEECH_FORMATS else "is not supported")
+    raise RequestError(f"response_format {response_format!r} {reason}; supported here: {', '.join(supported)}")
 
 
 def decode_upload(data: bytes, name: str = "audio_prompt") -> tuple[np.ndarray, int]:
