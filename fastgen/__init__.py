@@ -1,13 +1,22 @@
 """fastgen: a custom-kernel inference engine for MusicGen."""
-from fastgen.api import MusicGen
-from fastgen.config import EngineConfig
-from fastgen.engine.async_engine import AsyncEngine, RequestEvent, RequestHandle
-from fastgen.engine.engine import Engine
-from fastgen.engine.request import GenerationOutput
-from fastgen.engine.streaming import StreamConfig
+import os
+
+# Before torch loads OpenMP, which reads this once: threads waiting at the end of a parallel region sleep instead of
+# spinning. On a machine whose cores are busy with other processes, spinning threads and a descheduled team-mate made a
+# 2-thread decode 10-100x slower (a 4 s clip: 2-27 s instead of 0.2); sleeping keeps it near its fair share
+# (bench/contention.py measures both, idle and beside busy neighbours). Set OMP_WAIT_POLICY yourself to choose
+# otherwise; when torch was imported before fastgen, its OpenMP has read the variable already.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fastgen.api import MusicGen  # noqa: E402
+from fastgen.config import EngineConfig  # noqa: E402
+from fastgen.engine.async_engine import AsyncEngine, RequestEvent, RequestHandle  # noqa: E402
+from fastgen.engine.engine import Engine  # noqa: E402
+from fastgen.engine.request import GenerationOutput  # noqa: E402
+from fastgen.engine.streaming import StreamConfig  # noqa: E402
 from fastgen.errors import (CheckpointError, EngineClosed, FastgenError, QueueFull, RequestAborted, RequestError,
-                            RequestFailed)
-from fastgen.sampling_params import SamplingParams
+                            RequestFailed)  # noqa: E402
+from fastgen.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["MusicGen", "Engine", "AsyncEngine", "RequestHandle", "RequestEvent", "EngineConfig", "SamplingParams",
            "GenerationOutput", "FastgenError", "CheckpointError", "RequestError", "QueueFull", "EngineClosed",

@@ -15,6 +15,8 @@ from fastgen.batch.manifest import read_manifest  # noqa: E402
 from fastgen.batch.run import JobSpec, run_job  # noqa: E402
 from fastgen.batch.writer import OutputFolder  # noqa: E402
 
+pytestmark = pytest.mark.slow  # see pyproject's markers: the quick tier leaves it out
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -42,6 +42,7 @@ def run_workload(engine: fastgen.Engine):
     return [r.output.codes for r in requests]
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
     eager = run_workload(make_engine(tiny_mono_dir, compile_step=False))
     torch._dynamo.reset()
@@ -59,6 +60,7 @@ def test_compiled_step_matches_the_eager_step(tiny_mono_dir):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["int8-dynamic", "int4"])
 def test_compiled_quantized_step_serves_without_recompiles(tiny_mono_dir, quantization):
     """The CPU's fastest configurations (fastgen.model.linear): fbgemm's packed int8 weights, which dynamo cannot
@@ -78,6 +80,7 @@ def test_compiled_quantized_step_serves_without_recompiles(tiny_mono_dir, quanti
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_compiled_dynamic_int8_decode_matches_eager_logits(tiny_mono_dir):
     model = MusicgenModel.load(tiny_mono_dir, dtype=torch.float32, quantization="int8-dynamic")
     decoder, ops = model.decoder, TorchOps()
@@ -109,6 +112,7 @@ def test_compile_step_must_be_a_bool():
         fastgen.EngineConfig(compile_step="yes")
 
 
+@pytest.mark.slow
 def test_a_failing_compile_is_a_clear_error(tiny_mono_dir, monkeypatch):
     def broken_compile(fn, **options):
         def run(*args, **kwargs):
@@ -120,6 +124,7 @@ def test_a_failing_compile_is_a_clear_error(tiny_mono_dir, monkeypatch):
         make_engine(tiny_mono_dir, compile_step=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("construction", ["from_pretrained", "around_an_engine"])
 def test_async_engine_serves_the_compiled_step_without_recompiling(tiny_mono_dir, construction):
     """The async loop thread runs torch with its own intra-op thread count, which dynamo guards on: the step is

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # see pyproject's markers: the quick tier leaves it out
+
 
 @pytest.mark.skipif(not torch.cpu._is_avx512_supported(),
                     reason="this CPU has no AVX-512: the plain GEMV and attention tests run the AVX2 kernels")

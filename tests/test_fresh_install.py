@@ -20,7 +20,8 @@ def run_from(folder: pathlib.Path, *args: str, timeout: float = 300) -> subproce
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "TRITON_INTERPRET")}
     done = subprocess.run([sys.executable, *args], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert done.returncode == 0, f"{args} from {folder}: exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{args} from {folder}: exit {done.returncode}\n{done.stdout[-2000:]}" \
+                                 f"{done.stderr[-3000:]}"
     return done
 
 
@@ -54,3 +55,16 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"```(?:bash|sh)?\n(python -m pip install torch[^\n]*pytest[^\n]*)\n```", readme)
     assert command, "the README's test command (pip install torch … pytest …) is missing"
     assert command.group(1) in (REPO / ".ci" / "run").read_text()
+
+
+def test_import_fastgen_makes_openmp_threads_wait_passively():
+    """OpenMP reads its wait policy once, when torch loads it: ``import fastgen`` sets PASSIVE first (a busy machine
+    made spinning 2-thread decodes 10-100x slower, bench/contention.py), unless the user chose a policy."""
+    script = "import os, fastgen, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr[-2000:]

@@ -8,6 +8,8 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 from xml.etree import ElementTree
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -15,6 +17,7 @@ FILES = {"versions.txt", "smoke.json", "profile.json", "e2e.jsonl", "throughput.
          "kernels.json", "report.log"}  # the device tool returns at most 8
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_file_of_the_gpu_report(tmp_path):
     out = tmp_path / "out"
     results_before = sorted((REPO / "bench" / "results").rglob("*"))

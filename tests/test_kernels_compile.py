@@ -12,6 +12,8 @@ import pytest
 
 from fastgen.kernels import _aot
 
+pytestmark = pytest.mark.slow  # see pyproject's markers: the quick tier leaves it out
+
 ARCHS = (80, 90)
 
 

@@ -89,6 +89,7 @@ def reference_windows(reference, inputs: dict, total: int, guidance: float, chan
         offset += STRIDE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["mono", "stereo"])
 def test_greedy_long_request_matches_transformers_window_loop(tiny_mono_dir, tiny_stereo_dir, layout):
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
@@ -126,6 +127,7 @@ def test_sampled_long_request_is_its_windows_chained_through_codes_prompt(tiny_m
     np.testing.assert_array_equal(long_codes, chained)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["mono", "stereo"])
 def test_mixed_long_and_short_workload_is_batch_independent(tiny_mono_dir, tiny_stereo_dir, layout):
     """Long and short requests share the batch, join mid-way and leave; each one's codes equal its codes alone, also

@@ -19,6 +19,8 @@ from fastgen.serve.app import ServerSettings  # noqa: E402
 from fastgen.serve.ray_serve import deployment  # noqa: E402
 from fastgen.serve.server import EngineRecipe  # noqa: E402
 
+pytestmark = pytest.mark.slow  # see pyproject's markers: the quick tier leaves it out
+
 
 def quiet_port() -> int:
     """A free port that Ray's own processes will not take between this probe and the proxy's bind: outside its
