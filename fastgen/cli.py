@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=THREADS_HELP % "torch's, one per core")
     gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
     gen.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                     help="on SIGINT/SIGTERM, let running requests finish for this long (default: 10)")
+                     help="on SIGINT/SIGTERM nothing new starts, and running requests get this long from the signal "
+                          "to finish and be written; they are cut at once when they cannot make it (default: 10)")
+    gen.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                     help="seconds between 'progress:' lines on stderr when it is no terminal (default: 5)")
     gen.add_argument("--ray", action="store_true", help="run the job on Ray Data (pip install 'fastgen[ray]')")
     gen.add_argument("--workers", type=int, default=None, help="with --ray: engines (one per GPU; default 1)")
     _add_serve_parser(commands)
@@ -162,6 +165,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     check_rerun_flags(args.skip_existing, args.overwrite)
     if not args.grace >= 0:
         raise ValueError(f"--grace must be ≥ 0 seconds, got {args.grace}")
+    if not args.progress_interval >= 0:
+        raise ValueError(f"--progress-interval must be ≥ 0 seconds, got {args.progress_interval}")
 
     model, name = args.model, args.model
     if model is None:
@@ -173,7 +178,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     resume = resume if "--skip-existing" in resume else [*resume, "--skip-existing"]
     spec = JobSpec(items=items, out=args.out, model=model, model_name=name, extension=f".{args.format}",
                    device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, engine_options=options,
-                   skip_existing=args.skip_existing, overwrite=args.overwrite, grace_s=args.grace, resume_command=shlex.join(["fastgen", *resume]),
+                   skip_existing=args.skip_existing, overwrite=args.overwrite, grace_s=args.grace,
+                   progress_interval_s=args.progress_interval, resume_command=shlex.join(["fastgen", *resume]),
                    ray_workers=(args.workers or 1) if args.ray else None, cpu_threads=threads,
                    problems=problems)
     return run_job(spec)

@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from fastgen.api import GenerationStream, MusicGen
+from fastgen.batch.grace import Grace
 from fastgen.batch.manifest import JobItem
 from fastgen.batch.writer import OutputFolder
 
-GRACE_S = 10.0
+GRACE_S = 10.0  # after a stop request, running requests get this long (from the signal) to finish and be written
 BAR_REFRESH_S = 0.2
 WRITER_THREADS = 4
-MAX_PENDING_WRITES = 32  # finished outputs waiting for the disk, at most  # after a stop request, running requests get this long to finish before they are abandoned
+MAX_PENDING_WRITES = 32  # finished outputs waiting for the disk, at most
 
 
 class Abandoned(Exception):
-    """Raised through the stream to abort running requests once the grace period is over."""
+    """Raised through the stream to abort running requests when the grace period cannot or did not let them finish."""
 
 
 @dataclass
@@ -44,7 +45,11 @@ class StopSignal:
 class JobResult:
     written: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)     # name → error
-    left: list[str] = field(default_factory=list)            # names not generated (stopped)
+    left: list[str] = field(default_factory=list)            # names not generated (stopped): cut + not_started
+    cut: list[str] = field(default_factory=list)             # running when the grace period cut them
+    not_started: list[str] = field(default_factory=list)     # never admitted (stopped)
+    cut_reason: str | None = None                            # why (fastgen.batch.grace)
+    past_grace_s: float = 0.0                                # stopped: how long after the grace the job ended
     audio_seconds: float = 0.0
     wall_s: float = 0.0
 
@@ -95,22 +100,29 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
               stop: StopSignal | None = None, grace_s: float = GRACE_S,
               on_step: Callable[[GenerationStream], None] | None = None,
               on_written: Callable[[dict[str, Any]], None] | None = None,
-              on_failed: Callable[[JobItem, Exception], None] | None = None) -> JobResult:
+              on_failed: Callable[[JobItem, Exception], None] | None = None,
+              on_note: Callable[[str], None] | None = None) -> JobResult:
     """Generate ``items`` and write each file as it finishes. Returns what was written, what failed and, if
-    ``stop`` was set, what was left."""
+    ``stop`` was set, what was left: after it, nothing new is admitted and running requests get ``grace_s`` from the
+    signal to finish (fastgen.batch.grace decides, between steps, when to cut them); ``on_note`` hears what happens."""
     result = JobResult()
     start = time.perf_counter()
     audio = _AudioPrompts(items) if any(item.audio_prompt is not None for item in items) else None
-    stopping = False
+    grace = Grace(stop, grace_s, model.engine) if stop is not None else None
+    taken = 0  # outputs (and errors) the loop below has taken from the stream
 
     def step(stream: GenerationStream) -> None:
-        nonlocal stopping
-        if stop is not None and stop.signum is not None:
-            if not stopping:
-                stopping = True
-                stream.stop_admitting()
-            if stop.count > 1 or time.monotonic() - stop.requested_at > grace_s:
-                raise Abandoned
+        if grace is not None:
+            grace.observe()
+            if stop.signum is not None:
+                if not grace.stopping:
+                    stream.stop_admitting()
+                    note = grace.announce()
+                    if on_note is not None:
+                        on_note(note)
+                # cut only with no finished output waiting to be taken: those are written whatever happens
+                if grace.cut_reason() is not None and stream.done + stream.failed == taken:
+                    raise Abandoned
         if on_step is not None:
             on_step(stream)
 
@@ -122,21 +134,29 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
     try:
         with stream:
             for index, output in stream:
+                taken += 1
                 finished.add(index)
                 item = items[index]
                 if isinstance(output, Exception):
                     result.failed[item.name] = str(output)
                     if on_failed is not None:
                         on_failed(item, output)
-                    continue
-                writers.submit(item.name, output, result_record(item, output, model.defaults, model_name, settings))
-                if stopping and stop is not None and stop.count > 1:
-                    raise Abandoned
+                else:
+                    writers.submit(item.name, output, result_record(item, output, model.defaults, model_name,
+                                                                    settings))
+                if grace is not None and grace.reason is not None and stream.done + stream.failed == taken:
+                    raise Abandoned  # the last finished output is taken: cut the rest now, before another step
     except Abandoned:
         pass
     finally:
         writers.close()  # every finished output is written (and recorded) before we return, even when stopping
+    not_started = set(stream.not_started)
     result.left = [item.name for i, item in enumerate(items) if i not in finished]
+    result.not_started = [item.name for i, item in enumerate(items) if i in not_started and i not in finished]
+    result.cut = [item.name for i, item in enumerate(items) if i not in finished and i not in not_started]
+    result.cut_reason = grace.reason if grace is not None and result.cut else None
+    if grace is not None and grace.stopping:
+        result.past_grace_s = max(0.0, -grace.left_s())  # a last step's EnCodec, the last writes
     result.wall_s = time.perf_counter() - start
     return result
 
@@ -218,6 +238,13 @@ class Progress:
         eta = f"{left / rate:.0f} s" if rate > 0 else "?"
         print(f"progress: {stream.done}/{self.clips} clips, {seconds:.1f}/{stream.audio_seconds_total:.1f} s of "
               f"audio, {rate:.2f} audio-s per wall-s, ETA {eta}", file=self.out, flush=True)
+
+    def note(self, message: str) -> None:
+        """A line on the log that leaves the bar intact."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.out)
+        else:
+            print(message, file=self.out, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -46,6 +46,7 @@ class JobSpec:
     overwrite: bool = False                    # start over: OUT/results.jsonl is cleared first
     grace_s: float = GRACE_S
     resume_command: str = ""                   # printed when interrupted
+    progress_interval_s: float = 5.0           # between "progress:" lines (no terminal)
     ray_workers: int | None = None             # run on Ray Data with this many engines
     cpu_threads: int | None = None             # CPU: the decode's intra-op threads (None: the engine decides)
     problems: Problems | None = None           # errors found reading the job: reported with the limits' ones
@@ -183,7 +184,7 @@ def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop
         threads = f", {model.engine.cpu_threads or torch.get_num_threads()} CPU thread(s)"
     print(f"loaded in {time.perf_counter() - started:.1f} s: {model.num_slots} concurrent slot(s), up to "
           f"{model.max_duration_s:.2f} s per request{threads}", file=log, flush=True)
-    progress = Progress(len(items), 0.0, stream=log)
+    progress = Progress(len(items), 0.0, stream=log, interval_s=spec.progress_interval_s)
 
     def written(record: dict[str, Any]) -> None:
         print(json.dumps(record, ensure_ascii=False), file=records, flush=True)
@@ -194,7 +195,8 @@ def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop
     stop.generating = True
     try:
         return run_items(model, items, OutputFolder(spec.out, spec.extension), model_name=name, stop=stop.signal,
-                         grace_s=spec.grace_s, on_step=progress.update, on_written=written, on_failed=failed)
+                         grace_s=spec.grace_s, on_step=progress.update, on_written=written, on_failed=failed,
+                         on_note=progress.note)
     finally:
         stop.generating = False
         progress.close()
@@ -206,9 +208,18 @@ def _report(spec: JobSpec, result: JobResult, stop: "_Stop", log: TextIO) -> int
           f"({rate:.2f} audio-s per wall-s) to {spec.out}/", file=log)
     if stop.signal.signum is not None:
         signum = stop.signal.signum
+        why = []
+        if result.cut:
+            why.append(f"{len(result.cut)} running output(s) {result.cut_reason or 'were cut'}")
+        if result.not_started:
+            why.append(f"{len(result.not_started)} not started")
+        if result.past_grace_s > 0.5:  # a final step (its EnCodec) cannot be interrupted; finished files are kept
+            why.append(f"the last finished ones were written {result.past_grace_s:.1f} s after --grace "
+                       f"{spec.grace_s:g} s")
+        rest = (f" Finished files are recorded in {spec.out / 'results.jsonl'}; unfinished ones left no file. Rerun "
+                f"with --skip-existing to make the rest:\n  {spec.resume_command}" if result.left else "")
         print(f"interrupted by {SIGNAL_NAMES.get(signum, signum)}: {len(result.written)} output(s) written this "
-              f"run, {len(result.left)} left (finished files are recorded in {spec.out / 'results.jsonl'}). "
-              f"Resume with:\n  {spec.resume_command}", file=log)
+              f"run, {len(result.left)} left{': ' + '; '.join(why) if why else ''}.{rest}", file=log)
         return 128 + signum
     if result.failed:
         print(f"{len(result.failed)} output(s) failed (not recorded; rerun with --skip-existing to retry them): "
