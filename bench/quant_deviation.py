@@ -22,7 +22,7 @@ def main() -> None:
 
     import fastgen
     from fastgen.model.musicgen import MusicgenModel
-    from fastgen.model.quantize import deviation, teacher_forced_logits
+    from fastgen.model.deviation import deviation, teacher_forced_logits
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,small")
     parser.add_argument("--steps", type=int, default=64)

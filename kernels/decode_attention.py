@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import KernelConfig, make_config
+from ._configs import KernelConfig, make_config
 from ._library import define_kernel_op
 from ._scratch import ReductionScratch
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import KernelConfig, make_config
+from ._configs import KernelConfig, make_config
 
 
 def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

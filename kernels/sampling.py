@@ -52,7 +52,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._aot import KernelConfig, make_config
+from ._configs import KernelConfig, make_config
 from ._library import define_kernel_op
 
 MASK32 = 0xFFFFFFFF

@@ -10,8 +10,9 @@ import fastgen
 from fastgen.kernels.int8_linear import int8_linear, int8_linear_ref
 from fastgen.model.linear import DynamicInt8Linear, Int4Linear, Int8Linear
 from fastgen.model.musicgen import MusicgenModel
-from fastgen.model.quantize import (INT4_GROUP_SIZE, deviation, dequantize_int4, dequantize_int8, quantize_int4,
-                                    quantize_int8, teacher_forced_logits, validate_quantization)
+from fastgen.model.deviation import deviation, teacher_forced_logits
+from fastgen.model.quantize import (INT4_GROUP_SIZE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
+                                    validate_quantization)
 from kernel_checks import DEVICE, assert_close_report
 
 
