@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastgen.kernels import decode_attention as decode_attention_module
 from fastgen.kernels.codebook_embedding import codebook_embedding, codebook_embedding_ref
 from fastgen.kernels.decode_attention import decode_attention_append, decode_attention_append_ref, scratch_buffer
-from fastgen.kernels.sampling import counter_uniform  # noqa: F401  (registers fastgen::counter_uniform)
+from fastgen.kernels.counter_hash import counter_uniform  # noqa: F401  (registers fastgen::counter_uniform)
 from fastgen.kernels.sampling import sample_next_tokens  # noqa: F401  (registers fastgen::sample_next_tokens)
 
 from kernel_checks import DEVICE

@@ -14,7 +14,7 @@ import torch
 import fastgen
 from fastgen.engine.longform import plan_windows, window_stream_seed
 from fastgen.engine.request import RequestStatus
-from fastgen.kernels.sampling import seed_key
+from fastgen.kernels.counter_hash import seed_key
 
 WINDOW_S, STRIDE_S = 0.5, 0.3
 WINDOW, STRIDE = 25, 15        # frames at 50 frames/s

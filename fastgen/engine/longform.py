@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastgen.errors import RequestError
-from fastgen.kernels.sampling import seed_key
+from fastgen.kernels.counter_hash import seed_key
 
 DEFAULT_EXTEND_STRIDE_S = 18.0  # audiocraft's default: of a 30 s window, 12 s are kept as the next one's prompt
 DEFAULT_STRIDE_SHARE = 0.6      # for a window shorter than 30 s: the same share of it (18 / 30)
