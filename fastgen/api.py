@@ -62,15 +62,20 @@ class MusicGen:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
-                        cpu_threads: int | None = None, **engine_options: Any) -> "MusicGen":
+                        cpu_threads: int | None = None, text_encoder: str | Path | None = None,
+                        audio_encoder: str | Path | None = None, **engine_options: Any) -> "MusicGen":
         """Load a MusicGen checkpoint folder (config.json, safetensors weights, tokenizer, generation_config.json)
         or a hub id. ``engine_options`` are EngineConfig fields (max_slots, backend, max_duration_s, …).
         ``cpu_threads``: on a CPU, the intra-op thread count the engine's decode runs with (default
-        $FASTGEN_CPU_THREADS, else the calling thread's count: torch's default unless changed)."""
+        $FASTGEN_CPU_THREADS, else the calling thread's count: torch's default unless changed). An audiocraft export
+        (a folder with state_dict.bin and compression_state_dict.bin: fastgen.model.audiocraft) loads too, its T5 and
+        EnCodec from ``text_encoder`` / ``audio_encoder`` (Hugging Face folders or hub ids; default the models its
+        files name: t5-base and facebook/encodec_32khz from the hub)."""
         config = EngineConfig(**engine_options)  # bad options fail before the weights are read
         cpu_threads = resolve_cpu_threads(cpu_threads)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   quantization=config.quantization, compiled=config.compile_step)
+                                   quantization=config.quantization, compiled=config.compile_step,
+                                   text_encoder=text_encoder, audio_encoder=audio_encoder)
         return cls(Engine(model, config, cpu_threads))
 
     @staticmethod
@@ -113,10 +118,12 @@ class MusicGen:
 
     def generate(self, prompts: Sequence[str | None], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  audio_prompts: Sequence[tuple[Any, int] | None] | None = None,
-                 progress: bool = False, codes_prompts: Sequence[Any] | None = None) -> list[GenerationOutput]:
+                 progress: bool = False, codes_prompts: Sequence[Any] | None = None,
+                 melodies: Sequence[tuple[Any, int] | None] | None = None) -> list[GenerationOutput]:
         """Generate one output per prompt (None = unconditional), in order. Raises RequestError for invalid input
-        before any work starts (``codes_prompts``: see generate_iter). If requests fail while running, the others still finish and RequestFailed is raised
-        at the end carrying ``.outputs`` (the list, None where a request failed) and ``.failures`` ({index: error})."""
+        before any work starts (``codes_prompts``, ``melodies``: see generate_iter). If requests fail while running,
+        the others still finish and RequestFailed is raised at the end carrying ``.outputs`` (the list, None where a
+        request failed) and ``.failures`` ({index: error})."""
         n = len(prompts) if isinstance(prompts, Sequence) and not isinstance(prompts, str) else 0
         bar = None
         if progress:
@@ -126,7 +133,7 @@ class MusicGen:
         failures: dict[int, Exception] = {}
         try:
             for index, result in self.generate_iter(prompts, params, audio_prompts, on_error="yield",
-                                                    codes_prompts=codes_prompts):
+                                                    codes_prompts=codes_prompts, melodies=melodies):
                 if isinstance(result, Exception):
                     failures[index] = result
                 else:
@@ -163,8 +170,11 @@ class MusicGen:
                       audio_prompts: Sequence[tuple[Any, int] | None] | None = None, *,
                       on_error: str = "raise",
                       on_step: Callable[["GenerationStream"], None] | None = None,
-                      codes_prompts: Sequence[Any] | None = None) -> "GenerationStream":
+                      codes_prompts: Sequence[Any] | None = None,
+                      melodies: Sequence[tuple[Any, int] | None] | None = None) -> "GenerationStream":
         """Yield ``(index, output)`` as each request finishes (completion order), holding only in-flight outputs.
+        ``melodies``: on a MusicGen-Melody checkpoint, a (waveform, sample_rate) per prompt (None: no melody, the
+        null chroma) or one for all; its chroma conditions the request (fastgen.model.melody).
         Every input is validated here, before any work (RequestError). A request that fails while running never
         stops the others: with ``on_error="raise"`` RequestFailed (with ``.failures``) is raised once the others have
         been yielded; with ``on_error="yield"`` its RequestFailed is yielded in place of the output.
@@ -182,10 +192,13 @@ class MusicGen:
         if isinstance(codes_prompts, (np.ndarray, torch.Tensor)):
             codes_prompts = [codes_prompts] * n  # one codes prompt (int64 [num_codebooks, frames]) for every prompt
         codes = _broadcast(codes_prompts, n, "codes_prompts") if codes_prompts is not None else [None] * n
+        if isinstance(melodies, tuple) and len(melodies) == 2 and isinstance(melodies[1], int):
+            melodies = [melodies] * n  # one (waveform, sample_rate) for every prompt
+        melody = _broadcast(melodies, n, "melodies") if melodies is not None else [None] * n
 
         def build(i: int) -> Request:
             return self.engine.make_request(prompts[i], per_prompt[i], audio[i], name=f"prompts[{i}]",
-                                            codes_prompt=codes[i])
+                                            codes_prompt=codes[i], melody=melody[i])
 
         # Validate everything now. A request holding a resampled audio prompt is rebuilt when it is queued
         # instead of kept: N copies of a prompt's waveform would make memory grow with the job.

@@ -94,6 +94,24 @@ class DecoderConfig:
         return self.num_codebooks // self.audio_channels
 
 
+MELODY_LIMITS = {"num_chroma": 128, "chroma_length": 4096}  # facebook/musicgen-melody: 12 bins, 235 frames (30 s)
+
+
+@dataclass(frozen=True, slots=True)
+class MelodyConfig:
+    """A MusicGen-Melody checkpoint (model_type musicgen_melody): its decoder has no cross-attention; the chroma of a
+    melody (``num_chroma`` bins per frame, fitted to ``chroma_length`` frames) and the text form a prefix of the
+    decoder's self-attention sequence (fastgen.model.melody)."""
+    num_chroma: int = 12
+    chroma_length: int = 235
+
+    def __post_init__(self) -> None:
+        for name, limit in MELODY_LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise CheckpointError(f"config: {name} must be an integer in [1, {limit}], got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Everything fastgen needs from a MusicGen checkpoint folder."""
@@ -103,6 +121,7 @@ class ModelConfig:
     text_hidden_size: int
     sample_rate: int
     frame_rate: int
+    melody: MelodyConfig | None = None  # set for MusicGen-Melody checkpoints
 
     @property
     def has_enc_to_dec_proj(self) -> bool:
@@ -142,9 +161,12 @@ class ModelConfig:
     def _from_dict(cls, raw: dict[str, Any], source: str) -> "ModelConfig":
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        if raw.get("model_type") not in ("musicgen", None):
-            raise CheckpointError(f"{source}: model_type is {raw.get('model_type')!r}, expected 'musicgen'"
-                                  " (musicgen_melody checkpoints are not supported)")
+        if raw.get("model_type") not in ("musicgen", "musicgen_melody", None):
+            raise CheckpointError(f"{source}: model_type is {raw.get('model_type')!r}, expected 'musicgen' or "
+                                  "'musicgen_melody'")
+        melody = None
+        if raw.get("model_type") == "musicgen_melody":
+            melody = MelodyConfig(raw.get("num_chroma", 12), raw.get("chroma_length", 235))
         sections = {}
         for key in ("decoder", "text_encoder", "audio_encoder"):
             section = raw.get(key)
@@ -198,7 +220,8 @@ class ModelConfig:
                                   f"decoder.vocab_size {vocab_size}")
         text_hidden = _positive_int(sections["text_encoder"].get("d_model", 512), f"{source}: text_encoder.d_model")
         return cls(decoder=decoder, text_encoder=sections["text_encoder"], audio_encoder=audio,
-                   text_hidden_size=int(text_hidden), sample_rate=sample_rate, frame_rate=sample_rate // hop)
+                   text_hidden_size=int(text_hidden), sample_rate=sample_rate, frame_rate=sample_rate // hop,
+                   melody=melody)
 
 
 def _positive_int(value: Any, name: str) -> int:

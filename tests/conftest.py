@@ -28,6 +28,18 @@ def tiny_stereo_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_melody_mono_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    from fastgen.tiny_melody import build_tiny_melody_checkpoint
+    return build_tiny_melody_checkpoint(tmp_path_factory.mktemp("tiny-melody-mono"))
+
+
+@pytest.fixture(scope="session")
+def tiny_melody_stereo_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    from fastgen.tiny_melody import build_tiny_melody_checkpoint
+    return build_tiny_melody_checkpoint(tmp_path_factory.mktemp("tiny-melody-stereo"), stereo=True)
+
+
+@pytest.fixture(scope="session")
 def device() -> torch.device:
     """The accelerator when there is one, so the same tests run on CPU CI and on GPU machines."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -179,25 +179,30 @@ class AsyncEngine:
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, device="cpu", dtype=None, allow_pickle=False,
-                        cpu_threads: int | None = None, **engine_options: Any) -> "AsyncEngine":
-        """``cpu_threads``: as for AsyncEngine (default $FASTGEN_CPU_THREADS, else 1), checked before loading."""
+                        cpu_threads: int | None = None, text_encoder=None, audio_encoder=None,
+                        **engine_options: Any) -> "AsyncEngine":
+        """``cpu_threads``: as for AsyncEngine (default $FASTGEN_CPU_THREADS, else 1), checked before loading.
+        ``text_encoder`` / ``audio_encoder``: for an audiocraft export, its T5 and EnCodec (MusicgenModel.load)."""
         config = EngineConfig(**engine_options)
         cpu_threads = resolve_cpu_threads(cpu_threads, default=LOOP_CPU_THREADS)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   quantization=config.quantization, compiled=config.compile_step)
+                                   quantization=config.quantization, compiled=config.compile_step,
+                                   text_encoder=text_encoder, audio_encoder=audio_encoder)
         # the engine is built with the loop thread's count, so a compiled step (compile_step) is compiled for it once
         return cls(Engine(model, config, cpu_threads), cpu_threads)
 
     # ---------------------------------------------------------------------------------------- caller side
     def submit(self, prompt: str | None, params: SamplingParams | None = None,
-               audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None) -> RequestHandle:
+               audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
+               melody: tuple[Any, int] | None = None) -> RequestHandle:
         """Validate and queue a request; returns at once. Raises RequestError for bad input or a request_id in use,
-        QueueFull when ``max_waiting`` requests wait already, EngineClosed after shutdown."""
+        QueueFull when ``max_waiting`` requests wait already, EngineClosed after shutdown. ``melody``
+        (waveform, sample_rate): a MusicGen-Melody checkpoint's melody condition."""
         self._check_open()
         self._check_free(request_id)  # fail fast, before any work (checked again, under the lock, below)
         # validation and the work (bounded first) take no lock of ours: one caller's hostile request cannot stall
         # the others (tokenising alone is serialised, inside make_request)
-        request = self.engine.make_request(prompt, params, audio_prompt, request_id)
+        request = self.engine.make_request(prompt, params, audio_prompt, request_id, melody=melody)
         with self._submit_lock:
             self._check_open()
             self._check_free(request_id)

@@ -79,7 +79,7 @@ class Engine:
             self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
                                       max_frames=self.slot_frames, max_text_tokens=config.max_text_tokens,
                                       compile_step=config.compile_step, steps_per_call=config.steps_per_call,
-                                      max_request_frames=self.max_frames)
+                                      max_request_frames=self.max_frames, melody=model.melody)
         self.scheduler = Scheduler(num_slots)
         if linear_backend == "triton":  # split-K scratch for the most rows a step runs, before any graph capture
             model.decoder.reserve_fused_scratch(2 * self.runner.total_slots)
@@ -100,11 +100,14 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, device: str | torch.device = "cpu", dtype=None,
-                        allow_pickle: bool = False, cpu_threads: int | None = None, **engine_options) -> "Engine":
+                        allow_pickle: bool = False, cpu_threads: int | None = None, text_encoder=None,
+                        audio_encoder=None, **engine_options) -> "Engine":
+        """``text_encoder`` / ``audio_encoder``: for an audiocraft export, its T5 and EnCodec (MusicgenModel.load)."""
         config = EngineConfig(**engine_options)  # validated before any loading
         cpu_threads = resolve_cpu_threads(cpu_threads)
         model = MusicgenModel.load(name_or_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   quantization=config.quantization, compiled=config.compile_step)
+                                   quantization=config.quantization, compiled=config.compile_step,
+                                   text_encoder=text_encoder, audio_encoder=audio_encoder)
         return cls(model, config, cpu_threads)
 
     def _threads(self) -> contextlib.AbstractContextManager:
@@ -113,8 +116,10 @@ class Engine:
     def _plan_slots(self) -> int:
         """As many slots as the KV-cache budget holds, each sized for one window (or the longest request allowed)."""
         dec = self.model.decoder
-        positions = self.slot_frames + dec.config.channel_codebooks + self.config.steps_per_call - 1
-        per_slot = KVCache.bytes_per_slot(dec.config, positions, self.config.max_text_tokens, dec.dtype)
+        positions = (dec.prefix_positions(self.config.max_text_tokens) + self.slot_frames
+                     + dec.config.channel_codebooks + self.config.steps_per_call - 1)
+        cross_tokens = self.config.max_text_tokens if dec.cross_attention else 0
+        per_slot = KVCache.bytes_per_slot(dec.config, positions, cross_tokens, dec.dtype)
         budget = self.config.kv_cache_memory_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -137,12 +142,12 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ requests
     def make_request(self, prompt: str | None, params: SamplingParams | None = None,
                      audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
-                     name: str = "prompt", codes_prompt: Any = None) -> Request:
+                     name: str = "prompt", codes_prompt: Any = None, melody: tuple[Any, int] | None = None) -> Request:
         """Validate and build a request (raises RequestError naming the bad parameter); does not queue it. Safe from
-        any thread (fastgen.engine.intake)."""
+        any thread (fastgen.engine.intake). ``melody`` (waveform, sample_rate): a melody checkpoint's condition."""
         self.intake.check_request_id(request_id)
         return self.intake.build(request_id if request_id is not None else self.new_request_id(), prompt, params,
-                                 audio_prompt, name, codes_prompt)
+                                 audio_prompt, name, codes_prompt, melody)
 
     def new_request_id(self, taken: Any = ()) -> str:
         """An automatic id, never one in use (a caller may have picked "req-7" for its own)."""
@@ -153,13 +158,14 @@ class Engine:
 
     def add_request(self, prompt: str | None, params: SamplingParams | None = None,
                     audio_prompt: tuple[Any, int] | None = None, request_id: str | None = None,
-                    codes_prompt: Any = None) -> Request:
+                    codes_prompt: Any = None, melody: tuple[Any, int] | None = None) -> Request:
         """Validate and queue a request. Raises RequestError for bad input or a request_id in use, and QueueFull
         (before any work) when ``max_waiting`` requests are waiting already."""
         self.check_capacity(len(self.scheduler.waiting))
         if request_id is not None and request_id in self._active:
             raise RequestError(f"request_id {request_id!r} is already in use by an unfinished request")
-        request = self.make_request(prompt, params, audio_prompt, request_id, codes_prompt=codes_prompt)
+        request = self.make_request(prompt, params, audio_prompt, request_id, codes_prompt=codes_prompt,
+                                    melody=melody)
         self.enqueue(request)
         return request
 

@@ -1,6 +1,6 @@
-"""Intake: what a caller submits (prompt, SamplingParams, audio or codes prompt, request id) checked and turned into a
-Request, each step bounded before it runs. Every error is a RequestError naming the parameter; nothing is queued here
-(the Engine does that) and no engine lock is taken, so a bad request never waits behind good ones."""
+"""Intake: what a caller submits (prompt, SamplingParams, audio or codes prompt, melody, request id) checked and turned
+into a Request, each step bounded before it runs. Every error is a RequestError naming the parameter; nothing is
+queued here (the Engine does that) and no engine lock is taken, so a bad request never waits behind good ones."""
 from __future__ import annotations
 
 import numbers
@@ -13,6 +13,7 @@ from fastgen.audio import prepare_audio_prompt
 from fastgen.engine import longform
 from fastgen.engine.request import Request
 from fastgen.errors import RequestError
+from fastgen.model.chroma import melody_chroma
 from fastgen.model.musicgen import MusicgenModel
 from fastgen.sampling_params import ResolvedParams, SamplingParams
 
@@ -40,10 +41,12 @@ class RequestIntake:
                                f"{type(request_id).__name__} {str(request_id)[:40]!r}")
 
     def build(self, request_id: str, prompt: str | None, params: SamplingParams | None = None,
-              audio_prompt: tuple[Any, int] | None = None, name: str = "prompt", codes_prompt: Any = None) -> Request:
+              audio_prompt: tuple[Any, int] | None = None, name: str = "prompt", codes_prompt: Any = None,
+              melody: tuple[Any, int] | None = None) -> Request:
         """Validate and build a request (raises RequestError naming the bad parameter).
         ``codes_prompt`` (int [num_codebooks, frames], GenerationOutput.codes' layout) is continued like an audio
-        prompt, without EnCodec.
+        prompt, without EnCodec. ``melody`` (waveform, sample_rate), for a melody checkpoint only, becomes its chroma
+        here (the first chunk_length seconds: 30 s), which the request keeps instead of the audio.
 
         Safe from any thread, and every step is bounded before it runs: parameters and sizes are checked first, the
         audio prompt is resampled only once its rate and resampled length are known to be in range, and the prompt
@@ -77,6 +80,7 @@ class RequestIntake:
             prompt_frames = prompt_codes.shape[1]
         stride = longform.stride_frames(params.extend_stride, self.window_frames, self.frame_rate)
         self._check_length(prompt_frames, resolved.new_frames)
+        chroma = self._melody_chroma(melody) if melody is not None else None
         text_ids = None
         if prompt is not None:
             with self.tokenizer_lock:
@@ -85,7 +89,8 @@ class RequestIntake:
                 raise RequestError(f"{name} is {len(text_ids)} tokens long; at most max_text_tokens="
                                    f"{self.max_text_tokens} are allowed")
         return Request(request_id, prompt, params, resolved, text_ids, audio, prompt_frames, dec.channel_codebooks,
-                       window_frames=self.window_frames, stride_frames=stride, prompt_codes=prompt_codes)
+                       window_frames=self.window_frames, stride_frames=stride, prompt_codes=prompt_codes,
+                       chroma=chroma)
 
     def _check_prompt(self, prompt: Any, name: str) -> None:
         if prompt is None:
@@ -108,10 +113,7 @@ class RequestIntake:
         if not (isinstance(audio_prompt, tuple) and len(audio_prompt) == 2):
             raise RequestError("audio_prompt must be a (waveform, sample_rate) tuple")
         waveform, rate = audio_prompt
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or \
-                not MIN_AUDIO_PROMPT_RATE <= rate <= MAX_AUDIO_PROMPT_RATE:
-            raise RequestError(f"audio_prompt sample rate must be an integer number of Hz in "
-                               f"[{MIN_AUDIO_PROMPT_RATE}, {MAX_AUDIO_PROMPT_RATE}], got {str(rate)[:40]}")
+        _check_rate(rate, "audio_prompt")
         try:
             shape = tuple(waveform.shape) if hasattr(waveform, "shape") else np.shape(waveform)
         except (ValueError, TypeError):  # ragged nested lists: prepare_audio_prompt names the problem
@@ -125,6 +127,24 @@ class RequestIntake:
         self._check_length(-(-samples // self.hop), new_frames)
         return waveform, int(rate)
 
+    def _melody_chroma(self, melody: Any):
+        """A melody checked as an audio prompt is (the same errors), then its chroma [frames, bins]."""
+        if self.model.melody is None:
+            raise RequestError("melody: this checkpoint is a text-to-music MusicGen (model_type musicgen); melody "
+                               "conditioning needs a MusicGen-Melody checkpoint (model_type musicgen_melody, e.g. "
+                               "facebook/musicgen-melody)")
+        if not (isinstance(melody, tuple) and len(melody) == 2):
+            raise RequestError("melody must be a (waveform, sample_rate) tuple")
+        waveform, rate = melody
+        _check_rate(rate, "melody")
+        try:
+            return melody_chroma(waveform, int(rate), self.model.chroma, name="melody")
+        except RequestError:
+            raise
+        except (ValueError, TypeError, MemoryError) as exc:
+            raise RequestError(f"{type(exc).__name__}: {exc}" if isinstance(exc, MemoryError) else str(exc)) \
+                from None
+
     def _check_length(self, prompt_frames: int, new_frames: int) -> None:
         total = prompt_frames + new_frames
         if total > self.max_frames:
@@ -133,3 +153,10 @@ class RequestIntake:
                 f"{new_frames} new frames), over the limit of {self.max_frames / self.frame_rate:.2f} s "
                 f"({self.max_frames} frames) of this engine (EngineConfig.max_duration_s); shorten duration or the "
                 f"audio prompt")
+
+
+def _check_rate(rate: Any, name: str) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or \
+            not MIN_AUDIO_PROMPT_RATE <= rate <= MAX_AUDIO_PROMPT_RATE:
+        raise RequestError(f"{name} sample rate must be an integer number of Hz in "
+                           f"[{MIN_AUDIO_PROMPT_RATE}, {MAX_AUDIO_PROMPT_RATE}], got {str(rate)[:40]}")

@@ -42,6 +42,8 @@ class Request:
     slot: int | None = None
     steps_done: int = 0
     prompt_codes: torch.Tensor | None = None  # [K, P] once encoded (given as such: a codes prompt)
+    chroma: torch.Tensor | None = None  # melody model: the melody's one-hot chroma [frames, bins] (None: no melody)
+    prefix_length: int = 0          # melody model: the slot's prefix positions before the audio (set at admission)
     windows: tuple[Window, ...] = ()  # planned by plan(); one unless the request is longer than the window
     window_index: int = 0
     done_codes: list[torch.Tensor] = field(default_factory=list)  # [K, f] CPU: frames that left the slot, in order

@@ -1,5 +1,5 @@
-"""The model runner: per-slot device state, admission (T5, cross-attention K/V, audio-prompt prefill), the decode
-step, and retirement (codes out, EnCodec).
+"""The model runner: per-slot device state, admission (T5 and the text's cross-attention K/V or a melody model's
+prefix: fastgen.engine.conditioning; audio-prompt prefill), the decode step, and retirement (codes out, EnCodec).
 
 Slot s owns cache rows s (cond) and S1 + s (uncond), where S1 = num_slots + 1: the last slot is a dummy that padding
 rows point at, so kernels never see an invalid index. Everything a step needs lives in device tensors indexed by
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen.engine.conditioning import SlotConditioning
 from fastgen.engine.graphs import DecodeGraphs
 from fastgen.engine.request import Request
 from fastgen.errors import RequestError
@@ -36,6 +37,7 @@ class SlotState:
     prompt_frames: torch.Tensor   # [S1] int32
     text_length: torch.Tensor     # [S1] int32: cond row's text tokens (0 = unconditional)
     nonfinite: torch.Tensor       # [S1] int32
+    prefix_length: torch.Tensor   # [S1] int32: a melody slot's prefix, in front of its audio in the cache (else 0)
 
     @classmethod
     def allocate(cls, slots: int, codebooks: int, max_frames: int, device: torch.device) -> "SlotState":
@@ -46,7 +48,7 @@ class SlotState:
                    zeros(slots, codebooks, max_frames, dtype=i64), zeros(slots, dtype=f32),
                    zeros(slots, dtype=f32), zeros(slots, dtype=i32), zeros(slots, dtype=f32),
                    zeros(slots, dtype=i64), zeros(slots, dtype=i32), zeros(slots, dtype=i32),
-                   zeros(slots, dtype=i32), zeros(slots, dtype=i32))
+                   zeros(slots, dtype=i32), zeros(slots, dtype=i32), zeros(slots, dtype=i32))
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,10 @@ class BatchPlan:
 class ModelRunner:
     def __init__(self, decoder: MusicgenDecoder, text_encoder: TextEncoder, codec: AudioCodec, ops: Ops, *,
                  num_slots: int, max_frames: int, max_text_tokens: int, compile_step: bool = False,
-                 steps_per_call: int = 1, max_request_frames: int | None = None) -> None:
+                 steps_per_call: int = 1, max_request_frames: int | None = None, melody=None) -> None:
+        """``melody``: a melody model's MelodyPrefix (fastgen.model.melody), with its decoder."""
         self.decoder, self.text_encoder, self.codec, self.ops = decoder, text_encoder, codec, ops
+        self.melody = melody
         config = decoder.config
         self.config = config
         self.device = decoder.device
@@ -70,16 +74,21 @@ class ModelRunner:
         self.total_slots = num_slots + 1
         self.max_frames = max_frames  # one slot: a window of a long-form request
         self.max_request_frames = max_request_frames or max_frames
-        self.max_positions = max_frames + config.channel_codebooks
+        # a melody slot's audio follows its prefix (chroma and text) in the self-attention cache
+        self.prefix_positions = decoder.prefix_positions(max_text_tokens)
+        self.max_positions = self.prefix_positions + max_frames + config.channel_codebooks
         self.steps_per_call = steps_per_call
         # a request finishing inside a multi-step call runs on to the call's end: its slot needs the extra positions
         self.cache_positions = self.max_positions + steps_per_call - 1
         self.max_text_tokens = max_text_tokens
         spare = int(compile_step)  # the compiled step's read spans must never equal a cache length (see _compile_step)
+        cross_tokens = max_text_tokens if decoder.cross_attention else 0
         self.cache = KVCache.allocate(config, self.total_slots, self.cache_positions + spare,
-                                      max_text_tokens + spare, decoder.dtype, self.device)
+                                      cross_tokens + spare, decoder.dtype, self.device)
+        decoder.reserve_positions(self.cache_positions + spare)  # before the step is compiled or captured
         ops.choose_attention(self.device, self.cache.self_k.dtype, config.head_dim)
         self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
+        self.conditioning = SlotConditioning(self)
         self.graphs: DecodeGraphs | None = None
         self.compiled = compile_step
         self.eager_step = self.decode_step  # the step where no CUDA graph replays it: decode_step, or compiled
@@ -142,60 +151,21 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------------------- admission
     @torch.inference_mode()
     def start(self, requests: list[Request]) -> None:
-        """Prepare the slots of newly admitted requests: text → cross K/V, audio prompt → codes → prefill."""
+        """Prepare the slots of newly admitted requests: text (and melody) → the slot's conditioning, audio prompt →
+        codes → prefill."""
         if not requests:
             return
-        self._write_text(requests)
+        self.conditioning.write(requests)
         for request in requests:
             self._init_slot(request)
 
-    def _write_text(self, requests: list[Request]) -> None:
-        """T5-encode the admitted prompts as one padded batch; their cross-attention K/V go to the cond rows. The
-        null condition (uncond rows, unconditional requests) has text length 0: those rows are never read."""
-        lengths = [len(r.text_ids) if r.text_ids is not None else 0 for r in requests]
-        slot_ids = torch.tensor([r.slot for r in requests], device=self.device)
-        self.state.text_length[slot_ids] = torch.tensor(lengths, dtype=torch.int32, device=self.device)
-        unconditioned = [r.slot for r in requests if r.text_ids is None]
-        if unconditioned:  # the torch path averages a text-less row's cross K/V: they must be zero, not stale
-            rows = torch.tensor(unconditioned, device=self.device)
-            self.cache.cross_k[:, rows] = 0
-            self.cache.cross_v[:, rows] = 0
-        conditioned = [r for r in requests if r.text_ids is not None and r.text_states is None]
-        if conditioned and self.text_alone:
-            for r, states in zip(conditioned, self.encode_text([r.text_ids for r in conditioned])):
-                self.decoder.write_cross_kv(self.cache, torch.tensor([r.slot], device=self.device), states[None])
-        elif conditioned:
-            states, mask = self.text_encoder.encode([r.text_ids for r in conditioned])
-            projected = self.decoder.project_text(states, mask)
-            rows = torch.tensor([r.slot for r in conditioned], device=self.device)
-            self.decoder.write_cross_kv(self.cache, rows, projected)
-        for r in requests:  # text states the stage worker encoded ahead of admission
-            if r.text_states is None:
-                continue
-            if r.text_ready is not None:  # made on the worker's CUDA stream
-                torch.cuda.current_stream().wait_event(r.text_ready)
-                r.text_states.record_stream(torch.cuda.current_stream())
-            self.decoder.write_cross_kv(self.cache, torch.tensor([r.slot], device=self.device), r.text_states[None])
-            r.text_states, r.text_ready = None, None
-
     @property
     def text_alone(self) -> bool:
-        """Whether each prompt is T5-encoded (and projected) on its own rather than in one padded batch with the
-        prompts admitted beside it: on the batch-invariant paths (the fused projections, and every CPU path), whose
-        promise is that a request's codes depend only on its prompt, parameters and seed. A GEMM library picks
-        algorithms by row count, and padding changes the attention's row lengths, so a batched T5 could move a
-        prompt's last bits with its fellow prompts. Costs one T5 call a prompt."""
-        return self.decoder.linear_backend == "triton" or self.device.type == "cpu"
+        return self.conditioning.text_alone
 
-    @torch.inference_mode()
     def encode_text(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
-        """T5 + projection (prompts encoded ahead of admission, or alone: text_alone): decoder-width states [T, D]
-        per prompt."""
-        if self.text_alone and len(token_ids) > 1:
-            return [states for ids in token_ids for states in self.encode_text([ids])]
-        states, mask = self.text_encoder.encode(token_ids)
-        projected = self.decoder.project_text(states, mask)
-        return [projected[i, :len(ids)] for i, ids in enumerate(token_ids)]
+        """T5 + projection: decoder-width states [T, D] per prompt (the stage worker's job; SlotConditioning)."""
+        return self.conditioning.encode_text(token_ids)
 
     def _init_slot(self, request: Request) -> None:
         st, slot = self.state, request.slot
@@ -237,7 +207,8 @@ class ModelRunner:
             rows = torch.tensor([slot, self.total_slots + slot], device=self.device)
             delayed = self._delayed_prompt(prompt, prompt_frames + 1)  # positions 0..P
             text_length = torch.stack([st.text_length[slot], torch.zeros_like(st.text_length[slot])])
-            self.decoder.prefill(self.cache, rows, delayed[:, :prompt_frames], text_length)
+            self.decoder.prefill(self.cache, rows, delayed[:, :prompt_frames], text_length,
+                                 start=request.prefix_length)
             st.tokens[slot] = delayed[:, prompt_frames]
         else:
             st.tokens[slot] = self.config.pad_token_id  # BOS: every codebook starts on the special id
@@ -316,7 +287,7 @@ class ModelRunner:
     def kv_span(self, requests: list[Request]) -> int:
         """How much of the self-attention cache the torch backend reads in a call: the longest row after the call's
         steps, rounded up."""
-        longest = max(r.position for r in requests) + self.steps_per_call
+        longest = max(r.prefix_length + r.position for r in requests) + self.steps_per_call
         return min(self.cache_positions, -(-longest // KV_BOUND_GRANULE) * KV_BOUND_GRANULE)
 
     @torch.inference_mode()
@@ -334,11 +305,15 @@ class ModelRunner:
                     text_span: int | None) -> None:
         """The step proper, on device tensors only: no host syncs, no data-dependent shapes (CUDA-graph safe).
         Embed (and, on the triton backend, write the rows' bookkeeping), the layers, sample (and advance)."""
-        c, decoder = self.config, self.decoder
-        hidden, ctx = self.ops.begin_step(slot_ids, self.state, self.total_slots, decoder.embed, decoder.sinusoid,
-                                          kv_span, text_span)
+        c, decoder, st = self.config, self.decoder, self.state
+        positions = None if decoder.cross_attention else st.position + st.prefix_length  # melody: after the prefix
+        hidden, ctx = self.ops.begin_step(slot_ids, st, self.total_slots, decoder.embed, decoder.sinusoid,
+                                          kv_span, text_span, positions)
         logits = decoder.decode(self.ops, hidden, self.cache, ctx)
-        self.ops.end_step(ctx, logits, self.state, c.pad_token_id, c.audio_channels, self.dummy_slot, hints)
+        if positions is not None and ctx.self_length is not None:
+            # the triton sampler reads the step's positions from the rows' lengths: the audio's, not the cache's
+            ctx.self_length = ctx.self_length[:slot_ids.shape[0]] - st.prefix_length[slot_ids]
+        self.ops.end_step(ctx, logits, st, c.pad_token_id, c.audio_channels, self.dummy_slot, hints)
 
     # ---------------------------------------------------------------------------------------------- retire
     @torch.inference_mode()

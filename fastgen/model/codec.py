@@ -52,7 +52,8 @@ class _TokenIdWarnings(logging.Filter):
 def quiet_token_id_warnings() -> Iterator[None]:
     """Drop those two warnings (only) while transformers builds a MusicGen config: loading, building a tiny one."""
     loggers = [logging.getLogger(name) for name in (
-        "transformers.configuration_utils", "transformers.models.musicgen.configuration_musicgen")]
+        "transformers.configuration_utils", "transformers.models.musicgen.configuration_musicgen",
+        "transformers.models.musicgen_melody.configuration_musicgen_melody")]
     quiet = _TokenIdWarnings()
     for logger in loggers:
         logger.addFilter(quiet)

@@ -1,6 +1,10 @@
 """MusicGen's decoder as fastgen runs it: weights in fused layouts, a decode step over a static KV cache, and a
 prefill for audio prompts. The layer math matches transformers' MusicgenDecoder (pre-LayerNorm blocks: self-attention,
-cross-attention over the text, feed-forward; no biases in attention or FFN; K summed embeddings in, K heads out)."""
+cross-attention over the text, feed-forward; no biases in attention or FFN; K summed embeddings in, K heads out).
+
+A MusicGen-Melody decoder (``melody`` given) is the same without cross-attention: its chroma and text come in as a
+prefix of the self-attention sequence (fastgen.model.melody), prefilled like an audio prompt; every other part of the
+engine runs it unchanged, with the slot's positions offset by the prefix's length."""
 from __future__ import annotations
 
 import math
@@ -9,11 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig
+from fastgen.config import MAX_STEPS_PER_CALL, DecoderConfig, MelodyConfig
 from fastgen.errors import CheckpointError
 from fastgen.model.cpu_paths import build_linears
 from fastgen.model.linear import QUANTIZED_PATHS, DenseLinear, GemvLinear, Int8Linear, Linear
 from fastgen.model.ops import Ops, StepContext
+from fastgen.model.prefill import prefill_positions
 from fastgen.model.projections import LINEAR_BACKENDS, FusedProjections, TorchProjections
 from fastgen.model.quantize import FUSED_KERNEL_QUANTIZATIONS, validate_quantization
 
@@ -43,16 +48,20 @@ class LayerWeights:
     self_norm: tuple[torch.Tensor, torch.Tensor]
     qkv: Linear                # [3D, D]: q, k, v projections stacked
     self_out: Linear           # [D, D]: hidden = self_out.add_to(hidden, attn)
-    cross_norm: tuple[torch.Tensor, torch.Tensor]
-    cross_q: Linear            # [D, D]
-    cross_kv: torch.Tensor     # [2D, D]: applied once per request to the text states (never quantised)
-    cross_out: Linear          # [D, D]
+    cross_norm: tuple[torch.Tensor, torch.Tensor] | None  # the cross-attention's four: None in a melody decoder
+    cross_q: Linear | None     # [D, D]
+    cross_kv: torch.Tensor | None  # [2D, D]: applied once per request to the text states (never quantised)
+    cross_out: Linear | None   # [D, D]
     ffn_norm: tuple[torch.Tensor, torch.Tensor]
     fc1: Linear                # [F, D]
     fc2: Linear                # [D, F]
 
     def linears(self) -> tuple[Linear, ...]:
-        return (self.qkv, self.self_out, self.cross_q, self.cross_out, self.fc1, self.fc2)
+        return tuple(linear for linear in (self.qkv, self.self_out, self.cross_q, self.cross_out, self.fc1, self.fc2)
+                     if linear is not None)
+
+    def norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [norm for norm in (self.self_norm, self.cross_norm, self.ffn_norm) if norm is not None]
 
 
 @dataclass
@@ -96,12 +105,16 @@ class MusicgenDecoder:
     """Holds the decoder weights (one device, one dtype) and runs its forward passes."""
 
     def __init__(self, config: DecoderConfig, weights: dict[str, torch.Tensor], *, text_hidden_size: int,
-                 device: torch.device, dtype: torch.dtype, quantization: str | None = None) -> None:
+                 device: torch.device, dtype: torch.dtype, quantization: str | None = None,
+                 melody: MelodyConfig | None = None) -> None:
         self.config = config
+        self.melody = melody
+        self.cross_attention = melody is None  # a melody decoder conditions through a prefix instead
         self.device, self.dtype = device, dtype
         self.quantization = validate_quantization(quantization)
         self.activation = ACTIVATIONS[config.activation]
         self.scale = config.head_dim ** -0.5
+        self.norm_eps = LAYER_NORM_EPS
         w = _WeightReader(weights, device, dtype)
         prefix = "decoder.model.decoder."
         c = config
@@ -128,11 +141,12 @@ class MusicgenDecoder:
         def build(loaders) -> list[Linear]:
             return build_linears(loaders, device=device, dtype=dtype, quantization=self.quantization)
         # one role (shape) at a time: a CPU picks each role's fastest path by measurement (fastgen.model.linear)
+        cross = self.cross_attention
         roles = {
             "qkv": build([stacked([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], (d, d)) for p in layer]),
             "self_out": build([raw(f"{p}self_attn.out_proj.weight", (d, d)) for p in layer]),
-            "cross_q": build([raw(f"{p}encoder_attn.q_proj.weight", (d, d)) for p in layer]),
-            "cross_out": build([raw(f"{p}encoder_attn.out_proj.weight", (d, d)) for p in layer]),
+            "cross_q": build([raw(f"{p}encoder_attn.q_proj.weight", (d, d)) for p in layer]) if cross else None,
+            "cross_out": build([raw(f"{p}encoder_attn.out_proj.weight", (d, d)) for p in layer]) if cross else None,
             "fc1": build([raw(f"{p}fc1.weight", (f, d)) for p in layer]),
             "fc2": build([raw(f"{p}fc2.weight", (d, f)) for p in layer]),
         }
@@ -140,10 +154,11 @@ class MusicgenDecoder:
         for i, p in enumerate(layer):
             norm = lambda name: (w.take(f"{p}{name}.weight", (d,)), w.take(f"{p}{name}.bias", (d,)))  # noqa: E731
             self.layers.append(LayerWeights(
-                self_norm=norm("self_attn_layer_norm"), cross_norm=norm("encoder_attn_layer_norm"),
+                self_norm=norm("self_attn_layer_norm"), cross_norm=norm("encoder_attn_layer_norm") if cross else None,
                 ffn_norm=norm("final_layer_norm"),
-                cross_kv=torch.cat([w.take(f"{p}encoder_attn.{n}_proj.weight", (d, d)) for n in "kv"]),
-                **{role: built[i] for role, built in roles.items()}))
+                cross_kv=torch.cat([w.take(f"{p}encoder_attn.{n}_proj.weight", (d, d)) for n in "kv"])
+                if cross else None,
+                **{role: built[i] if built is not None else None for role, built in roles.items()}))
         self.final_norm = (w.take(f"{prefix}layer_norm.weight", (d,)), w.take(f"{prefix}layer_norm.bias", (d,)))
         heads = [stacked([f"decoder.lm_heads.{k}.weight" for k in range(c.num_codebooks)], (c.vocab_size, d))]
         # Logits leave the head in fp32: guidance 3 scales their rounding by 3, and bf16 logits near 10 are only
@@ -158,6 +173,10 @@ class MusicgenDecoder:
         if text_hidden_size != d:
             self.text_proj = (w.take("enc_to_dec_proj.weight", (d, text_hidden_size)),
                               w.take("enc_to_dec_proj.bias", (d,)))
+        self.chroma_proj: tuple[torch.Tensor, torch.Tensor] | None = None  # as transformers: only when widths differ
+        if melody is not None and melody.num_chroma != d:
+            self.chroma_proj = (w.take("audio_enc_to_dec_proj.weight", (d, melody.num_chroma)),
+                                w.take("audio_enc_to_dec_proj.bias", (d,)))
         w.finish()
         # an eager CPU step runs its layers in one C++ call where it can (_cpu_layers); False runs them one operator
         # at a time (the same result, bitwise: for tests and benchmarks)
@@ -205,8 +224,7 @@ class MusicgenDecoder:
     def step_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: the projections and LM heads at their stored width, plus the
         layer norms (the embedding reads only the few rows of the step's tokens)."""
-        norms = [t for layer in self.layers for pair in (layer.self_norm, layer.cross_norm, layer.ffn_norm)
-                 for t in pair] + list(self.final_norm)
+        norms = [t for layer in self.layers for pair in layer.norms() for t in pair] + list(self.final_norm)
         return sum(linear.nbytes for linear in self.linears()) + sum(t.numel() * t.element_size() for t in norms)
 
     def use_stock_linears(self) -> None:
@@ -214,11 +232,31 @@ class MusicgenDecoder:
         read [N, K] weights)."""
         for layer in self.layers:
             for role in ("qkv", "self_out", "cross_q", "cross_out", "fc1", "fc2"):
-                setattr(layer, role, getattr(layer, role).dense())
+                if getattr(layer, role) is not None:
+                    setattr(layer, role, getattr(layer, role).dense())
         self.lm_heads = self.lm_heads.dense()
         self._cpu_layers_args = False
 
+    def prefix_positions(self, max_text_tokens: int) -> int:
+        """Self-attention positions a slot reserves in front of its audio for the conditioning prefix: a melody
+        decoder's chroma and text (fastgen.model.melody), none for cross-attention."""
+        if self.melody is None:
+            return 0
+        return self.melody.chroma_length + max_text_tokens
+
+    def reserve_positions(self, positions: int) -> None:
+        """Make the sinusoid table cover ``positions`` (before any step is compiled or captured: they read it). A
+        melody prefix puts audio past the checkpoint's max_position_embeddings; transformers grows its table so too,
+        and a row's values do not depend on the table's length."""
+        if positions > self.sinusoid.shape[0]:
+            self.sinusoid = sinusoidal_table(positions, self.config.hidden_size).to(self.sinusoid)
+
     # ------------------------------------------------------------------------------------------------------------
+    def project_chroma(self, chroma: torch.Tensor) -> torch.Tensor:
+        """One-hot chroma [..., F, num_chroma] → decoder width (audio_enc_to_dec_proj)."""
+        states = chroma.to(self.dtype)
+        return F.linear(states, *self.chroma_proj) if self.chroma_proj is not None else states
+
     def project_text(self, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """T5 states [n, T, Dt] → decoder width, zeroed at padding (transformers multiplies by the mask)."""
         states = text_states.to(self.dtype)
@@ -256,9 +294,10 @@ class MusicgenDecoder:
             attn = ops.self_attention(ctx, cache.self_k_layers[i], cache.self_v_layers[i], q, k, v, self.scale)
             hidden = p.add_to(layer.self_out, hidden, attn.reshape(num_rows, d))
 
-            q = p.normed(layer.cross_q, hidden, layer.cross_norm).view(num_rows, heads, head_dim)
-            attn = ops.cross_attention(ctx, cache.cross_k_layers[i], cache.cross_v_layers[i], q, self.scale)
-            hidden = p.add_to(layer.cross_out, hidden, attn.reshape(num_rows, d))
+            if layer.cross_q is not None:  # (a melody decoder has none)
+                q = p.normed(layer.cross_q, hidden, layer.cross_norm).view(num_rows, heads, head_dim)
+                attn = ops.cross_attention(ctx, cache.cross_k_layers[i], cache.cross_v_layers[i], q, self.scale)
+                hidden = p.add_to(layer.cross_out, hidden, attn.reshape(num_rows, d))
 
             hidden = p.add_to(layer.fc2, hidden, p.normed_activated(layer.fc1, hidden, layer.ffn_norm))
         return p.logits(hidden).view(num_rows, c.num_codebooks, c.vocab_size)
@@ -278,6 +317,8 @@ class MusicgenDecoder:
 
     def _cpu_layers_weights(self) -> tuple | None:
         from fastgen.kernels import cpu_decoder_layers as kernel
+        if not self.cross_attention:  # the operator runs each layer's cross-attention: a melody decoder goes op by op
+            return None
         linears = [linear for layer in self.layers for linear in layer.linears()]
         on_gemv = all(isinstance(linear, GemvLinear) or (isinstance(linear, Int8Linear) and linear.kernel == "gemv")
                       for linear in linears)
@@ -297,38 +338,20 @@ class MusicgenDecoder:
             return self.lm_heads(hidden).float()
         return self.lm_heads(hidden.float())
 
-    def prefill(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, text_length: torch.Tensor) -> None:
-        """Fill the self-attention cache of ``rows`` [n] with delayed prompt tokens [K, P] at positions 0..P-1
-        (all rows see the same tokens: a request's cond and uncond rows). Logits are not needed: the decode
-        step at position P predicts the first new token."""
-        c = self.config
-        n, length = rows.shape[0], tokens.shape[1]
-        heads, head_dim, d = c.num_heads, c.head_dim, c.hidden_size
-        codebook = torch.arange(c.num_codebooks, device=tokens.device).view(-1, 1)
-        hidden = self.embed[codebook, tokens].sum(0) + self.sinusoid[:length]   # [P, D]
-        hidden = hidden.unsqueeze(0).expand(n, length, d).contiguous()
-        text_span = int(text_length.max()) if n else 0
-        text_mask = (torch.arange(max(text_span, 1), device=rows.device).view(1, -1)
-                     < text_length.view(-1, 1)).view(n, 1, 1, -1)
-        for i, layer in enumerate(self.layers):
-            x = F.layer_norm(hidden, (d,), *layer.self_norm, LAYER_NORM_EPS)
-            q, k, v = layer.qkv(x).view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            cache.self_k[i, rows, :, :length] = k
-            cache.self_v[i, rows, :, :length] = v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            hidden = layer.self_out.add_to(hidden, attn.transpose(1, 2).reshape(n, length, d))
+    def prefill(self, cache: KVCache, rows: torch.Tensor, tokens: torch.Tensor, text_length: torch.Tensor,
+                start: int = 0) -> None:
+        """Fill the self-attention cache of ``rows`` [n] with delayed prompt tokens [K, P] at positions
+        start..start+P-1 (all rows see the same tokens: a request's cond and uncond rows; ``start``: a melody slot's
+        prefix comes first). Logits are not needed: the decode step after them predicts the first new token."""
+        codebook = torch.arange(self.config.num_codebooks, device=tokens.device).view(-1, 1)
+        embedded = self.embed[codebook, tokens].sum(0)  # [P, D]
+        hidden = embedded.unsqueeze(0).expand(rows.shape[0], *embedded.shape)
+        prefill_positions(self, cache, rows, hidden, start, text_length)
 
-            x = F.layer_norm(hidden, (d,), *layer.cross_norm, LAYER_NORM_EPS)
-            q = layer.cross_q(x).view(n, length, heads, head_dim).transpose(1, 2)
-            keys = cache.cross_k[i, rows, :, :max(text_span, 1)]
-            values = cache.cross_v[i, rows, :, :max(text_span, 1)]
-            scores = (q.float() @ keys.float().transpose(-1, -2)) * self.scale
-            weights = scores.masked_fill(~text_mask, -float("inf")).softmax(-1).nan_to_num(0.0)
-            attn = (weights @ values.float()).to(hidden.dtype)
-            hidden = layer.cross_out.add_to(hidden, attn.transpose(1, 2).reshape(n, length, d))
-
-            x = F.layer_norm(hidden, (d,), *layer.ffn_norm, LAYER_NORM_EPS)
-            hidden = layer.fc2.add_to(hidden, self.activation(layer.fc1(x)))
+    def prefill_prefix(self, cache: KVCache, rows: torch.Tensor, states: torch.Tensor) -> None:
+        """A melody decoder's conditioning prefix: states [n, L, D] (fastgen.model.melody) into positions 0..L-1 of
+        ``rows``."""
+        prefill_positions(self, cache, rows, states.to(self.dtype), 0, None)
 
 
 def _weight_of(linear: Linear) -> torch.Tensor:
@@ -368,7 +391,8 @@ class _WeightReader:
         self.weights.pop(key, None)
 
     def finish(self) -> None:
-        unexpected = [k for k in self.weights if k.startswith(("decoder.", "enc_to_dec_proj."))]
+        owned = ("decoder.", "enc_to_dec_proj.", "audio_enc_to_dec_proj.")
+        unexpected = [k for k in self.weights if k.startswith(owned)]
         if unexpected:
             shown = ", ".join(unexpected[:5]) + (" …" if len(unexpected) > 5 else "")
             raise CheckpointError(f"{len(unexpected)} unexpected decoder weight(s) in the checkpoint: {shown}")

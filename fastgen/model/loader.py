@@ -19,7 +19,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-KNOWN_PREFIXES = ("decoder.", "enc_to_dec_proj.", "text_encoder.", "audio_encoder.")
+KNOWN_PREFIXES = ("decoder.", "enc_to_dec_proj.", "audio_enc_to_dec_proj.", "text_encoder.", "audio_encoder.")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 HUB_TIMEOUT_S = 10.0  # seconds to wait for the hub (HF_HUB_ETAG_TIMEOUT overrides)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -260,6 +260,8 @@ class LoadedParts:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     generation_config: dict[str, Any]
+    chroma: Any = None  # a melody model's ChromaSettings when not read from the folder (fastgen.model.chroma)
+    tokenizer_folder: Path | None = None  # where the tokenizer is, when not in ``folder`` (an audiocraft export)
 
 
 def read_generation_config(folder: Path) -> dict[str, Any]:
@@ -276,8 +278,18 @@ def read_generation_config(folder: Path) -> dict[str, Any]:
     return generation_config
 
 
-def load_parts(name_or_path: str | Path, *, allow_pickle: bool = False) -> LoadedParts:
+def load_parts(name_or_path: str | Path, *, allow_pickle: bool = False, text_encoder: str | Path | None = None,
+               audio_encoder: str | Path | None = None) -> LoadedParts:
+    """A Hugging Face MusicGen folder (or hub id), or an audiocraft export (fastgen.model.audiocraft: state_dict.bin
+    without config.json), whose T5 and EnCodec come from ``text_encoder`` / ``audio_encoder`` (Hugging Face folders
+    or hub ids; default the models its files name)."""
+    from fastgen.model import audiocraft
     folder = resolve_checkpoint(name_or_path)
+    if audiocraft.is_export(folder):
+        return audiocraft.load_export(folder, text_encoder=text_encoder, audio_encoder=audio_encoder)
+    if text_encoder is not None or audio_encoder is not None:
+        raise CheckpointError(f"{folder}: text_encoder and audio_encoder are for audiocraft exports "
+                              f"({audiocraft.EXPORT_LM}); a Hugging Face checkpoint holds its own T5 and EnCodec")
     config = ModelConfig.from_file(folder / "config.json")
     generation_config = read_generation_config(folder)
     weights = read_weights(folder, allow_pickle=allow_pickle)

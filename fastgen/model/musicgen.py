@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 
 from fastgen.config import ModelConfig
+from fastgen.errors import CheckpointError
+from fastgen.model.chroma import ChromaSettings
 from fastgen.model.codec import AudioCodec, TextEncoder, quiet_token_id_warnings
 from fastgen.model.decoder import MusicgenDecoder
 from fastgen.model.loader import load_parts
+from fastgen.model.melody import MelodyPrefix
 from fastgen.model.quantize import validate_quantization
 from fastgen.sampling_params import BUILTIN_DEFAULTS, SamplingParams
 
@@ -69,25 +72,40 @@ class MusicgenModel:
     text_encoder: TextEncoder
     codec: AudioCodec
     defaults: SamplingParams  # generation_config.json over fastgen's built-in defaults
+    melody: MelodyPrefix | None = None       # a MusicGen-Melody checkpoint: its prefix rule …
+    chroma: ChromaSettings | None = None     # … and its feature extractor's settings (preprocessor_config.json)
 
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
-             quantization: str | None = None, compiled: bool = False) -> "MusicgenModel":
+             quantization: str | None = None, compiled: bool = False, text_encoder: str | Path | None = None,
+             audio_encoder: str | Path | None = None) -> "MusicgenModel":
         """``quantization="int8"``: weight-only int8 decoder projections and LM heads (fastgen.model.quantize),
         quantised from the checkpoint's float weights; ``"int8-dynamic"`` (CPU): the same weights with 8-bit
         activations quantised per call; ``"int4"`` (CPU): 4-bit weights in groups of 64. ``compiled``: the engine
-        will compile its step (EngineConfig.compile_step), which changes the default dtype (parse_dtype)."""
+        will compile its step (EngineConfig.compile_step), which changes the default dtype (parse_dtype).
+        ``text_encoder`` / ``audio_encoder``: the T5 and EnCodec of an audiocraft export (fastgen.model.audiocraft:
+        Hugging Face folders or hub ids; default the models its files name)."""
         device = normalize_device(device)
         validate_quantization(quantization, device)
         dtype = parse_dtype(dtype, device, quantization, compiled)
-        parts = load_parts(name_or_path, allow_pickle=allow_pickle)
+        parts = load_parts(name_or_path, allow_pickle=allow_pickle, text_encoder=text_encoder,
+                           audio_encoder=audio_encoder)
         config = parts.config
         decoder = MusicgenDecoder(config.decoder, parts.weights, text_hidden_size=config.text_hidden_size,
-                                  device=device, dtype=dtype, quantization=quantization)
+                                  device=device, dtype=dtype, quantization=quantization, melody=config.melody)
         with quiet_token_id_warnings():  # AutoTokenizer builds a MusicgenConfig from config.json
-            text_encoder = TextEncoder(parts.folder, config.text_encoder, parts.weights, device)
+            text_encoder = TextEncoder(parts.tokenizer_folder or parts.folder, config.text_encoder, parts.weights,
+                                       device)
         codec = AudioCodec(config.audio_encoder, parts.weights, device, config.decoder.audio_channels)
         defaults = SamplingParams.from_generation_config(parts.generation_config).with_defaults(BUILTIN_DEFAULTS)
-        return cls(parts.folder, config, decoder, text_encoder, codec, defaults)
+        melody = chroma = None
+        if config.melody is not None:
+            # an unconditional request's text is T5's tokens of "" masked out, as transformers' processor makes it
+            melody = MelodyPrefix(config.melody, null_text_tokens=max(1, len(text_encoder.tokenize(""))))
+            chroma = parts.chroma or ChromaSettings.from_folder(parts.folder)
+            if chroma.num_chroma != config.melody.num_chroma:
+                raise CheckpointError(f"{parts.folder}: the feature extractor makes {chroma.num_chroma} chroma bins, "
+                                      f"the model takes num_chroma={config.melody.num_chroma}")
+        return cls(parts.folder, config, decoder, text_encoder, codec, defaults, melody, chroma)
 

@@ -65,14 +65,16 @@ class TorchOps:
             from fastgen.kernels.cpu_attention import unavailable_reason
             self.cpu_attention = unavailable_reason(cache_dtype, head_dim) is None
 
-    def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int, text_span: int
-                   ) -> tuple[torch.Tensor, StepContext]:
+    def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int, text_span: int,
+                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext]:
         """hidden [2B, D] (the batch's embedded input tokens, in both CFG rows) and the step's context; the cache
-        is read up to the host-known spans."""
+        is read up to the host-known spans. ``positions`` [S] int32: each slot's input token's position in the
+        cache and the sinusoid, when not ``state.position`` (a melody slot's audio follows its prefix)."""
+        positions = state.position if positions is None else positions
         hidden = torch.empty(2 * slots.shape[0], tables.shape[2], dtype=tables.dtype, device=tables.device)
-        codebook_embedding_ref(state.tokens, state.position, slots, tables, sinusoid, hidden)
+        codebook_embedding_ref(state.tokens, positions, slots, tables, sinusoid, hidden)
         rows = torch.cat([slots, slots + row_offset])
-        position = state.position[slots].to(torch.int64)
+        position = positions[slots].to(torch.int64)
         text_length = torch.cat([state.text_length[slots], torch.zeros_like(slots, dtype=torch.int32)])
         ctx = self.context(rows, torch.cat([position, position]), text_length, kv_span, text_span, tables.dtype)
         ctx.slots = slots
@@ -206,12 +208,14 @@ class TritonOps:
         """Nothing to choose: the Triton attention kernels read every cache."""
 
     def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int | None,
-                   text_span: int | None) -> tuple[torch.Tensor, StepContext]:
+                   text_span: int | None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext]:
         """One launch: the embedding kernel also writes each row's cache row and attention lengths (the kernels
-        read exactly each row's filled cache, so the spans are not needed)."""
+        read exactly each row's filled cache, so the spans are not needed). ``positions``: as TorchOps.begin_step
+        (the sampler then needs the audio positions back in ctx.self_length: ModelRunner.decode_step)."""
+        positions = state.position if positions is None else positions
         hidden = torch.empty(2 * slots.shape[0], tables.shape[2], dtype=tables.dtype, device=tables.device)
         rows = self._step_rows.allocate(state.text_length, row_offset, hidden.shape[0])
-        self._embed(state.tokens, state.position, slots, tables, sinusoid, hidden, rows)
+        self._embed(state.tokens, positions, slots, tables, sinusoid, hidden, rows)
         return hidden, StepContext(rows.cache_row, None, rows.cross_length, slots, self_length=rows.self_length)
 
     def context(self, rows, position, text_length, kv_span: int | None = None, text_span: int | None = None,
