@@ -71,6 +71,18 @@ class Begun:
     accepted: float
 
 
+async def _decoded(data: bytes | None, name: str) -> tuple[np.ndarray, int] | None:
+    """An uploaded audio file (audio prompt or melody) → (float32 [channels, samples], rate), off the event loop."""
+    if data is None:
+        return None
+    try:
+        return await run_in_threadpool(encoding.decode_upload, data, name)
+    except RequestError:
+        raise
+    except Exception as exc:  # whatever a malformed file makes a decoder raise is the client's error
+        raise RequestError(f"{name}: not a readable audio file ({type(exc).__name__}: {exc})") from None
+
+
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     detail = [{"loc": ["body", field] if field else ["body"], "msg": message, "type": "value_error"}]
     return JSONResponse({"detail": detail if status == 422 else message}, status, headers=headers)
@@ -128,7 +140,8 @@ class _Server:
         return response
 
     # -------------------------------------------------------------------------------------------- generate
-    async def generate(self, body: GenerateBody, audio_bytes: bytes | None, request: Request) -> Response:
+    async def generate(self, body: GenerateBody, audio_bytes: bytes | None, request: Request,
+                       melody_bytes: bytes | None = None) -> Response:
         def check() -> None:
             if body.stream and body.response_format not in encoding.STREAMABLE:
                 raise RequestError(f"response_format {body.response_format!r} cannot be streamed; with stream "
@@ -137,7 +150,8 @@ class _Server:
                 encoding._soundfile()  # fail before generating, not after
         try:
             begun = await self.begin(body.prompt, {name: getattr(body, name) for name in PARAM_FIELDS}, request,
-                                     stream=body.stream, audio_bytes=audio_bytes, check=check)
+                                     stream=body.stream, audio_bytes=audio_bytes, check=check,
+                                     melody_bytes=melody_bytes)
         except Refused as exc:
             return _refused_response(exc)
         headers = {"X-Request-Id": begun.handle.request_id}
@@ -156,26 +170,21 @@ class _Server:
         return self.engine.engine.sample_rate
 
     async def begin(self, prompt: str | None, fields: dict[str, Any], request: Request, *, stream: bool,
-                    audio_bytes: bytes | None = None, check: Callable[[], None] | None = None) -> Begun:
+                    audio_bytes: bytes | None = None, check: Callable[[], None] | None = None,
+                    melody_bytes: bytes | None = None) -> Begun:
         """Validate (``check`` raises RequestError for what only the route knows), submit, and wait for the first
-        event while watching the client; raises Refused with the status to answer (and counts the outcome)."""
+        event while watching the client; raises Refused with the status to answer (and counts the outcome).
+        ``melody_bytes``: a melody file for a MusicGen-Melody checkpoint."""
         if not self.ready:
             raise Refused(503, "the server is not ready", {"Retry-After": "1"})
         try:
             params = SamplingParams(**fields)
             if check is not None:
                 check()
-            audio = None
-            if audio_bytes is not None:
-                try:
-                    audio = await run_in_threadpool(encoding.decode_upload, audio_bytes)
-                except RequestError:
-                    raise
-                except Exception as exc:  # whatever a malformed file makes a decoder raise is the client's error
-                    raise RequestError(f"audio_prompt: not a readable audio file ({type(exc).__name__}: {exc})")
-
+            audio = await _decoded(audio_bytes, "audio_prompt")
+            melody = await _decoded(melody_bytes, "melody")
             accepted = time.perf_counter()
-            handle = await run_in_threadpool(self.engine.submit, prompt, params, audio)
+            handle = await run_in_threadpool(self.engine.submit, prompt, params, audio, melody=melody)
         except QueueFull as exc:
             self.metrics.requests.labels("queue_full").inc()
             raise Refused(503, str(exc), {"Retry-After": str(self.settings.retry_after_s)}) from None
@@ -323,8 +332,8 @@ def create_app(engine_factory: Callable[[], AsyncEngine], settings: ServerSettin
         if openai_routes.speaks_openai(path):
             return openai_routes.error_response(status, message)
         return JSONResponse({"detail": message}, status)
-    # base64 is 4/3 the size, plus room for the other fields
-    app.add_middleware(_BodyLimit, limit=limit * 4 // 3 + (64 << 10), metrics=server.metrics, respond=error_for)
+    # base64 is 4/3 the size (an audio prompt and a melody), plus room for the other fields
+    app.add_middleware(_BodyLimit, limit=2 * limit * 4 // 3 + (64 << 10), metrics=server.metrics, respond=error_for)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -335,36 +344,41 @@ def create_app(engine_factory: Callable[[], AsyncEngine], settings: ServerSettin
 
     authorized = [Depends(server.require_key)]
 
-    def too_large() -> Response:
+    def too_large(name: str = "audio_prompt") -> Response:
         return server.rejected("too_large", JSONResponse(
-            {"detail": f"audio_prompt is over the limit of {limit} bytes"}, 413))
+            {"detail": f"{name} is over the limit of {limit} bytes"}, 413))
 
     @app.post("/v1/audio/generate", response_class=Response, dependencies=authorized, responses={
         200: {"content": {encoding.MEDIA_TYPES[f]: {} for f in encoding.FORMATS}, "description": "the audio"},
-        401: {"description": "missing or wrong API key"}, 413: {"description": "audio_prompt too large"},
+        401: {"description": "missing or wrong API key"}, 413: {"description": "audio_prompt or melody too large"},
         422: {"description": "a field out of range (named in detail[].loc)"},
         503: {"description": "the waiting queue is full (Retry-After)"}})
     async def generate(body: GenerateBody, request: Request) -> Response:
-        """Generate music from a text prompt (and optionally continue a base64 audio prompt)."""
-        audio_bytes = None
-        if body.audio_prompt is not None:
-            if len(body.audio_prompt) > limit * 4 // 3 + 4:
-                return too_large()
+        """Generate music from a text prompt (and optionally continue a base64 audio prompt, or follow a base64
+        melody on a melody checkpoint)."""
+        files: dict[str, bytes | None] = {}
+        for name in ("audio_prompt", "melody"):
+            text, files[name] = getattr(body, name), None
+            if text is None:
+                continue
+            if len(text) > limit * 4 // 3 + 4:
+                return too_large(name)
             try:
-                audio_bytes = encoding.decode_base64(body.audio_prompt)
+                files[name] = encoding.decode_base64(text, name)
             except RequestError as exc:
-                return server.rejected("invalid", _error(422, str(exc), "audio_prompt"))
-            if len(audio_bytes) > limit:
-                return too_large()
-        return await server.generate(body, audio_bytes, request)
+                return server.rejected("invalid", _error(422, str(exc), name))
+            if len(files[name]) > limit:
+                return too_large(name)
+        return await server.generate(body, files["audio_prompt"], request, files["melody"])
 
     @app.post("/v1/audio/generate/upload", response_class=Response, dependencies=authorized)
     async def generate_upload(request: Request,
                               params: str = Form("{}", description="the JSON body of /v1/audio/generate "
-                                                                   "(without audio_prompt)"),
-                              audio_prompt: UploadFile = File(..., description="an audio file to continue")
-                              ) -> Response:
-        """The same generation, with the audio prompt as a multipart file upload."""
+                                                                   "(without audio_prompt and melody)"),
+                              audio_prompt: UploadFile | None = File(None, description="an audio file to continue"),
+                              melody: UploadFile | None = File(None, description="a melody (MusicGen-Melody "
+                                                                                 "checkpoints)")) -> Response:
+        """The same generation, with the audio prompt or the melody (or both) as multipart file uploads."""
         try:
             body = GenerateBody.model_validate_json(params)
         except ValidationError as exc:
@@ -372,10 +386,15 @@ def create_app(engine_factory: Callable[[], AsyncEngine], settings: ServerSettin
             errors = [{"loc": ["body", "params", *e["loc"]], "msg": e["msg"], "type": e["type"]}
                       for e in exc.errors()]
             return JSONResponse({"detail": errors}, 422)
-        data = await audio_prompt.read(limit + 1)
-        if len(data) > limit:
-            return too_large()
-        return await server.generate(body, data, request)
+        if audio_prompt is None and melody is None:
+            server.metrics.requests.labels("invalid").inc()
+            return _error(422, "upload an audio_prompt or a melody file (or both)", "audio_prompt")
+        files: dict[str, bytes | None] = {}
+        for name, upload in (("audio_prompt", audio_prompt), ("melody", melody)):
+            files[name] = None if upload is None else await upload.read(limit + 1)
+            if files[name] is not None and len(files[name]) > limit:
+                return too_large(name)
+        return await server.generate(body, files["audio_prompt"], request, files["melody"])
 
     openai_routes.add_routes(app, server, settings.model_name or getattr(engine_factory, "model", None)
                              or "musicgen")

@@ -30,6 +30,9 @@ class GenerateBody(BaseModel):
                                             "streamed WAV header carries sizes 0xFFFFFFFF")
     audio_prompt: str | None = Field(None, description="base64 of a WAV (or, with soundfile, FLAC) file to "
                                                        "continue; size-limited (413)")
+    melody: str | None = Field(None, description="MusicGen-Melody checkpoints: base64 of a WAV (or, with soundfile, "
+                                                 "FLAC) melody whose chroma (its first 30 s) conditions the music; "
+                                                 "size-limited (413); on other checkpoints a 422")
     # vllm-omni's names for the same fields, so its clients' bodies work unchanged
     input: str | None = Field(None, description="vllm-omni's name for prompt (give one of the two)")
     audio_length: float | None = Field(None, description="vllm-omni's name for duration (give one of the two)")
