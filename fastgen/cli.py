@@ -12,6 +12,7 @@ from fastgen.config import QUANTIZATIONS, QUANTIZE_HELP
 from fastgen.errors import FastgenError
 from fastgen.serve.server import COMPILE_HELP, THREADS_HELP  # (argparse only: FastAPI is imported when serving)
 
+_CHECKPOINT_DEFAULT = "(default: the checkpoint's generation_config.json, else %s)"
 BUILTIN_DIR = Path.home() / ".cache" / "fastgen" / "builtin-tiny-random"
 NOISE_WARNING = ("note: no --model given, so fastgen uses its built-in tiny checkpoint with RANDOM weights; it makes "
                  "noise, not music. Pass --model <checkpoint folder or hub id> (e.g. facebook/musicgen-small).")
@@ -21,31 +22,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate audio files from text prompts or a manifest")
-    gen.add_argument("prompts", nargs="*", help="text prompts (one output file each)")
-    gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
-    gen.add_argument("--manifest", type=Path,
+    gen.add_argument("prompts", nargs="*", help="text prompts, one output file each (default: none)")
+    gen.add_argument("--prompts-file", type=Path, metavar="FILE",
+                     help="a text file with one prompt per line (default: none)")
+    gen.add_argument("--manifest", type=Path, metavar="FILE",
                      help="a JSON-lines job: one object per line with prompt (string or null) and optionally name, "
                           "audio_prompt, num_samples and any sampling field (duration, seed, top_k, extend_stride, "
-                          "…)")
+                          "…) (default: none)")
     gen.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
-    gen.add_argument("--out", type=Path, default=Path("out"),
-                     help="output folder (default: out/); results.jsonl there records every finished file")
-    gen.add_argument("--format", choices=["wav", "flac", "ogg"], default="wav")
-    gen.add_argument("--duration", type=float,
+    gen.add_argument("--out", type=Path, default=Path("out"), metavar="FOLDER",
+                     help="output folder; results.jsonl there records every finished file (default: out/)")
+    gen.add_argument("--format", choices=["wav", "flac", "ogg"], default="wav", help="audio file format "
+                                                                                   "(default: wav)")
+    gen.add_argument("--duration", type=float, metavar="SECONDS",
                      help="seconds of audio per output (default: the checkpoint's generation_config.json: 29.92 s "
                           "for musicgen-small and the other facebook checkpoints, 5.04 s for the built-in tiny model)")
     gen.add_argument("--extend-stride", type=float, metavar="SECONDS",
                      help="long-form: past the window, each new window adds this many seconds, continuing from the "
                           "window's last (window - stride) seconds (default: 18 s of a 30 s window)")
-    gen.add_argument("--audio-prompt", type=Path, help="an audio file every prompt continues (any rate and channels)")
-    gen.add_argument("--guidance-scale", type=float)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    gen.add_argument("--seed", type=int, help="seed of the first output; output i uses seed + i (unless its "
-                                              "manifest line gives a seed)")
-    gen.add_argument("--unconditional", type=int, default=0, metavar="N", help="also generate N unconditional clips")
+    gen.add_argument("--audio-prompt", type=Path, metavar="FILE",
+                     help="an audio file every prompt continues, any rate and channels (default: none)")
+    gen.add_argument("--guidance-scale", type=float, metavar="G",
+                     help=f"classifier-free guidance: how closely outputs follow the prompt; 1 turns it off "
+                          f"{_CHECKPOINT_DEFAULT % 'guidance_scale 3.0'}")
+    gen.add_argument("--temperature", type=float, metavar="T",
+                     help=f"sampling temperature; lower is more conservative {_CHECKPOINT_DEFAULT % 'temperature 1.0'}")
+    gen.add_argument("--top-k", type=int, metavar="K",
+                     help=f"sample among the K likeliest tokens; 0 turns it off {_CHECKPOINT_DEFAULT % 'top_k 250'}")
+    gen.add_argument("--top-p", type=float, metavar="P",
+                     help=f"nucleus sampling: among the likeliest tokens that make up P of the probability; 0 turns it "
+                          f"off {_CHECKPOINT_DEFAULT % 'top_p 0'}")
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (default: sampling)")
+    gen.add_argument("--seed", type=int, help="seed of the first output; output i uses seed + i, unless its manifest "
+                                              "line gives a seed (default: a fresh random seed each, recorded)")
+    gen.add_argument("--unconditional", type=int, default=0, metavar="N",
+                     help="also generate N unconditional clips (default: 0)")
     gen.add_argument("--skip-existing", action="store_true",
                      help="resume: skip outputs recorded in OUT/results.jsonl (unrecorded files are made again); "
                           "an --out with a results.jsonl is refused without this or --overwrite (default: off)")
@@ -53,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start over in an --out that holds an earlier job: its results.jsonl is cleared first and "
                           "its files replaced as the new ones are written (default: off)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs with native bf16)")
-    gen.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], default=None, help=QUANTIZE_HELP)
-    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on cuda and on CPUs "
+                                                   "with native bf16, else float32)")
+    gen.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], default=None,
+                     help=QUANTIZE_HELP + " (default: none)")
+    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                     help="kernels: triton (CUDA) or torch (default: auto, triton on CUDA and torch on a CPU)")
     gen.add_argument("--linear-backend", default=None, choices=["triton", "torch"],
                      help="decode-step projections: fused batch-invariant Triton kernels or torch (default: triton "
                           "on CUDA with the triton backend, else torch)")
-    gen.add_argument("--max-slots", type=int, help="concurrent requests (default: what the KV-cache budget holds)")
+    gen.add_argument("--max-slots", type=int, metavar="N",
+                     help="concurrent requests (default: what the KV-cache budget holds, at most 256)")
     gen.add_argument("--max-duration", type=float, metavar="SECONDS",
                      help="longest request (audio prompt included) the engine accepts; below the window it also "
                           "sizes the slots, so smaller means more slots in the same memory (default: 300 s, or the "
@@ -70,16 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-cache-gib", type=float, metavar="GIB",
                      help="KV-cache memory budget (default: 2 GiB on a CPU, 75%% of free memory on a GPU)")
     gen.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (default: off)")
-    gen.add_argument("--threads", type=int, metavar="N",
-                     help=THREADS_HELP % "torch's, one per core")
-    gen.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (weights_only load)")
+    gen.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP % "torch's, one per core")
+    gen.add_argument("--allow-pickle", action="store_true",
+                     help="allow pickled .bin weights, loaded with weights_only (default: off, safetensors only)")
     gen.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                      help="on SIGINT/SIGTERM nothing new starts, and running requests get this long from the signal "
                           "to finish and be written; they are cut at once when they cannot make it (default: 10)")
     gen.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between 'progress:' lines on stderr when it is no terminal (default: 5)")
-    gen.add_argument("--ray", action="store_true", help="run the job on Ray Data (pip install 'fastgen[ray]')")
-    gen.add_argument("--workers", type=int, default=None, help="with --ray: engines (one per GPU; default 1)")
+    gen.add_argument("--json", action="store_true",
+                     help="print each file's results.jsonl line (JSON) on stdout on a terminal too (default: JSON "
+                          "only when stdout is no terminal; a short line per file on one)")
+    gen.add_argument("--ray", action="store_true",
+                     help="run the job on Ray Data, pip install 'fastgen[ray]' (default: off, one process)")
+    gen.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="with --ray: engines, one per GPU (default: 1)")
     _add_serve_parser(commands)
     return parser
 
@@ -146,8 +166,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         items = items_from_prompts(prompts, defaults, args.seed, args.audio_prompt)
 
     options = {"backend": args.backend}
-    for key, value in (("linear_backend", args.linear_backend), ("max_slots", args.max_slots), ("max_duration_s", args.max_duration),
-                       ("window_s", args.window)):
+    for key, value in (("linear_backend", args.linear_backend), ("max_slots", args.max_slots),
+                       ("max_duration_s", args.max_duration), ("window_s", args.window)):
         if value is not None:
             options[key] = value
     if args.kv_cache_gib is not None:
@@ -179,9 +199,9 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     spec = JobSpec(items=items, out=args.out, model=model, model_name=name, extension=f".{args.format}",
                    device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, engine_options=options,
                    skip_existing=args.skip_existing, overwrite=args.overwrite, grace_s=args.grace,
-                   progress_interval_s=args.progress_interval, resume_command=shlex.join(["fastgen", *resume]),
-                   ray_workers=(args.workers or 1) if args.ray else None, cpu_threads=threads,
-                   problems=problems)
+                   resume_command=shlex.join(["fastgen", *resume]), progress_interval_s=args.progress_interval,
+                   json_records=True if args.json else None, ray_workers=(args.workers or 1) if args.ray else None,
+                   cpu_threads=threads, problems=problems)
     return run_job(spec)
 
 

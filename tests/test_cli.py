@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -302,7 +303,7 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.mark.slow  # three real runs (~30 s on 2 busy cores); test_skip_existing_resumes_from_results is the quick tier's
+@pytest.mark.slow  # three real runs (~30 s on 2 busy cores); test_skip_existing_resumes_from_results: the quick one
 def test_a_rerun_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_mono_dir):
     """A rerun into a finished --out without a flag used to overwrite every file silently and append lines to
     results.jsonl that no longer matched the files: now it is refused, and --overwrite starts over cleanly."""
@@ -324,6 +325,43 @@ def test_a_rerun_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_mono_di
     assert sorted(r["name"] for r in lines) == ["000_a", "001_b"]  # this run's lines only
     assert {r["seed"] for r in lines}.isdisjoint(r["seed"] for r in records(first.stdout))  # fresh random seeds
     assert set(OutputFolder(out).completed()) == {"000_a", "001_b"}  # every line matches its file
+
+
+@pytest.mark.slow  # a real run on a pseudo-terminal: ~25 s on 2 busy cores (the Progress tests above are quick)
+def test_a_terminal_without_width_gets_progress_lines_and_short_file_lines(tmp_path, tiny_mono_dir):
+    """`fastgen generate` on a terminal that reports no width (stdout and stderr both): 'progress:' lines instead of a
+    blank bar, and a short line per file instead of 700 characters of JSON (those are in results.jsonl)."""
+    import select
+    out = tmp_path / "out"
+    master, terminal = _pty(0)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fastgen.cli", "generate", "--model", str(tiny_mono_dir), "a",
+                                 "b", "--seed", "3", "--duration", "0.2", "--out", str(out), "--device", "cpu",
+                                 "--max-slots", "2", "--progress-interval", "0"], stdout=terminal, stderr=terminal,
+                                cwd=REPO, env={**env, "PYTHONWARNINGS": "ignore"})
+        terminal.close()
+        shown, deadline = b"", time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every holder of the terminal has closed it
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(60) == 0, shown.decode(errors="replace")[-3000:]
+    finally:
+        os.close(master)
+    lines = shown.decode().splitlines()
+    assert any(line.startswith("progress: ") for line in lines)
+    assert not any(line.startswith("{") for line in lines) and not any(not line.strip() for line in lines)
+    assert f"wrote {out / '000_a.wav'} (0.20 s, seed 3)" in lines and f"wrote {out / '001_b.wav'} (0.20 s, seed 4)" \
+        in lines
+    assert set(OutputFolder(out).completed()) == {"000_a", "001_b"}  # the JSON is in results.jsonl
 
 
 def test_audio_prompt_is_continued(capsys, tmp_path, tiny_stereo_dir):
@@ -430,6 +468,15 @@ def test_cache_budget_is_an_option_and_max_slots_is_honoured_or_refused(capsys, 
     assert "3 concurrent slot(s), up to 2.00 s per request" in stderr
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_every_flag_has_help_and_a_default(command):
+    parser = fastgen.cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
+    missing = [action.option_strings or action.dest for action in sub.choices[command]._actions
+               if action.dest != "help" and "(default: " not in (action.help or "")]
+    assert missing == []
+
+
 def test_help_states_the_default_duration(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
@@ -441,17 +488,97 @@ def test_progress_in_audio_seconds(tmp_path):
     import io
     from types import SimpleNamespace
 
-    from fastgen.batch.job import Progress
+    from fastgen.batch.progress import Progress
     stream = SimpleNamespace(done=1, audio_seconds_done=3.0, audio_seconds_total=12.0)
     tty = io.StringIO()
     bar = Progress(4, 12.0, stream=tty, tty=True)
     bar.update(stream)
     bar.close()
-    assert "3.0/12.0 audio-s" in tty.getvalue() and "clips 1/4" in tty.getvalue()
+    shown = tty.getvalue().split("\r")[-1]
+    assert shown.startswith(" 25%|") and "| 3.0/12.0 audio-s, " in shown and " audio-s per wall-s, clips 1/4 [" in shown
+    assert len(shown.rstrip("\n")) <= 80  # whole in an 80-column terminal
+    assert "s/audio-s" not in tty.getvalue() and "] ," not in tty.getvalue()  # one unit; no stray comma
     log = io.StringIO()
     lines = Progress(4, 12.0, stream=log, tty=False, interval_s=0.0)
     lines.update(stream)
     assert log.getvalue().startswith("progress: 1/4 clips, 3.0/12.0 s of audio,") and "ETA" in log.getvalue()
+    assert "audio-s per wall-s" in log.getvalue()
+
+
+def _pty(columns: int):
+    """A pseudo-terminal (master fd, slave file) that reports ``columns`` (0: no width, as some terminals do)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    return master, os.fdopen(slave, "w")
+
+
+def _drain(master: int) -> str:
+    import select
+    data = b""
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+@pytest.mark.parametrize("columns", [100, 0], ids=["terminal", "terminal-without-width"])
+def test_progress_on_a_terminal_and_on_one_without_width(monkeypatch, columns):
+    """A terminal that reports no width got a blank line from the bar: it gets progress lines instead."""
+    from types import SimpleNamespace
+
+    from fastgen.batch.progress import Progress
+    monkeypatch.delenv("COLUMNS", raising=False)
+    master, terminal = _pty(columns)
+    try:
+        progress = Progress(2, 4.0, stream=terminal, interval_s=0.0)
+        progress.update(SimpleNamespace(done=1, audio_seconds_done=2.0, audio_seconds_total=4.0))
+        progress.close()
+        terminal.flush()
+        shown = _drain(master)
+    finally:
+        terminal.close()
+        os.close(master)
+    if columns:
+        assert "| 2.0/4.0 audio-s, " in shown and " audio-s per wall-s, clips 1/2 [" in shown, shown
+    else:
+        assert shown.startswith("progress: 1/2 clips, 2.0/4.0 s of audio"), repr(shown)
+
+
+def test_files_are_a_short_line_on_a_terminal_and_json_otherwise(tmp_path, tiny_mono_dir):
+    """stdout gets each file's results line (JSON) when it is a pipe or a file, or with --json; on a terminal a short
+    line (the JSON is in results.jsonl)."""
+    import io
+
+    from fastgen.batch.manifest import items_from_prompts
+    from fastgen.batch.run import JobSpec, run_job
+    items = items_from_prompts(["a"], fastgen.SamplingParams(duration=0.1), seed=4)
+    for json_records, terminal in ((None, True), (True, True), (None, False)):
+        out = tmp_path / f"out-{json_records}-{terminal}"
+        master, stdout = _pty(80) if terminal else (None, io.StringIO())
+        try:
+            spec = JobSpec(items=items, out=out, model=tiny_mono_dir, device="cpu", json_records=json_records,
+                           engine_options={"max_slots": 1})
+            assert run_job(spec, log=io.StringIO(), records=stdout) == 0
+            stdout.flush()
+            shown = _drain(master) if terminal else stdout.getvalue()
+        finally:
+            if terminal:
+                stdout.close()
+                os.close(master)
+        (line,) = shown.strip().splitlines()
+        if json_records or not terminal:
+            assert json.loads(line) == recorded(out)["000_a"]
+        else:
+            assert line == f"wrote {out / '000_a.wav'} (0.10 s, seed 4)"
 
 
 # ----------------------------------------------------------------------------------------------- long-form

@@ -1,25 +1,25 @@
 """Run a job's items on a loaded MusicGen: generate through ``generate_iter``, write each output the moment it
-finishes (fastgen.batch.writer), report progress, and stop cleanly when asked (a signal)."""
+finishes (fastgen.batch.writer), report progress (fastgen.batch.progress), and stop cleanly when asked (a signal;
+fastgen.batch.grace)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
 from fastgen.api import GenerationStream, MusicGen
 from fastgen.batch.grace import Grace
 from fastgen.batch.manifest import JobItem
+from fastgen.batch.progress import Progress  # noqa: F401  (where it used to live)
 from fastgen.batch.writer import OutputFolder
 
 GRACE_S = 10.0  # after a stop request, running requests get this long (from the signal) to finish and be written
-BAR_REFRESH_S = 0.2
 WRITER_THREADS = 4
 MAX_PENDING_WRITES = 32  # finished outputs waiting for the disk, at most
 
@@ -197,56 +197,3 @@ class _Writers:
         self.pool.shutdown(wait=True)
         if self.errors:
             raise self.errors[0]
-
-
-class Progress:
-    """Audio seconds generated: a tqdm bar on a terminal (clips done/total, audio-s per wall-s, ETA); otherwise
-    one line every ``interval_s`` on ``stream``; a summary at the end."""
-
-    def __init__(self, clips: int, audio_seconds: float, stream: TextIO | None = None, tty: bool | None = None,
-                 interval_s: float = 5.0) -> None:
-        self.clips, self.audio_seconds = clips, audio_seconds
-        stream = stream or sys.stderr
-        self.out, self.interval_s = stream, interval_s
-        self.start = time.perf_counter()
-        self._last = float("-inf")  # the first update prints
-        self.done = 0
-        self.bar = None
-        if tty if tty is not None else stream.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=round(audio_seconds, 2), unit="audio-s", file=stream, dynamic_ncols=True,
-                            desc="generating", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} "
-                            "audio-s [{elapsed}<{remaining}, {rate_fmt}] {postfix}")
-            self.bar.set_postfix_str(f"clips 0/{clips}")
-
-    def update(self, stream: GenerationStream) -> None:
-        """Called after every engine step: cheap unless a refresh is due."""
-        now = time.perf_counter()
-        if now - self._last < (BAR_REFRESH_S if self.bar is not None else self.interval_s):
-            return
-        self._last = now
-        self.done = stream.done
-        seconds = stream.audio_seconds_done
-        if self.bar is not None:
-            self.bar.total = round(stream.audio_seconds_total, 2)
-            self.bar.n = round(seconds, 2)
-            self.bar.set_postfix_str(f"clips {stream.done}/{self.clips}", refresh=False)
-            self.bar.refresh()
-            return
-        rate = seconds / max(now - self.start, 1e-9)
-        left = max(0.0, stream.audio_seconds_total - seconds)
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        print(f"progress: {stream.done}/{self.clips} clips, {seconds:.1f}/{stream.audio_seconds_total:.1f} s of "
-              f"audio, {rate:.2f} audio-s per wall-s, ETA {eta}", file=self.out, flush=True)
-
-    def note(self, message: str) -> None:
-        """A line on the log that leaves the bar intact."""
-        if self.bar is not None:
-            self.bar.write(message, file=self.out)
-        else:
-            print(message, file=self.out, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

@@ -17,6 +17,7 @@ import ray
 
 from fastgen.batch.job import JobResult, run_items
 from fastgen.batch.manifest import PARAM_FIELDS, JobItem, ManifestError, read_manifest
+from fastgen.batch.progress import record_line, wants_json
 from fastgen.batch.run import JobSpec, check_device, claim_folder, run_job
 from fastgen.batch.writer import OutputFolder, check_out_dir
 
@@ -104,12 +105,13 @@ def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *,
                                    model_name=model_name, device="cuda" if gpu else "cpu", dtype=spec.dtype,
                                    allow_pickle=spec.allow_pickle, engine_options=options, threads=threads))
     result = JobResult()
+    json_lines = wants_json(records, spec.json_records)
     for row in outputs.iter_rows():
         if row["status"] == "written":
             record = json.loads(row["record"])
             result.written.append(record)
             result.audio_seconds += record["seconds"]
-            print(row["record"], file=records, flush=True)
+            print(record_line(record, json_lines, spec.out), file=records, flush=True)
         else:
             result.failed[row["name"]] = row["error"]
             print(f"fastgen: {row['name']} {row['status']}: {row['error']}", file=log, flush=True)

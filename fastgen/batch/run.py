@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from fastgen.audio import check_can_write
-from fastgen.batch.job import GRACE_S, JobResult, Progress, StopSignal, run_items
+from fastgen.batch.job import GRACE_S, JobResult, StopSignal, run_items
 from fastgen.batch.manifest import JobItem, Problems, check_limits
+from fastgen.batch.progress import Progress, record_line, wants_json
 from fastgen.batch.writer import OutputFolder, check_out_dir
 from fastgen.config import DEFAULT_MAX_DURATION_S, MAX_REQUEST_DURATION_S
 
@@ -47,6 +48,7 @@ class JobSpec:
     grace_s: float = GRACE_S
     resume_command: str = ""                   # printed when interrupted
     progress_interval_s: float = 5.0           # between "progress:" lines (no terminal)
+    json_records: bool | None = None           # each file's results line as JSON on stdout (None: unless a terminal)
     ray_workers: int | None = None             # run on Ray Data with this many engines
     cpu_threads: int | None = None             # CPU: the decode's intra-op threads (None: the engine decides)
     problems: Problems | None = None           # errors found reading the job: reported with the limits' ones
@@ -162,8 +164,6 @@ def _sized_for(spec: JobSpec) -> JobSpec:
 
 def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop: "_Stop", log: TextIO,
                records: TextIO) -> JobResult:
-    import json
-
     import torch
 
     from fastgen.api import MusicGen
@@ -186,8 +186,10 @@ def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop
           f"{model.max_duration_s:.2f} s per request{threads}", file=log, flush=True)
     progress = Progress(len(items), 0.0, stream=log, interval_s=spec.progress_interval_s)
 
+    json_lines = wants_json(records, spec.json_records)
+
     def written(record: dict[str, Any]) -> None:
-        print(json.dumps(record, ensure_ascii=False), file=records, flush=True)
+        progress.note(record_line(record, json_lines, spec.out), stream=records)
 
     def failed(item: JobItem, error: Exception) -> None:
         print(f"fastgen: {item.name} failed: {error}", file=log, flush=True)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--max-queue", type=int, default=None,
-                        help="requests waiting beyond the running ones (default 256); more get 503 + Retry-After")
+                        help="requests waiting beyond the running ones; more get 503 + Retry-After (default: 256)")
     parser.add_argument("--api-key", default=None,
                         help=f"require this key (Authorization: Bearer KEY) (default: ${API_KEY_ENV} if set, else "
                              "no key)")
