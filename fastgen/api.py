@@ -38,6 +38,7 @@ class CheckpointInfo:
     defaults: SamplingParams     # generation_config.json over fastgen's built-in defaults
     channel_codebooks: int       # the delay pattern's depth (max_new_tokens counts it)
     window_s: float              # long-form: the window a longer request slides over (extend_stride is below it)
+    melody: bool = False         # a MusicGen-Melody checkpoint: requests may carry a melody
 
     def check_stride(self, extend_stride: float | None) -> None:
         """RequestError unless ``extend_stride`` (None: the default) fits this engine's window, as Engine checks it."""
@@ -80,20 +81,28 @@ class MusicGen:
 
     @staticmethod
     def inspect(name_or_path: str | Path, max_duration_s: float | None = None, *,
-                window_s: float | None = None) -> CheckpointInfo:
+                window_s: float | None = None, text_encoder: str | Path | None = None,
+                audio_encoder: str | Path | None = None) -> CheckpointInfo:
         """Read a checkpoint's config.json and generation_config.json (no weights): its sample rate, channels,
         default sampling parameters, and the longest request and the window of an engine built with these
-        ``max_duration_s`` and ``window_s`` (EngineConfig fields; the limits are the engine's own FrameLimits)."""
+        ``max_duration_s`` and ``window_s`` (EngineConfig fields; the limits are the engine's own FrameLimits).
+        An audiocraft export: its xp.cfg and its T5 and EnCodec configs (``text_encoder`` / ``audio_encoder`` as
+        for from_pretrained)."""
+        from fastgen.model import audiocraft
         from fastgen.model.loader import read_generation_config, resolve_checkpoint
         engine_config = EngineConfig(max_duration_s=max_duration_s, window_s=window_s)  # validates them
         folder = resolve_checkpoint(name_or_path)
-        config = ModelConfig.from_file(folder / "config.json")
-        generation = read_generation_config(folder)
+        if audiocraft.is_export(folder):
+            config, generation = audiocraft.read_config(folder, text_encoder=text_encoder,
+                                                        audio_encoder=audio_encoder)
+        else:
+            config = ModelConfig.from_file(folder / "config.json")
+            generation = read_generation_config(folder)
         limits = FrameLimits.of(config, engine_config)
         defaults = SamplingParams.from_generation_config(generation).with_defaults(BUILTIN_DEFAULTS)
         return CheckpointInfo(folder, config.sample_rate, config.frame_rate, config.decoder.audio_channels,
                               limits.request / config.frame_rate, defaults, config.decoder.channel_codebooks,
-                              limits.window / config.frame_rate)
+                              limits.window / config.frame_rate, melody=config.melody is not None)
 
     @property
     def sample_rate(self) -> int:

@@ -132,3 +132,15 @@ def test_pickle_module_is_not_needed(tmp_path, tiny_mono_dir, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     load(export, text_encoder=t5, audio_encoder=codec)
+
+
+def test_inspect_reads_an_export_without_its_weights(tmp_path, tiny_melody_mono_dir, tiny_mono_dir):
+    export, t5, codec = write_export(tiny_melody_mono_dir, tmp_path)
+    info = fastgen.MusicGen.inspect(export, 4.0, text_encoder=t5, audio_encoder=codec)
+    reference = fastgen.MusicGen.inspect(tiny_melody_mono_dir, 4.0)
+    assert info.melody and reference.melody
+    assert (info.sample_rate, info.frame_rate, info.audio_channels, info.max_duration_s) == \
+        (reference.sample_rate, reference.frame_rate, reference.audio_channels, reference.max_duration_s)
+    assert info.defaults.top_k == 250
+    text_export = write_export(tiny_mono_dir, tmp_path / "text")[0]
+    assert not fastgen.MusicGen.inspect(text_export, text_encoder=t5, audio_encoder=codec).melody

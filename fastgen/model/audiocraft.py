@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fastgen.config import ModelConfig
 from fastgen.errors import CheckpointError
 from fastgen.model.audiocraft_config import LanguageModelConfig, model_config
 
@@ -54,10 +55,11 @@ def is_export(folder: Path) -> bool:
     return (folder / EXPORT_LM).is_file() and not (folder / "config.json").is_file()
 
 
-def read_package(path: Path) -> dict[str, Any]:
-    """An exported package through torch.load(weights_only=True) only: tensors and plain values, never code."""
+def read_package(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """An exported package through torch.load(weights_only=True) only: tensors and plain values, never code.
+    ``mmap``: the tensors stay in the file, read only if touched (for reading the config alone)."""
     try:
-        package = torch.load(path, map_location="cpu", weights_only=True)
+        package = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # torch's own message goes on to say how to allow the global: fastgen names it and stops there
         found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
@@ -73,9 +75,9 @@ def read_package(path: Path) -> dict[str, Any]:
     return package
 
 
-def _language_model(folder: Path) -> tuple[dict[str, torch.Tensor], LanguageModelConfig]:
+def _language_model(folder: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], LanguageModelConfig]:
     path = folder / EXPORT_LM
-    package = read_package(path)
+    package = read_package(path, mmap)
     state, cfg = package.get("best_state"), package.get("xp.cfg")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
@@ -154,12 +156,10 @@ def _hub_weights(folder: Path, prefix: str, keep) -> dict[str, torch.Tensor]:
     return {prefix + key: weights[key] for key in list(weights) if keep(key)}
 
 
-def load_export(folder: Path, *, text_encoder: str | Path | None = None, audio_encoder: str | Path | None = None):
-    """LoadedParts (fastgen.model.loader) of an audiocraft export, with the T5 and EnCodec folders it needs."""
+def _parts(folder: Path, lm: LanguageModelConfig, text_encoder: str | Path | None,
+           audio_encoder: str | Path | None) -> tuple[Path, Path, ModelConfig]:
+    """The T5 and EnCodec folders of an export and the ModelConfig of the three."""
     import json
-
-    from fastgen.model.loader import LoadedParts
-    state, lm = _language_model(folder)
     t5_folder = _resolve(text_encoder if text_encoder is not None else T5_HUB_IDS.get(lm.t5_name, lm.t5_name),
                          "text encoder (T5)")
     codec_folder = _resolve(audio_encoder if audio_encoder is not None else _codec_reference(folder),
@@ -171,6 +171,24 @@ def load_export(folder: Path, *, text_encoder: str | Path | None = None, audio_e
         except ValueError as exc:
             raise CheckpointError(f"{sub / 'config.json'}: not valid JSON ({exc})") from None
     config = model_config(lm, configs["text_encoder"], configs["audio_encoder"], source=str(folder / EXPORT_LM))
+    return t5_folder, codec_folder, config
+
+
+def read_config(folder: Path, *, text_encoder: str | Path | None = None, audio_encoder: str | Path | None = None
+                ) -> tuple[ModelConfig, dict[str, Any]]:
+    """An export's ModelConfig and generation defaults, its weights left unread (MusicGen.inspect)."""
+    try:
+        _, lm = _language_model(folder, mmap=True)
+    except CheckpointError:  # an old (not zip) torch file cannot be mapped: read it whole
+        _, lm = _language_model(folder)
+    return _parts(folder, lm, text_encoder, audio_encoder)[2], lm.generation_config()
+
+
+def load_export(folder: Path, *, text_encoder: str | Path | None = None, audio_encoder: str | Path | None = None):
+    """LoadedParts (fastgen.model.loader) of an audiocraft export, with the T5 and EnCodec folders it needs."""
+    from fastgen.model.loader import LoadedParts
+    state, lm = _language_model(folder)
+    t5_folder, codec_folder, config = _parts(folder, lm, text_encoder, audio_encoder)
     weights = map_state(state, lm, str(folder / EXPORT_LM))
     if not any(key.startswith("text_encoder.") for key in weights):
         weights.update(_hub_weights(t5_folder, "text_encoder.",
