@@ -1,6 +1,6 @@
 """One engine for both model kinds: a melody checkpoint's requests (melodies, text, unconditional, an audio prompt;
 greedy and seeded sampling) give the same codes on every decode path as on the eager torch backend — several steps
-per call, the Triton kernels (interpreter), graph replay through the CPU stand-in for CUDA graphs, the fused Triton
+per call, text encoded ahead on the stage worker, the Triton kernels (interpreter), graph replay through the CPU stand-in for CUDA graphs, the fused Triton
 projections, the compiled step. These paths offset each slot's positions by its prefix (SlotState.prefix_length)."""
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def eager(tiny_melody_stereo_dir):
 
 PATHS = {
     "steps per call": (dict(backend="torch", steps_per_call=4), False),
+    "stage worker": (dict(backend="torch", overlap_stages=True), False),  # T5 run ahead, on a thread
     "triton kernels": (dict(backend="triton"), False),
     "graph replay": (dict(backend="triton", graphs=True, steps_per_call=2), True),
     "fused projections": (dict(backend="triton", linear_backend="triton"), True),
