@@ -202,16 +202,22 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
                    resume_command=shlex.join(["fastgen", *resume]), progress_interval_s=args.progress_interval,
                    json_records=True if args.json else None, ray_workers=(args.workers or 1) if args.ray else None,
                    cpu_threads=threads, problems=problems)
+    if args.ray:  # Ray is an optional extra: imported only for --ray
+        from fastgen.batch.ray_data import execute_on_ray
+        return run_job(spec, execute=execute_on_ray)
     return run_job(spec)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fastgen.serve.server import main as serve_main
     if args.model is None:
         print(NOISE_WARNING, file=sys.stderr)
         if not (BUILTIN_DIR / "config.json").is_file():
             _build_builtin()
         args.model = str(BUILTIN_DIR)
+    if args.ray:  # Ray Serve replicas, or uvicorn in this process
+        from fastgen.serve.ray_serve import run_ray
+        return run_ray(args)
+    from fastgen.serve.server import main as serve_main
     return serve_main(args)
 
 

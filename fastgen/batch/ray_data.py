@@ -63,6 +63,12 @@ class GenerateBatch:
         return columns
 
 
+def execute_on_ray(items: list[JobItem], spec: JobSpec, model_name: str, device: str, log: TextIO,
+                   records: TextIO) -> JobResult:
+    """run_job's executor for Ray Data: spec.ray_workers engines (1 if unset)."""
+    return run_on_ray(items, spec, model_name, workers=spec.ray_workers or 1, device=device, log=log, records=records)
+
+
 def run_on_ray(items: list[JobItem], spec: JobSpec, model_name: str, *, workers: int, device: str,
                log: TextIO | None = None, records: TextIO | None = None, batch_size: int | None = None) -> JobResult:
     """Run validated items (the lock on spec.out is held by the caller) on ``workers`` engines."""
@@ -131,7 +137,7 @@ def generate(source: "str | Path | ray.data.Dataset", *, out: str | Path, model:
                    engine_options=engine_options, skip_existing=skip_existing, overwrite=overwrite,
                    ray_workers=workers)
     if not isinstance(source, ray.data.Dataset):
-        return run_job(replace(spec, items=read_manifest(Path(source))))
+        return run_job(replace(spec, items=read_manifest(Path(source))), execute=execute_on_ray)
     device = check_device(device)
     check_out_dir(spec.out)
     with OutputFolder(spec.out, extension) as folder:

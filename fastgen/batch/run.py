@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from fastgen.audio import check_can_write
 from fastgen.batch.job import GRACE_S, JobResult, StopSignal, run_items
@@ -49,7 +49,7 @@ class JobSpec:
     resume_command: str = ""                   # printed when interrupted
     progress_interval_s: float = 5.0           # between "progress:" lines (no terminal)
     json_records: bool | None = None           # each file's results line as JSON on stdout (None: unless a terminal)
-    ray_workers: int | None = None             # run on Ray Data with this many engines
+    ray_workers: int | None = None             # engines of a Ray Data run (fastgen.batch.ray_data)
     cpu_threads: int | None = None             # CPU: the decode's intra-op threads (None: the engine decides)
     problems: Problems | None = None           # errors found reading the job: reported with the limits' ones
 
@@ -82,8 +82,15 @@ def check_dtype(dtype: str | None) -> None:
         raise ValueError(f"--dtype: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = None) -> int:
-    """Run the job; returns the exit status (0 done, 1 some outputs failed, 128 + signal when interrupted)."""
+# runs a job's validated items (the caller holds the lock on spec.out): (items, spec, model name, device, log,
+# records) → JobResult; fastgen.batch.ray_data.execute_on_ray is one, chosen by its callers (this module imports no Ray)
+Executor = Callable[[list[JobItem], "JobSpec", str, str, TextIO, TextIO], JobResult]
+
+
+def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = None,
+            execute: Executor | None = None) -> int:
+    """Run the job here, or through ``execute``; returns the exit status (0 done, 1 some outputs failed,
+    128 + signal when interrupted)."""
     log, records = log or sys.stderr, records or sys.stdout
     with _signals() as stop:
         device = check_device(spec.device)
@@ -109,10 +116,8 @@ def run_job(spec: JobSpec, log: TextIO | None = None, records: TextIO | None = N
                       file=log)
                 return 0
             name = spec.model_name or str(spec.model)
-            if spec.ray_workers is not None:
-                from fastgen.batch.ray_data import run_on_ray  # Ray is an optional extra
-                result = run_on_ray(items, spec, name, workers=spec.ray_workers, device=device, log=log,
-                                    records=records)
+            if execute is not None:
+                result = execute(items, spec, name, device, log, records)
             else:
                 result = _run_local(spec, items, device, name, stop, log, records)
     return _report(spec, result, stop, log)

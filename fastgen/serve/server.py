@@ -1,4 +1,5 @@
-"""``fastgen serve``: the app under uvicorn (one process, one engine), or under Ray Serve with ``--ray``.
+"""``fastgen serve``: its flags, the engine recipe, and the app under uvicorn (one process, one engine);
+fastgen.serve.ray_serve serves it on Ray Serve (``--ray``: the command line picks).
 
 SIGTERM (and Ctrl-C): uvicorn stops accepting connections, lets in-flight requests finish for ``--grace-s``
 seconds, cancels what is left (their requests are aborted), shuts the engine down and the process exits 0."""
@@ -70,7 +71,9 @@ _ENGINE_FLAGS = {"linear_backend": "linear_backend", "max_slots": "max_slots", "
 
 
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
-    """A picklable-by-value recipe for the AsyncEngine (Ray ships it to each replica)."""
+    """A picklable-by-value recipe for the AsyncEngine (Ray ships it to each replica). Checks the flags first."""
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ValueError(f"--max-queue must be ≥ 1, got {args.max_queue}")
     options: dict[str, Any] = {"backend": args.backend}
     options.update({option: getattr(args, flag) for flag, option in _ENGINE_FLAGS.items()
                     if getattr(args, flag) is not None})
@@ -128,11 +131,6 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"fastgen serve needs the serve extra (pip install 'fastgen[serve]'): {exc}", file=sys.stderr)
         return 2
-    if args.max_queue is not None and args.max_queue < 1:
-        raise ValueError(f"--max-queue must be ≥ 1, got {args.max_queue}")
-    if args.ray:
-        from fastgen.serve.ray_serve import run_ray
-        return run_ray(args)
     app = create_app(engine_factory(args), settings_from(args))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.grace_s, lifespan="on")
