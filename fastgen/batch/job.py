@@ -60,6 +60,7 @@ def result_record(item: JobItem, output: Any, defaults: Any, model_name: str,
     params = dataclasses.replace(item.params.with_defaults(defaults), seed=output.seed)
     return {"name": item.name, "prompt": item.prompt,
             "audio_prompt": str(item.audio_prompt.resolve()) if item.audio_prompt is not None else None,
+            **({"melody": str(item.melody.resolve())} if item.melody is not None else {}),
             "seed": output.seed, "params": dataclasses.asdict(params), "seconds": round(output.duration, 4),
             "sample_rate": output.sample_rate, "channels": int(output.audio.shape[0]),
             "codes_sha256": hashlib.sha256(output.codes.tobytes()).hexdigest(), "model": model_name,
@@ -76,11 +77,11 @@ def engine_record(model: Any) -> dict[str, Any]:
 
 
 class _AudioPrompts(Sequence):
-    """The items' audio prompts, read from disk when the engine asks (a job's waveforms are never all in memory;
-    a prompt shared by many items is read once while it is in use)."""
+    """The items' audio prompts (or melodies), read from disk when the engine asks (a job's waveforms are never all
+    in memory; a file shared by many items is read once while it is in use)."""
 
-    def __init__(self, items: list[JobItem]) -> None:
-        self._paths = [item.audio_prompt for item in items]
+    def __init__(self, items: list[JobItem], field: str = "audio_prompt") -> None:
+        self._paths = [getattr(item, field) for item in items]
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -108,6 +109,7 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
     result = JobResult()
     start = time.perf_counter()
     audio = _AudioPrompts(items) if any(item.audio_prompt is not None for item in items) else None
+    melodies = _AudioPrompts(items, "melody") if any(item.melody is not None for item in items) else None
     grace = Grace(stop, grace_s, model.engine) if stop is not None else None
     taken = 0  # outputs (and errors) the loop below has taken from the stream
 
@@ -127,7 +129,7 @@ def run_items(model: MusicGen, items: list[JobItem], folder: OutputFolder, *, mo
             on_step(stream)
 
     stream = model.generate_iter([item.prompt for item in items], [item.params for item in items], audio,
-                                 on_error="yield", on_step=step)
+                                 on_error="yield", on_step=step, melodies=melodies)
     finished: set[int] = set()
     writers = _Writers(folder, result, on_written)
     settings = engine_record(model)

@@ -7,8 +7,9 @@ Manifest: one JSON object per line::
     {"prompt": null, "audio_prompt": "intros/a.wav", "duration": 5, "temperature": 0.9}
 
 ``prompt`` (string, or null for unconditional) is required; ``name`` (file stem; default ``NNN_slug``),
-``audio_prompt`` (path relative to the manifest), ``num_samples`` (N variants: seeds seed, seed+1, …, files
-name-0, name-1, …) and every ``SamplingParams`` field are optional. Blank lines and lines starting with ``#`` are
+``audio_prompt`` (path relative to the manifest), ``melody`` (likewise: MusicGen-Melody checkpoints),
+``num_samples`` (N variants: seeds seed, seed+1, …, files name-0, name-1, …) and every ``SamplingParams`` field are
+optional. Blank lines and lines starting with ``#`` are
 skipped."""
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from fastgen.errors import RequestError
 from fastgen.sampling_params import SEED_MAX, SamplingParams
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-JOB_FIELDS = ("prompt", "name", "audio_prompt", "num_samples")
+JOB_FIELDS = ("prompt", "name", "audio_prompt", "melody", "num_samples")
 MAX_SAMPLES_PER_LINE = 10_000
 # Portable file stems: no separators, no leading dot (our temporaries and lock are dot files), no trailing dot.
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,149}$")
@@ -92,11 +93,14 @@ class JobItem:
     params: SamplingParams        # seed always set
     audio_prompt: Path | None = None
     source: str = ""              # where it came from, for messages ("jobs.jsonl line 3")
+    melody: Path | None = None    # a melody file (MusicGen-Melody checkpoints)
 
     def to_row(self) -> dict[str, Any]:
         """A flat JSON-friendly dict (a manifest line for exactly this output): Ray dataset rows, results."""
         row = {"name": self.name, "prompt": self.prompt,
                "audio_prompt": str(self.audio_prompt.resolve()) if self.audio_prompt is not None else None}
+        if self.melody is not None:
+            row["melody"] = str(self.melody.resolve())
         row.update({k: v for k, v in dataclasses.asdict(self.params).items() if v is not None})
         return row
 
@@ -165,7 +169,8 @@ def read_manifest(path: Path, defaults: SamplingParams = SamplingParams(), seed:
 
 
 def items_from_prompts(prompts: Iterable[str | None], defaults: SamplingParams = SamplingParams(),
-                       seed: int | None = None, audio_prompt: Path | None = None) -> list[JobItem]:
+                       seed: int | None = None, audio_prompt: Path | None = None,
+                       melody: Path | None = None) -> list[JobItem]:
     """Plain prompts (positional, --prompts-file, --unconditional): files NNN_slug, prompt i seeded seed + i."""
     items: list[JobItem] = []
     problems = Problems()
@@ -173,6 +178,8 @@ def items_from_prompts(prompts: Iterable[str | None], defaults: SamplingParams =
         record = {"prompt": prompt, **defaults_dict(defaults)}
         if audio_prompt is not None:
             record["audio_prompt"] = str(audio_prompt)
+        if melody is not None:
+            record["melody"] = str(melody)
         try:
             items += _expand(record, f"prompt {i + 1}", base=Path("."), index=i,
                              next_seed=None if seed is None else seed + i)
@@ -214,15 +221,7 @@ def _expand(record: dict[str, Any], where: str, *, base: Path, index: int, next_
         errors.append(f"{where}: field 'num_samples' must be an integer in [1, {MAX_SAMPLES_PER_LINE}], "
                       f"got {samples!r}")
         samples = 1
-    audio = record.get("audio_prompt")
-    if audio is not None:
-        if not isinstance(audio, str) or not audio:
-            errors.append(f"{where}: field 'audio_prompt' must be a path (relative to the manifest)")
-            audio = None
-        else:
-            audio = base / Path(audio).expanduser()
-            if not audio.is_file():
-                errors.append(f"{where}: field 'audio_prompt': no such file {str(audio)!r}")
+    audio, melody = (_file_field(record, key, where, base, errors) for key in ("audio_prompt", "melody"))
     values = {k: record[k] for k in PARAM_FIELDS if k in record}
     if "duration" in values and "max_new_tokens" in values:  # a line's own length wins over the flag's default
         values.pop("max_new_tokens" if "duration" in record else "duration")
@@ -238,9 +237,23 @@ def _expand(record: dict[str, Any], where: str, *, base: Path, index: int, next_
     if errors:
         raise ManifestError("; ".join(errors), errors)
     if samples == 1:
-        return [JobItem(name, prompt, base_params, audio, where)]
+        return [JobItem(name, prompt, base_params, audio, where, melody)]
     return [JobItem(f"{name}-{j}", prompt, dataclasses.replace(base_params, seed=base_params.seed + j), audio,
-                    f"{where} sample {j}") for j in range(samples)]
+                    f"{where} sample {j}", melody) for j in range(samples)]
+
+
+def _file_field(record: dict[str, Any], key: str, where: str, base: Path, errors: list[str]) -> Path | None:
+    """A line's audio file (audio_prompt, melody): a path relative to the manifest, which must exist."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        errors.append(f"{where}: field {key!r} must be a path (relative to the manifest)")
+        return None
+    path = base / Path(value).expanduser()
+    if not path.is_file():
+        errors.append(f"{where}: field {key!r}: no such file {str(path)!r}")
+    return path
 
 
 def _param_errors(values: dict[str, Any], where: str, exc: RequestError) -> list[str]:
@@ -293,6 +306,9 @@ def check_limits(items: list[JobItem], info: CheckpointInfo, problems: Problems 
     longest = 0
     for item in items:
         params, line = item.params, _line(item)
+        if item.melody is not None and not info.melody:
+            problems.add(f"{item.source} (field 'melody'): this checkpoint is a text-to-music MusicGen; melody "
+                         "conditioning needs a MusicGen-Melody checkpoint (e.g. facebook/musicgen-melody)", line)
         if params.extend_stride not in strides:
             try:
                 info.check_stride(params.extend_stride)
