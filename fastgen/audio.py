@@ -45,7 +45,7 @@ def _optional(module: str, needed_for: str) -> Any:
         return importlib.import_module(module)
     except ImportError as error:
         raise ModuleNotFoundError(f"{needed_for} needs the {module} package: pip install {module} "
-                                  f"(or pip install 'fastgen[audio]')", name=module) from error
+                                  f"(or, in a fastgen checkout, pip install -e '.[audio]')", name=module) from error
     except OSError as error:  # soundfile is installed but libsndfile is not
         raise ModuleNotFoundError(f"{needed_for} needs the {module} package with its native library "
                                   f"({error}): pip install --force-reinstall {module}", name=module) from error

@@ -130,7 +130,7 @@ class GemvLinear:
     """fastgen's own AVX-512 / AVX2 GEMV (fastgen.kernels.cpu_gemv) over a weight packed at load into one sequential stream
     per block of 16 output channels; float32 and bfloat16. It reads the weights at the rate of a plain sum, where
     oneDNN's inner product reaches ~0.75 of it at decode rows; from ~8 rows on it is compute-bound and oneDNN's GEMM
-    is as fast or faster (see the README's CPU section). A registered C++ operator: torch.compile traces it and
+    is as fast or faster (docs/cpu.md). A registered C++ operator: torch.compile traces it and
     inductor calls it directly. Raises RuntimeError where it cannot run (no AVX-512, no compiler, odd shapes)."""
     path = "gemv"
 

@@ -43,7 +43,7 @@ def run_ray(args: argparse.Namespace) -> int:
         import ray
         from ray import serve
     except ImportError as exc:
-        print(f"fastgen serve --ray needs Ray Serve (pip install 'fastgen[ray]'): {exc}", file=sys.stderr)
+        print(f"fastgen serve --ray needs Ray Serve (from a checkout: pip install -e '.[ray]'): {exc}", file=sys.stderr)
         return 2
     from fastgen.serve.server import engine_factory, settings_from
 

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=THREADS_HELP % "1 for the server's engine thread")
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (default: off)")
     parser.add_argument("--ray", action="store_true",
-                        help="serve through Ray Serve (pip install fastgen[ray]) (default: off, one process)")
+                        help="serve through Ray Serve (from a checkout: pip install -e '.[ray]') (default: off, one "
+                             "process)")
     parser.add_argument("--replicas", type=int, default=1,
                         help="--ray: engine replicas, one GPU each on GPUs (default: 1)")
     parser.add_argument("--log-level", default="info",
@@ -129,7 +130,8 @@ def main(args: argparse.Namespace) -> int:
 
         from fastgen.serve.app import create_app
     except ImportError as exc:
-        print(f"fastgen serve needs the serve extra (pip install 'fastgen[serve]'): {exc}", file=sys.stderr)
+        print(f"fastgen serve needs the serve extra (from a checkout: pip install -e '.[serve]'): {exc}",
+              file=sys.stderr)
         return 2
     app = create_app(engine_factory(args), settings_from(args))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
