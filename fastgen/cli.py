@@ -27,9 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a text file with one prompt per line (default: none)")
     gen.add_argument("--manifest", type=Path, metavar="FILE",
                      help="a JSON-lines job: one object per line with prompt (string or null) and optionally name, "
-                          "audio_prompt, num_samples and any sampling field (duration, seed, top_k, extend_stride, "
-                          "…) (default: none)")
-    gen.add_argument("--model", help="checkpoint folder or hub id (default: built-in tiny random model)")
+                          "audio_prompt, melody, num_samples and any sampling field (duration, seed, top_k, "
+                          "extend_stride, …) (default: none)")
+    gen.add_argument("--model", help="checkpoint folder or hub id, or an audiocraft export's folder (default: "
+                                     "built-in tiny random model)")
+    gen.add_argument("--text-encoder", metavar="DIR",
+                     help="an audiocraft export's T5: a Hugging Face folder or hub id (default: the one its xp.cfg "
+                          "names, from the hub)")
+    gen.add_argument("--audio-encoder", metavar="DIR",
+                     help="an audiocraft export's EnCodec: a Hugging Face folder or hub id (default: the one its "
+                          "compression_state_dict.bin names, from the hub)")
     gen.add_argument("--out", type=Path, default=Path("out"), metavar="FOLDER",
                      help="output folder; results.jsonl there records every finished file (default: out/)")
     gen.add_argument("--format", choices=["wav", "flac", "ogg"], default="wav", help="audio file format "
@@ -42,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "window's last (window - stride) seconds (default: 18 s of a 30 s window)")
     gen.add_argument("--audio-prompt", type=Path, metavar="FILE",
                      help="an audio file every prompt continues, any rate and channels (default: none)")
+    gen.add_argument("--melody", type=Path, metavar="FILE",
+                     help="a melody every prompt follows, any rate and channels (its first 30 s): MusicGen-Melody "
+                          "checkpoints (default: none)")
     gen.add_argument("--guidance-scale", type=float, metavar="G",
                      help=f"classifier-free guidance: how closely outputs follow the prompt; 1 turns it off "
                           f"{_CHECKPOINT_DEFAULT % 'guidance_scale 3.0'}")
@@ -148,9 +158,9 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError("--workers N (N ≥ 1) goes with --ray")
     problems = None
     if args.manifest is not None:
-        if args.prompts or args.prompts_file or args.unconditional or args.audio_prompt:
-            raise ValueError("--manifest holds the whole job: give no prompts, --prompts-file, --unconditional or "
-                             "--audio-prompt beside it (a line may name its own audio_prompt)")
+        if args.prompts or args.prompts_file or args.unconditional or args.audio_prompt or args.melody:
+            raise ValueError("--manifest holds the whole job: give no prompts, --prompts-file, --unconditional, "
+                             "--audio-prompt or --melody beside it (a line may name its own audio_prompt and melody)")
         problems = Problems()  # every bad line, reported with the limits' findings before anything loads
         items = read_manifest(args.manifest, defaults, args.seed, problems)
     else:
@@ -161,9 +171,10 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
         prompts += [None] * args.unconditional
         if not prompts:
             raise ValueError("give at least one prompt (or --prompts-file, --manifest, or --unconditional N)")
-        if args.audio_prompt is not None and not args.audio_prompt.is_file():
-            raise ValueError(f"--audio-prompt: no such file {str(args.audio_prompt)!r}")
-        items = items_from_prompts(prompts, defaults, args.seed, args.audio_prompt)
+        for flag, path in (("--audio-prompt", args.audio_prompt), ("--melody", args.melody)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag}: no such file {str(path)!r}")
+        items = items_from_prompts(prompts, defaults, args.seed, args.audio_prompt, args.melody)
 
     options = {"backend": args.backend}
     for key, value in (("linear_backend", args.linear_backend), ("max_slots", args.max_slots),
@@ -201,7 +212,9 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
                    skip_existing=args.skip_existing, overwrite=args.overwrite, grace_s=args.grace,
                    resume_command=shlex.join(["fastgen", *resume]), progress_interval_s=args.progress_interval,
                    json_records=True if args.json else None, ray_workers=(args.workers or 1) if args.ray else None,
-                   cpu_threads=threads, problems=problems)
+                   cpu_threads=threads, problems=problems,
+                   encoders={k: v for k, v in (("text_encoder", args.text_encoder),
+                                               ("audio_encoder", args.audio_encoder)) if v is not None})
     if args.ray:  # Ray is an optional extra: imported only for --ray
         from fastgen.batch.ray_data import execute_on_ray
         return run_job(spec, execute=execute_on_ray)

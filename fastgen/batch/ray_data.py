@@ -81,7 +81,7 @@ def _full_row(item: JobItem) -> dict[str, Any]:
     """Every column in every row, so the dataset has one schema."""
     row = item.to_row()
     return {"name": row["name"], "prompt": row["prompt"], "audio_prompt": row["audio_prompt"],
-            **{k: row.get(k) for k in PARAM_FIELDS}}
+            "melody": row.get("melody"), **{k: row.get(k) for k in PARAM_FIELDS}}
 
 
 def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *, workers: int, device: str,
@@ -102,6 +102,8 @@ def _run_dataset(dataset: "ray.data.Dataset", spec: JobSpec, model_name: str, *,
           f"batches of {batch_size}", file=log, flush=True)
     # workers run in their own folders: hand them absolute paths (a hub id stays as it is)
     model = str(Path(spec.model).resolve()) if Path(spec.model).exists() else str(spec.model)
+    options.update({key: str(Path(value).resolve()) if Path(value).exists() else str(value)  # from_pretrained's
+                    for key, value in spec.encoders.items()})                                # text/audio_encoder
     start = time.perf_counter()
     outputs = dataset.map_batches(
         GenerateBatch, batch_format="pyarrow", batch_size=batch_size,

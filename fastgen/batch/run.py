@@ -52,6 +52,8 @@ class JobSpec:
     ray_workers: int | None = None             # engines of a Ray Data run (fastgen.batch.ray_data)
     cpu_threads: int | None = None             # CPU: the decode's intra-op threads (None: the engine decides)
     problems: Problems | None = None           # errors found reading the job: reported with the limits' ones
+    # an audiocraft export's T5 and EnCodec: text_encoder / audio_encoder of MusicGen.from_pretrained
+    encoders: dict[str, str] = field(default_factory=dict)
 
 
 def check_device(device: str | None) -> str:
@@ -154,7 +156,8 @@ def _sized_for(spec: JobSpec) -> JobSpec:
     given = options.get("max_duration_s")
     problems = spec.problems if spec.problems is not None else Problems()
     try:
-        info = MusicGen.inspect(spec.model, given or MAX_REQUEST_DURATION_S, window_s=options.get("window_s"))
+        info = MusicGen.inspect(spec.model, given or MAX_REQUEST_DURATION_S, window_s=options.get("window_s"),
+                                **spec.encoders)
     except Exception as exc:  # a bad --model: said alone, or beside the job's own problems
         if not problems:
             raise
@@ -179,7 +182,7 @@ def _run_local(spec: JobSpec, items: list[JobItem], device: str, name: str, stop
     print(f"loading {name} on {device}{compiling}{warmup}…", file=log, flush=True)
     started = time.perf_counter()
     model = MusicGen.from_pretrained(spec.model, device=device, dtype=spec.dtype, allow_pickle=spec.allow_pickle,
-                                     cpu_threads=spec.cpu_threads, **options)
+                                     cpu_threads=spec.cpu_threads, **spec.encoders, **options)
     wanted = options.get("max_slots")
     if wanted is not None and model.num_slots < wanted:
         raise ValueError(f"--max-slots {wanted}: the KV-cache budget holds only {model.num_slots} slot(s) of "
