@@ -652,7 +652,7 @@ def test_missing_soundfile_fails_before_loading(tmp_path, tiny_mono_dir):
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == [
         "fastgen: error: reading or writing audio files needs the soundfile package: pip install soundfile "
-        "(or pip install 'fastgen[audio]')"]
+        "(or, in a fastgen checkout, pip install -e '.[audio]')"]
     assert not out.exists()
 
 
