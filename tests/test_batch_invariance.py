@@ -15,6 +15,7 @@ from fastgen.engine.graph_standin import cpu_graphs
 from fastgen.kernels import fused_linear as fused_linear_module
 from fastgen.kernels.fused_linear import fused_linear, launch_config
 
+from engine_checks import run_schedule
 from kernel_checks import DEVICE
 
 ROW_COUNTS = (2, 6, 38, 512)
@@ -107,14 +108,7 @@ def codes_of(folder, schedule, max_slots, graphs=False):
     assert engine.model.decoder.linear_backend == "triton"
     assert (engine.runner.graphs is not None) == graphs
     scratch = fused_linear_module._SCRATCH.current(DEVICE)  # reserved
-    codes, step = {}, 0
-    while schedule or engine.has_unfinished():
-        for request_id, prompt, params in schedule.pop(step, []):
-            engine.add_request(prompt, params, request_id=request_id)
-        for request in engine.step():
-            assert request.error is None, request.error
-            codes[request.request_id] = request.output.codes
-        step += 1
+    codes = run_schedule(engine, schedule)
     assert fused_linear_module._SCRATCH.current(DEVICE) is scratch, \
         "the split-K scratch grew after the engine reserved it (a captured graph would keep the old one)"
     return codes

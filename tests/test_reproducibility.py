@@ -16,6 +16,8 @@ import torch
 
 import fastgen
 
+from engine_checks import run_schedule
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = "rock beat"
 PARAMS = dict(duration=1.0, seed=5, do_sample=True)
@@ -66,15 +68,7 @@ def engine_codes(folder, dtype, quantization, schedule, slots) -> dict[str, np.n
     """Requests joining at given engine steps; codes by request id."""
     engine = fastgen.Engine.from_pretrained(folder, device="cpu", max_slots=slots, dtype=dtype,
                                             quantization=quantization, max_duration_s=1.0)
-    codes, step = {}, 0
-    while schedule or engine.has_unfinished():
-        for request_id, prompt, params in schedule.pop(step, []):
-            engine.add_request(prompt, params, request_id=request_id)
-        for request in engine.step():
-            assert request.error is None, request.error
-            codes[request.request_id] = request.output.codes
-        step += 1
-    return codes
+    return run_schedule(engine, schedule)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "int8", "bf16+int8", "int4"])
