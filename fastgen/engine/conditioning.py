@@ -21,7 +21,7 @@ class SlotConditioning:
         self.runner = runner
         self.decoder, self.text_encoder = runner.decoder, runner.text_encoder
         self.device = runner.device
-        self.melody = getattr(runner, "melody", None)  # the model's MelodyPrefix, for a melody decoder
+        self.melody = runner.melody  # the model's MelodyPrefix, for a melody decoder (None: cross-attention)
 
     @property
     def text_alone(self) -> bool:

@@ -75,6 +75,9 @@ class ModelRunner:
         self.max_frames = max_frames  # one slot: a window of a long-form request
         self.max_request_frames = max_request_frames or max_frames
         # a melody slot's audio follows its prefix (chroma and text) in the self-attention cache
+        if melody is not None and melody.null_text_tokens > max_text_tokens:
+            raise ValueError(f"max_text_tokens={max_text_tokens} is below the {melody.null_text_tokens} tokens of an "
+                             "unconditional melody request's text")
         self.prefix_positions = decoder.prefix_positions(max_text_tokens)
         self.max_positions = self.prefix_positions + max_frames + config.channel_codebooks
         self.steps_per_call = steps_per_call

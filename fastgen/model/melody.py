@@ -55,9 +55,6 @@ class MelodyPrefix:
         """L: the prefix's positions for a prompt of ``text_tokens`` tokens (None: unconditional)."""
         return self.config.chroma_length + (self.null_text_tokens if text_tokens is None else text_tokens)
 
-    def max_length(self, max_text_tokens: int) -> int:
-        return self.config.chroma_length + max(max_text_tokens, self.null_text_tokens)
-
     @torch.inference_mode()
     def states(self, decoder, chroma: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
         """The prefix of a request's two rows, [2, L, D] in the decoder's dtype: row 0 conditioned (``chroma``
