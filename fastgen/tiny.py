@@ -18,15 +18,11 @@ Usage: ``python -m fastgen.tiny OUT_DIR [--stereo] [--size tiny|small|medium|lar
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import Unigram
 from transformers import (
     EncodecConfig,
     EncodecFeatureExtractor,
@@ -38,6 +34,9 @@ from transformers import (
 )
 
 from fastgen.model.codec import quiet_token_id_warnings
+from fastgen.tiny_tokenizer import _text_vocab_size, build_tokenizer, save_tokenizer
+from fastgen.tiny_weights import (SAMPLING_RATE, _fill_zero_codebooks, _init_codebooks, _reinit_codec,
+                                  _reinit_decoder, _seeded)
 
 __all__ = [
     "SIZES",
@@ -50,7 +49,6 @@ __all__ = [
     "tiny_config",
 ]
 
-SAMPLING_RATE = 32_000
 # 8 * 5 * 4 * 4 = 640 samples per frame -> 50 codec frames per second, like MusicGen's EnCodec.
 UPSAMPLING_RATIOS = [8, 5, 4, 4]
 CODEBOOKS_PER_CHANNEL = 4
@@ -73,89 +71,6 @@ _CHECKPOINT_GLOBS = (
     "special_tokens_map.json",
     "preprocessor_config.json",
 )
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
-
-# T5's special tokens at T5's ids, so pad=0 / eos=1 / unk=2 mean the same thing as in t5-base.
-_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-# SentencePiece's word-boundary marker, as in T5's tokenizer.
-_SPACE = "\u2581"
-_WORDS = tuple(
-    """
-    a an and the of with in for to on by from
-    music song beat loop track melody rhythm bass drums drum guitar piano synth violin strings
-    vocals choir flute horn pop rock jazz blues techno house ambient classical folk metal hip hop
-    lofi disco funk reggae orchestral electronic happy sad calm dark bright slow fast heavy soft
-    loud epic chill upbeat dreamy energetic acoustic groovy warm 80s 90s bpm solo intro
-    """.split()
-)
-_CHARACTERS = tuple("abcdefghijklmnopqrstuvwxyz0123456789") + tuple(".,!?'\"-:;()&/+#%")
-# Unigram log-probabilities: whole words beat spelling them out letter by letter.
-_WORD_SCORE = -3.0
-_MARKER_SCORE = -4.0
-_CHAR_SCORE = -6.0
-TOKENIZER_MAX_LENGTH = 512
-
-
-def _tokenizer_vocab() -> list[tuple[str, float]]:
-    vocab = [(token, 0.0) for token in _SPECIAL_TOKENS]
-    vocab.append((_SPACE, _MARKER_SCORE))
-    vocab += [(_SPACE + word, _WORD_SCORE) for word in _WORDS]
-    vocab += [(char, _CHAR_SCORE) for char in _CHARACTERS]
-    return vocab
-
-
-def build_tokenizer() -> Tokenizer:
-    """A T5-like Unigram tokenizer over a small fixed vocabulary.
-
-    Unigram + Metaspace mirrors how T5's SentencePiece tokenizer splits text, so
-    unknown words fall back to single characters and anything left (emoji,
-    scripts outside the vocabulary) becomes ``<unk>`` rather than an error.
-    """
-    tokenizer = Tokenizer(Unigram(_tokenizer_vocab(), unk_id=_SPECIAL_TOKENS.index("<unk>")))
-    # NFKD + StripAccents maps "é" to "e", so accented prompts keep their letters; whitespace
-    # runs collapse and ends are stripped, as T5's SentencePiece normaliser does.
-    tokenizer.normalizer = normalizers.Sequence(
-        [
-            normalizers.NFKD(),
-            normalizers.StripAccents(),
-            normalizers.Lowercase(),
-            normalizers.Replace(Regex(r"\s+"), " "),
-            normalizers.Strip(),
-        ]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
-    # T5 appends </s> to every sequence; MusicGen's text encoder was trained that way.
-    eos_id = _SPECIAL_TOKENS.index("</s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
-    )
-    tokenizer.add_special_tokens(list(_SPECIAL_TOKENS))
-    return tokenizer
-
-
-def _text_vocab_size() -> int:
-    # Round up to a multiple of 8, as T5 itself pads its embedding table.
-    return 8 * math.ceil(len(_tokenizer_vocab()) / 8)
-
-
-def save_tokenizer(path: pathlib.Path) -> None:
-    """Writes tokenizer.json plus the config files AutoTokenizer needs offline."""
-    build_tokenizer().save(str(path / "tokenizer.json"))
-    special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-    # PreTrainedTokenizerFast only wraps tokenizer.json, so no sentencepiece model file is needed.
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": TOKENIZER_MAX_LENGTH,
-        "padding_side": "right",
-        **special,
-    }
-    _write_json(path / "tokenizer_config.json", config)
-    _write_json(path / "special_tokens_map.json", special)
-
 
 # ---------------------------------------------------------------------------
 # Configurations
@@ -299,144 +214,8 @@ def generation_config(config: MusicgenConfig, *, top_k: int, max_length: int) ->
 
 
 # ---------------------------------------------------------------------------
-# Weight initialisation
-# ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, dtype: torch.dtype) -> Iterator[None]:
-    """Seeds transformers' default init and sets the parameter dtype, restoring both after."""
-    previous_dtype = torch.get_default_dtype()
-    # fork_rng keeps the caller's global RNG stream untouched by our seeding.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(previous_dtype)
-
-
-def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator, mean: float = 0.0) -> None:
-    # Sample in float32 then cast, so values do not depend on the storage dtype's RNG path.
-    values = torch.randn(tensor.shape, generator=generator) * std + mean
-    tensor.copy_(values)
-
-
-@torch.no_grad()
-def _reinit_decoder(model: MusicgenForConditionalGeneration, generator: torch.Generator) -> None:
-    """Replaces the decoder's std-0.02 init with fan-in scaled weights.
-
-    With std 0.02 every logit is almost the same, so greedy argmax flips on
-    rounding noise and kernel-vs-reference tests become flaky. Fan-in scaling
-    keeps activations O(1); the lm heads get gain 3 (logit std ~3), so the
-    median top-1/top-2 margin is ~0.8 logits.
-    """
-    for name, module in model.decoder.named_modules():
-        if isinstance(module, torch.nn.Embedding):
-            _normal_(module.weight, 1.0, generator)
-        elif isinstance(module, torch.nn.Linear):
-            gain = 3.0 if name.startswith("lm_heads") else 1.0
-            _normal_(module.weight, gain / math.sqrt(module.in_features), generator)
-            if module.bias is not None:
-                _normal_(module.bias, 0.02, generator)
-        elif isinstance(module, torch.nn.LayerNorm):
-            _normal_(module.weight, 0.1, generator, mean=1.0)
-            _normal_(module.bias, 0.05, generator)
-    projection = model.enc_to_dec_proj
-    _normal_(projection.weight, 1.0 / math.sqrt(projection.in_features), generator)
-    _normal_(projection.bias, 0.02, generator)
-
-
-@torch.no_grad()
-def _reinit_codec(codec: torch.nn.Module, generator: torch.Generator, gain: float = 1.0) -> None:
-    """Gives EnCodec's weight-normed convolutions a fan-in scale and non-zero biases.
-
-    transformers' kaiming init writes to the computed ``weight`` of the
-    weight-norm parametrization, not to its stored ``original0/original1``, so
-    the saved convs keep PyTorch's default scale (~0.6 gain each). Over ~15
-    layers the codes' signal then shrinks ~1000x below the conv biases and the
-    decoded audio barely depends on the codes.
-    """
-    for module in codec.modules():
-        if isinstance(module, torch.nn.LSTM):
-            # Zero by default; random values make a dropped bias visible in tests.
-            for name, parameter in module.named_parameters():
-                if name.startswith("bias"):
-                    _normal_(parameter, 0.05, generator)
-        if not isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
-            continue
-        weight_norm = module.parametrizations.weight
-        direction = weight_norm.original1  # the "v" of weight norm; only its direction matters
-        _normal_(direction, 1.0, generator)
-        # The magnitude g is a per-channel norm along dim 0, so choose it to hit gain / sqrt(fan_in).
-        if isinstance(module, torch.nn.ConvTranspose1d):
-            # weight [in, out, k]: each output sample sums in * k / stride taps.
-            in_channels, out_channels, _ = direction.shape
-            magnitude = gain * math.sqrt(out_channels * module.stride[0] / in_channels)
-        else:
-            magnitude = gain
-        weight_norm.original0.fill_(magnitude)
-        if module.bias is not None:
-            _normal_(module.bias, 0.02, generator)
-    # Quiet the output conv: decoded audio then has std ~0.15 and rarely clips when written as PCM.
-    codec.decoder.layers[-1].conv.parametrizations.weight.original0.mul_(0.25)
-
-
-def _calibration_audio(seconds: float, generator: torch.Generator) -> torch.Tensor:
-    """Noise plus a few swept tones: a varied signal to place codebook entries on."""
-    num_samples = int(seconds * SAMPLING_RATE)
-    time = torch.arange(num_samples, dtype=torch.float32) / SAMPLING_RATE
-    noise = 0.1 * torch.randn(num_samples, generator=generator)
-    tones = sum(
-        0.2 * torch.sin(2 * math.pi * (f0 + 200.0 * time) * time)
-        for f0 in (110.0, 440.0, 1760.0)
-    )
-    return (noise + tones).reshape(1, 1, num_samples)
-
-
-@torch.no_grad()
-def _init_codebooks(codec: torch.nn.Module, generator: torch.Generator, seconds: float = 4.0) -> None:
-    """Places each residual codebook on encoder outputs of a calibration signal.
-
-    transformers initialises EnCodec codebooks to zeros (real weights overwrite
-    them), which makes every code 0 and decoded audio constant. Seeding them
-    from actual latents, layer by layer on the residual (EnCodec's own k-means
-    init does the same), gives varied codes in every codebook and decodable
-    audio with a sensible scale.
-    """
-    latents = codec.encoder(_calibration_audio(seconds, generator))
-    residual = latents[0].transpose(0, 1)  # [frames, codebook_dim]
-    for layer in codec.quantizer.layers:
-        codebook = layer.codebook
-        size = codebook.embed.shape[0]
-        # Sample with replacement when there are fewer frames than entries; jitter keeps duplicates distinct.
-        picks = torch.randint(residual.shape[0], (size,), generator=generator)
-        jitter = 0.05 * residual.std() * torch.randn(codebook.embed.shape, generator=generator)
-        embed = residual[picks] + jitter
-        codebook.embed.copy_(embed)
-        codebook.embed_avg.copy_(embed)
-        codebook.cluster_size.fill_(1.0)
-        residual = residual - codebook.decode(codebook.encode(residual))
-
-
-@torch.no_grad()
-def _fill_zero_codebooks(codec: torch.nn.Module, generator: torch.Generator) -> None:
-    """Cheap random codebooks for the real-size builder: no encoder pass, never all zeros."""
-    for layer in codec.quantizer.layers:
-        codebook = layer.codebook
-        _normal_(codebook.embed, 1.0, generator)
-        codebook.embed_avg.copy_(codebook.embed)
-        codebook.cluster_size.fill_(1.0)
-
-
-# ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
-
-
-def _write_json(path: pathlib.Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _prepare_dir(path: str | pathlib.Path, overwrite: bool) -> pathlib.Path:

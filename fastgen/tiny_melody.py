@@ -18,10 +18,9 @@ import torch
 from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration
 
 from fastgen.model.codec import quiet_token_id_warnings
-from fastgen.tiny import (
-    SAMPLING_RATE, _init_codebooks, _normal_, _prepare_dir, _reinit_codec, _reinit_decoder, _seeded, _write_json,
-    generation_config, save_tokenizer, tiny_config,
-)
+from fastgen.tiny import _prepare_dir, generation_config, tiny_config
+from fastgen.tiny_tokenizer import _write_json, save_tokenizer
+from fastgen.tiny_weights import SAMPLING_RATE, _init_codebooks, _normal_, _reinit_codec, _reinit_decoder, _seeded
 
 __all__ = ["build_tiny_melody_checkpoint", "melody_feature_config", "tiny_melody_config"]
 
