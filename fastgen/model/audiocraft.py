@@ -28,6 +28,7 @@ import torch
 from fastgen.config import ModelConfig
 from fastgen.errors import CheckpointError
 from fastgen.model.audiocraft_config import LanguageModelConfig, model_config
+from fastgen.model.loader import LoadedParts, read_weights, resolve_checkpoint
 
 EXPORT_LM = "state_dict.bin"
 EXPORT_CODEC = "compression_state_dict.bin"
@@ -106,7 +107,6 @@ def _codec_reference(folder: Path) -> str:
 
 
 def _resolve(name_or_path: str | Path, role: str) -> Path:
-    from fastgen.model.loader import resolve_checkpoint
     try:
         folder = resolve_checkpoint(name_or_path)
     except CheckpointError as exc:
@@ -151,7 +151,6 @@ def map_state(state: dict[str, torch.Tensor], config: LanguageModelConfig, sourc
 
 
 def _hub_weights(folder: Path, prefix: str, keep) -> dict[str, torch.Tensor]:
-    from fastgen.model.loader import read_weights
     weights = read_weights(folder)
     return {prefix + key: weights[key] for key in list(weights) if keep(key)}
 
@@ -186,7 +185,6 @@ def read_config(folder: Path, *, text_encoder: str | Path | None = None, audio_e
 
 def load_export(folder: Path, *, text_encoder: str | Path | None = None, audio_encoder: str | Path | None = None):
     """LoadedParts (fastgen.model.loader) of an audiocraft export, with the T5 and EnCodec folders it needs."""
-    from fastgen.model.loader import LoadedParts
     state, lm = _language_model(folder)
     t5_folder, codec_folder, config = _parts(folder, lm, text_encoder, audio_encoder)
     weights = map_state(state, lm, str(folder / EXPORT_LM))

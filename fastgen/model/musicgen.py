@@ -11,7 +11,7 @@ from fastgen.errors import CheckpointError
 from fastgen.model.chroma import ChromaSettings
 from fastgen.model.codec import AudioCodec, TextEncoder, quiet_token_id_warnings
 from fastgen.model.decoder import MusicgenDecoder
-from fastgen.model.loader import load_parts
+from fastgen.model.checkpoint import load_parts
 from fastgen.model.melody import MelodyPrefix
 from fastgen.model.quantize import validate_quantization
 from fastgen.sampling_params import BUILTIN_DEFAULTS, SamplingParams

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fastgen import RequestAborted, RequestError, RequestFailed
 from fastgen.serve import encoding
-from fastgen.serve.app import PARAM_FIELDS, Begun, Refused, _Server
+from fastgen.serve.request_path import PARAM_FIELDS, Begun, Refused, ServerState
 from fastgen.serve.bodies import field_of
 
 SPEECH_PATH = "/v1/audio/speech"
@@ -118,7 +118,7 @@ def _delta(data: bytes) -> bytes:
     return _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
 
 
-def _count_text_tokens(server: _Server, prompt: str | None) -> int:
+def _count_text_tokens(server: ServerState, prompt: str | None) -> int:
     """The prompt's text tokens, for usage (the engine's tokenizer, under the lock its intake takes)."""
     if prompt is None:
         return 0
@@ -130,7 +130,7 @@ def _count_text_tokens(server: _Server, prompt: str | None) -> int:
         return 0
 
 
-async def _sse(server: _Server, begun: Begun, response_format: str, prompt: str | None,
+async def _sse(server: ServerState, begun: Begun, response_format: str, prompt: str | None,
                seed: int) -> AsyncIterator[bytes]:
     """The SSE body: the streamed bytes (or the whole file, in pieces) as deltas, then done (or an error event)."""
     output = None
@@ -161,7 +161,7 @@ async def _sse(server: _Server, begun: Begun, response_format: str, prompt: str 
                   "seed": str(seed), "request_id": begun.handle.request_id})
 
 
-def add_routes(app: FastAPI, server: _Server, model_name: str) -> None:
+def add_routes(app: FastAPI, server: ServerState, model_name: str) -> None:
     created = int(time.time())
 
     @app.exception_handler(_OpenAIError)
