@@ -26,16 +26,9 @@ least TARGET_PROGRAMS programs per 16 rows. Each program writes its fp32 partial
 split-K reduction costs M·N·SPLIT_K·4 bytes written and read again, mostly in L2 (at 2 rows × 1024 × 8 splits:
 128 KiB against 8 MiB of bf16 FC2 weight, under 2%; but it grows with M: at 512 rows × 1024 × 4 splits, 16 MiB
 against 2 MiB of D→D weight, which is where a batch-invariant kernel pays most against cuBLAS) plus one atomic per
-program. Small D→D stops at 128 programs (4 splits): 8 splits would leave each part one 128-wide chunk.
-Expected cost (an estimate to check with bench/kernel_bench.py, not a measurement): at M = 2 each launch is its weight
-stream at the bandwidth 128–512 programs reach plus a few µs of ramp and tail, i.e. a musicgen-small layer's
-six projections ≈ 28 MiB ≈ 7–10 µs of streaming at 3–4 TB/s. With a LayerNorm prologue every program computes its
-rows' statistics over all of K itself (M·K reads from L2; no second launch). Programs at M = 2 (`launch_config`):
-
-    musicgen-small  (D 1024, F 4096): QKV 192 (96 tiles × 2), D→D 128 (32 × 4), FC1 256 (128 × 2), FC2 256 (32 × 8)
-    musicgen-medium (D 1536, F 6144): QKV 144 (144 × 1), D→D 192 (48 × 4), FC1 192 (192 × 1), FC2 192 (48 × 4)
-    musicgen-large  (D 2048, F 8192): QKV 192 (192 × 1), D→D 256 (64 × 4), FC1 256 (256 × 1), FC2 256 (64 × 4)
-    LM heads (4 or 8 codebooks × 2048): 256 or 512 programs, no split; with the final LayerNorm and fp32 logits.
+program. Small D→D stops at 128 programs (4 splits): 8 splits would leave each part one 128-wide chunk. With a
+LayerNorm prologue every program computes its rows' statistics over all of K itself (M·K reads from L2; no second
+launch). The programs per musicgen shape at M = 2 (`launch_config`) are tabled in docs/kernels.md.
 
 The scratch (partials and tickets) is one pair of buffers per device, grown on demand outside CUDA-graph capture
 (the engine's eager warm-up of every bucket grows it) and passed to the op as mutable arguments, so a captured
