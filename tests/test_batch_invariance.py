@@ -114,6 +114,7 @@ def codes_of(folder, schedule, max_slots, graphs=False):
     return codes
 
 
+@pytest.mark.slow
 def test_engine_codes_do_not_depend_on_batch_mates(tiny_mono_dir):
     """A greedy and a seeded sampled request, each alone (one slot: they run one after the other, eagerly), then
     in two slots under graph replay: the greedy one beside a batch-mate with a longer prompt, the sampled one queued

@@ -41,6 +41,7 @@ def test_fastgen_kernels_is_the_checkouts_kernels_folder():
     assert pathlib.Path(done.stdout.strip()).resolve() == (REPO / "kernels" / "sampling.py").resolve()
 
 
+@pytest.mark.slow
 def test_readme_commands_run_from_the_repository_root(tmp_path):
     """The quick start's commands: a tiny checkpoint, the CLI's help, a bench script's help."""
     run_from(REPO, "-m", "fastgen.tiny", str(tmp_path / "tiny"))

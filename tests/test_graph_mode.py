@@ -57,6 +57,7 @@ def run(folder, channels: int, backend: str, graphs: bool = False) -> tuple[dict
     return codes, buckets
 
 
+@pytest.mark.slow
 def test_graph_replay_matches_eager_under_continuous_batching(tiny_stereo_dir):
     """Graph replay on the kernels against the eager torch backend (cheap here; it gives the eager kernels' codes
     exactly: tests/test_triton_backend.py), stereo, steps_per_call 4."""

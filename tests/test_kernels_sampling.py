@@ -225,6 +225,7 @@ def chi_square_check(tokens: torch.Tensor, probs: torch.Tensor) -> None:
     assert p_value > FALSE_ALARM, f"frequencies do not match the law: p = {p_value:.2e}\n{observed}\n{expected}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k,top_p,draws", [(0, 1.0, 1024), (6, 0.8, 320)])
 def test_frequencies_match_exact_law(top_k, top_p, draws):
     """Many independent draws in one launch (distinct seeds and codebooks) against the exact probabilities."""
