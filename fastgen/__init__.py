@@ -2,10 +2,11 @@
 import os
 
 # Before torch loads OpenMP, which reads this once: threads waiting at the end of a parallel region sleep instead of
-# spinning. On a machine whose cores are busy with other processes, spinning threads and a descheduled team-mate made a
-# 2-thread decode 10-100x slower (a 4 s clip: 2-27 s instead of 0.2); sleeping keeps it near its fair share
-# (bench/contention.py measures both, idle and beside busy neighbours). Set OMP_WAIT_POLICY yourself to choose
-# otherwise; when torch was imported before fastgen, its OpenMP has read the variable already.
+# spinning. Beside other multi-threaded torch processes, spinning threads and a descheduled team-mate made a 2-thread
+# decode 10-100x slower (a 4 s tiny-model clip: 2-27 s; 0.3-0.7 s passive); beside single-threaded busy loops
+# spinning is faster (0.47 s against 1.09 s, idle 0.73: bench/results/contention-*.json), but passive stays near its
+# fair share in both. Set OMP_WAIT_POLICY yourself to choose otherwise; when torch was imported before fastgen, its
+# OpenMP has read the variable already.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fastgen.api import MusicGen  # noqa: E402
