@@ -6,13 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
-import threading
 import time
 import wave
 
@@ -21,38 +16,17 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from fastgen import AsyncEngine, StreamConfig  # noqa: E402
 from fastgen.serve.app import ServerSettings, create_app  # noqa: E402
+from serve_checks import LiveServer, start_fastgen_serve  # noqa: E402
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 STREAM = StreamConfig(first_chunk_s=0.1, interval_s=0.3)
 GREEDY = {"prompt": "a tune", "duration": 1.2, "do_sample": False, "guidance_scale": 3.0}
 TIMEOUT = httpx.Timeout(120.0)
-
-
-class LiveServer:
-    """uvicorn serving ``app`` on a loopback socket in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -277,26 +251,8 @@ def test_metrics_add_up(live):
 
 
 def test_sigterm_finishes_in_flight_then_exits_zero(tiny_mono_dir):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ, "FASTGEN_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "fastgen.cli", "serve", "--model", str(tiny_mono_dir),
-                                "--port", str(port), "--backend", "torch", "--max-slots", "2", "--grace-s", "60",
-                                "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_fastgen_serve(tiny_mono_dir, KEY)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
         with httpx.Client(base_url=url, headers=AUTH, timeout=TIMEOUT) as client:
             body = {"duration": 10, "seed": 3, "stream": True, "response_format": "pcm"}
             with client.stream("POST", "/v1/audio/generate", json=body) as response:

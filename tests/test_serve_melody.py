@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 import wave
 
 import numpy as np
@@ -16,39 +13,22 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-import uvicorn  # noqa: E402
 from melody_reference import melodies  # noqa: E402
 
 import fastgen  # noqa: E402
 from fastgen.serve import encoding  # noqa: E402
 from fastgen.serve.app import ServerSettings, create_app  # noqa: E402
+from serve_checks import LiveServer  # noqa: E402
 
 BODY = {"prompt": "a tune", "duration": 0.6, "do_sample": False, "guidance_scale": 3.0}
 LIMIT = 256 << 10
 TIMEOUT = httpx.Timeout(120.0)
 
 
-class Server:
-    """uvicorn on a loopback socket in a background thread, serving an AsyncEngine of ``folder``."""
-
-    def __init__(self, folder) -> None:
-        factory = lambda: fastgen.AsyncEngine.from_pretrained(folder, max_slots=2, backend="torch")  # noqa: E731
-        app = create_app(factory, ServerSettings(max_audio_prompt_bytes=LIMIT))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
+def start_server(folder) -> LiveServer:
+    """An AsyncEngine of ``folder`` served on a loopback socket."""
+    factory = lambda: fastgen.AsyncEngine.from_pretrained(folder, max_slots=2, backend="torch")  # noqa: E731
+    return LiveServer(create_app(factory, ServerSettings(max_audio_prompt_bytes=LIMIT)))
 
 
 def wav_bytes(audio: np.ndarray, rate: int = 32000) -> bytes:
@@ -64,7 +44,7 @@ def wav_bytes(audio: np.ndarray, rate: int = 32000) -> bytes:
 
 @pytest.fixture(scope="module")
 def melody_server(tiny_melody_mono_dir):
-    server = Server(tiny_melody_mono_dir)
+    server = start_server(tiny_melody_mono_dir)
     yield server
     server.stop()
 
@@ -98,7 +78,7 @@ def test_bad_melodies_are_refused_naming_the_field(melody_server, tiny_mono_dir)
         assert unreadable.status_code == 422 and "melody" in unreadable.text
         nothing = client.post("/v1/audio/generate/upload", data={"params": json.dumps(BODY)})
         assert nothing.status_code == 422
-    text_server = Server(tiny_mono_dir)
+    text_server = start_server(tiny_mono_dir)
     try:
         with httpx.Client(base_url=text_server.url, timeout=TIMEOUT) as client:
             tune = base64.b64encode(wav_bytes(melodies()["short"])).decode()

@@ -7,11 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import wave
 
@@ -22,7 +18,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from test_serve import LiveServer, metric_values  # noqa: E402
+from serve_checks import LiveServer, start_fastgen_serve  # noqa: E402
+from test_serve import metric_values  # noqa: E402
 
 from fastgen import AsyncEngine, StreamConfig  # noqa: E402
 from fastgen.serve.app import ServerSettings, create_app  # noqa: E402
@@ -221,26 +218,8 @@ def test_vllm_omni_field_names_on_generate(live):
 def test_sdk_against_fastgen_serve_and_sigterm_during_sse(tiny_mono_dir):
     """`python -m fastgen.cli serve` as a user starts it: the SDK's whole WAV, /v1/models naming the --model given,
     and SIGTERM in the middle of an SSE stream: the stream ends with its done event, the process exits 0."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ, "FASTGEN_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "fastgen.cli", "serve", "--model", str(tiny_mono_dir),
-                                "--port", str(port), "--backend", "torch", "--max-slots", "2", "--grace-s", "60",
-                                "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_fastgen_serve(tiny_mono_dir, KEY)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
         client = sdk(url)
         assert [m.id for m in client.models.list().data] == [str(tiny_mono_dir)]
         answer = speech(client, response_format="wav", duration=0.5, seed=11)

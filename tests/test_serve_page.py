@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 sync_client = pytest.importorskip("websockets.sync.client")
 
-from test_serve import LiveServer  # noqa: E402
+from serve_checks import LiveServer  # noqa: E402
 
 from fastgen import AsyncEngine  # noqa: E402
 from fastgen.serve.app import ServerSettings, create_app  # noqa: E402
