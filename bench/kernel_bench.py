@@ -135,7 +135,8 @@ def bench_attention(batches, lengths, dtype, peak):
 
 
 def bench_sampling(batches, logit_dtype, peak):
-    from fastgen.kernels.sampling import sample_next_tokens, sample_next_tokens_ref
+    from fastgen.kernels.sampling import sample_next_tokens
+    from fastgen.kernels.sampling_ref import sample_next_tokens_ref
 
     rows = []
     for codebooks, channels in ((4, 1), (8, 2)):

@@ -18,17 +18,9 @@ The price: at M = 2, 14 of the 16 tile rows are padding (free: a decode projecti
 not by tensor-core work), and at large M the kernel keeps its narrow tiles where cuBLAS would widen them (each
 weight tile is read once per 16 rows, mostly from L2): expect it to lose to cuBLAS past a few hundred rows.
 
-**Filling the GPU at M = 2.** A 1024-wide output in 32-wide tiles is 32 programs for 132 SMs (H100/H200). So K is
-split into SPLIT_K fixed parts, SPLIT_K the smallest power of two (≤ 8, each part ≥ 2 BLOCK_K chunks) that gives at
-least TARGET_PROGRAMS programs per 16 rows. Each program writes its fp32 partial tile to scratch, takes a ticket
-(an atomic counter per output tile) and the program that draws the last ticket sums the partials in split order
-(0, 1, …: deterministic whoever arrives last), applies the epilogue, and resets the counter for the next launch. The
-split-K reduction costs M·N·SPLIT_K·4 bytes written and read again, mostly in L2 (at 2 rows × 1024 × 8 splits:
-128 KiB against 8 MiB of bf16 FC2 weight, under 2%; but it grows with M: at 512 rows × 1024 × 4 splits, 16 MiB
-against 2 MiB of D→D weight, which is where a batch-invariant kernel pays most against cuBLAS) plus one atomic per
-program. Small D→D stops at 128 programs (4 splits): 8 splits would leave each part one 128-wide chunk. With a
-LayerNorm prologue every program computes its rows' statistics over all of K itself (M·K reads from L2; no second
-launch). The programs per musicgen shape at M = 2 (`launch_config`) are tabled in docs/kernels.md.
+**Filling the GPU at M = 2**: K is split into a fixed number of parts (by the weight shape), partial tiles go to
+scratch and the program that draws the last ticket of a tile sums them in split order; docs/kernels.md has the
+arithmetic and the programs per musicgen shape.
 
 The scratch (partials and tickets) is one pair of buffers per device, grown on demand outside CUDA-graph capture
 (the engine's eager warm-up of every bucket grows it) and passed to the op as mutable arguments, so a captured

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastgen.kernels.counter_hash import counter_uniform, counter_uniform_ref, stream_key_ref
-from fastgen.kernels.sampling import filter_logits_ref, guided_logits_ref, sample_next_tokens, sample_next_tokens_ref
+from fastgen.kernels.sampling import sample_next_tokens
+from fastgen.kernels.sampling_ref import filter_logits_ref, guided_logits_ref, sample_next_tokens_ref
 
 from kernel_checks import chi_square_p_value
 

@@ -8,7 +8,7 @@ import torch
 
 import fastgen
 from fastgen.kernels.counter_hash import seed_key
-from fastgen.kernels.sampling import sample_next_tokens_ref
+from fastgen.kernels.sampling_ref import sample_next_tokens_ref
 
 from kernel_checks import chi_square_p_value
 

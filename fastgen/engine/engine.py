@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -19,24 +18,19 @@ from fastgen.engine.intake import RequestIntake
 from fastgen.engine.stage_worker import StageWorker
 from fastgen.engine.threads import intra_op_threads, resolve_cpu_threads
 from fastgen.engine.streaming import AudioStreamer, StreamConfig
-from fastgen.engine.request import GenerationOutput, Request, RequestStatus
+from fastgen.engine.request import Request, RequestStatus
 from fastgen.engine.runner import ModelRunner
+from fastgen.engine.retirement import Listener, RequestEnding
 from fastgen.engine.scheduler import Scheduler
+from fastgen.engine.setup import plan_slots, resolve_backends
 from fastgen.errors import QueueFull, RequestAborted, RequestError, RequestFailed
-from fastgen.model.decoder import KVCache
 from fastgen.model.musicgen import MusicgenModel
-from fastgen.model.ops import get_ops
 from fastgen.sampling_params import SamplingParams
 
-# event kinds passed to listeners: queued, started, progress, audio (a streamed chunk), finished, failed, aborted
-Listener = Callable[[Request, str, Any], None]
-CPU_CACHE_BUDGET = 2 << 30
-CUDA_CACHE_SHARE = 0.75  # of the memory free after loading the weights; the rest: graphs, EnCodec, T5
-MAX_SLOTS = 256
 logger = logging.getLogger("fastgen")
 
 
-class Engine:
+class Engine(RequestEnding):
     def __init__(self, model: MusicgenModel, config: EngineConfig = EngineConfig(),
                  cpu_threads: int | None = None) -> None:
         """``cpu_threads``: on a CPU, the intra-op thread count step() runs with (default $FASTGEN_CPU_THREADS, else
@@ -54,27 +48,10 @@ class Engine:
         # longest request when that is shorter
         limits = FrameLimits.of(mc, config)  # (MusicGen.inspect checks jobs by the same rule)
         self.window_frames, self.max_frames, self.slot_frames = limits.window, limits.request, limits.slot
-        backend = config.backend
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU "
-                             "interpreter, for testing); use backend='torch' or 'auto' on a CPU")
-        if backend == "triton" and self.device.type != "cuda" and model.decoder.dtype != torch.float32:
-            raise ValueError(f"backend='triton' on a CPU runs Triton's interpreter, which computes "
-                             f"{str(model.decoder.dtype).removeprefix('torch.')} wrongly; load with dtype=float32")
-        self.ops = get_ops(backend)
-        linear_backend = config.linear_backend
-        if linear_backend is None:
-            linear_backend = "triton" if backend == "triton" and self.device.type == "cuda" else "torch"
-        if linear_backend == "triton" and backend != "triton":
-            raise ValueError(f"linear_backend='triton' needs backend='triton', but backend resolved to {backend!r} "
-                             f"on {self.device.type}: the fused projections are Triton kernels")
-        if config.compile_step and backend != "torch":
-            raise ValueError(f"compile_step applies to the torch backend (the CPU default), not {backend!r}: the "
-                             "Triton kernels are compiled already and run as CUDA graphs")
+        backends = resolve_backends(config, model.decoder)
+        self.ops, linear_backend = backends.ops, backends.linear
         model.decoder.set_linear_backend(linear_backend)  # before graph capture: the graphs record its launches
-        num_slots = self._plan_slots()
+        num_slots = plan_slots(config, model.decoder, self.slot_frames)
         with self._threads():  # a compiled step is compiled for the thread count it will run with
             self.runner = ModelRunner(model.decoder, model.text_encoder, model.codec, self.ops, num_slots=num_slots,
                                       max_frames=self.slot_frames, max_text_tokens=config.max_text_tokens,
@@ -112,28 +89,6 @@ class Engine:
 
     def _threads(self) -> contextlib.AbstractContextManager:
         return intra_op_threads(self.cpu_threads if self.device.type == "cpu" else None)
-
-    def _plan_slots(self) -> int:
-        """As many slots as the KV-cache budget holds, each sized for one window (or the longest request allowed)."""
-        dec = self.model.decoder
-        positions = (dec.prefix_positions(self.config.max_text_tokens) + self.slot_frames
-                     + dec.config.channel_codebooks + self.config.steps_per_call - 1)
-        cross_tokens = self.config.max_text_tokens if dec.cross_attention else 0
-        per_slot = KVCache.bytes_per_slot(dec.config, positions, cross_tokens, dec.dtype)
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * CUDA_CACHE_SHARE)
-            else:
-                budget = CPU_CACHE_BUDGET
-        fits = budget // per_slot - 1  # one slot's worth goes to the padding dummy
-        cap = self.config.max_slots or MAX_SLOTS
-        if fits < 1:
-            raise ValueError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) cannot hold one slot of "
-                             f"{per_slot / 2**30:.2f} GiB; lower window_s, max_duration_s or max_text_tokens, or raise "
-                             "kv_cache_memory_bytes")
-        return int(min(cap, fits))
 
     @property
     def num_slots(self) -> int:
@@ -230,22 +185,6 @@ class Engine:
         if not streaming:
             yield request.output.audio
 
-    def _leave_slot(self, request: Request, status: RequestStatus) -> None:
-        """Take a request out of the waiting queue or its slot, with the slot's cleanup (shared by abort and
-        failure; a finished request's goes through runner.finish)."""
-        if request.status == RequestStatus.RUNNING and request.slot is not None:
-            self.runner.scrub_slot(request.slot, always=True)
-        if request.status in (RequestStatus.WAITING, RequestStatus.RUNNING):
-            self.scheduler.release(request, status)
-
-    def _end(self, request: Request, status: RequestStatus, kind: str, payload: Any) -> None:
-        self._active.pop(request.request_id, None)
-        request.status = status
-        if isinstance(payload, Exception):
-            request.error = payload
-        request.finish_time = time.perf_counter()
-        self._emit(request, kind, payload)
-
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.stages.pending > 0
 
@@ -325,31 +264,6 @@ class Engine:
         self._plan_version = -1  # the eager plan holds per-slot rows (frames, seeds) gathered from slot state
         return failed
 
-    def _retire(self, done: list[Request]) -> list[Request]:
-        """Free the slots of requests whose last step this was and hand their codes to EnCodec (on a side thread
-        and stream on CUDA, so the decode loop goes on)."""
-        if not done:
-            return []
-        finished, codes = [], []
-        failed: list[Request] = []
-        for request, (request_codes, nonfinite) in zip(done, self.runner.finish(done)):  # (scrubs bad slots)
-            self.scheduler.release(request, RequestStatus.DECODING)
-            if nonfinite:
-                failed += self.fail([request], RequestFailed(
-                    f"request {request.request_id} produced non-finite logits (NaN/inf); check the model "
-                    "weights and dtype (float16 can overflow)"), release=False)
-            else:
-                finished.append(request)
-                codes.append(request_codes)
-        # a streamed request ends with its last window (its output audio is the stream); the others decode whole
-        windows = [w for w in (self.streamer.final(r, c) for r, c in zip(finished, codes)) if w is not None]
-        if windows:
-            self.stages.submit("stream", [w.request for w in windows], windows)
-        whole = [(r, c) for r, c in zip(finished, codes) if not any(w.request is r for w in windows)]
-        if whole:
-            self.stages.submit("decode", [r for r, _ in whole], [c for _, c in whole])
-        return failed
-
     def _submit_text(self) -> None:
         """The prompts queued since the last step go to the stage worker as one T5 batch (one call per request
         would serialise hundreds of small T5 calls ahead of the last admission)."""
@@ -357,103 +271,6 @@ class Engine:
         self._text_backlog = []
         if backlog:
             self.stages.submit("encode", backlog, [r.text_ids for r in backlog])
-
-    def _collect_stages(self, block: bool = False) -> list[Request]:
-        """Take in the stage worker's finished jobs: prefetched text states, and audio of finished requests."""
-        ended: list[Request] = []
-        for job in self.stages.collect(block=block):
-            if job.kind == "encode":
-                waiting = [r for r in job.requests if r.status == RequestStatus.WAITING]  # not aborted meanwhile
-                if job.error is not None and len(waiting) > 1:  # isolate: encode them one by one
-                    for request in waiting:
-                        self.stages.submit("encode", [request], [request.text_ids])
-                    continue
-                for request, states in zip(job.requests, job.result or [None] * len(job.requests)):
-                    request.text_pending = False
-                    if request.status != RequestStatus.WAITING:
-                        continue
-                    if job.error is not None:
-                        ended += self.fail([request], job.error)
-                    else:
-                        request.text_states, request.text_ready = states, job.ready
-                continue
-            if job.kind == "stream":
-                ended += self._stream_chunks(job)
-                continue
-            live = [(r, c, i) for i, (r, c) in enumerate(zip(job.requests, job.inputs))
-                    if r.status == RequestStatus.DECODING]  # not aborted while in EnCodec
-            if job.error is not None:
-                if len(job.requests) > 1:  # isolate, as admission does: one by one, so a bad request fails alone
-                    for request, request_codes, _ in live:
-                        self.stages.submit("decode", [request], [request_codes])
-                else:
-                    ended += self.fail([r for r, _, _ in live], job.error)
-                continue
-            for request, request_codes, i in live:
-                wave = job.result[i]
-                if not np.isfinite(wave).all():
-                    ended += self.fail([request], RequestFailed(
-                        f"request {request.request_id}: EnCodec produced non-finite audio (NaN/inf); check the "
-                        "audio_encoder weights"))
-                    continue
-                request.finish_time = time.perf_counter()
-                request.output = self._output(request, request_codes, wave)
-                self._end(request, RequestStatus.FINISHED, "finished", request.output)
-                ended.append(request)
-        return ended
-
-    def _stream_chunks(self, job) -> list[Request]:
-        """Hand out a "stream" job's chunks; a request's last window ends it, its stream being its output audio."""
-        live = [w for w in job.inputs if not w.request.status.done]  # aborted or failed meanwhile: nothing to send
-        if job.error is not None:
-            return self.fail([w.request for w in live], job.error)
-        ended = []
-        for window, chunk in zip(job.inputs, job.result):
-            request = window.request
-            if request.status.done:
-                continue
-            if not np.isfinite(chunk).all():
-                ended += self.fail([request], RequestFailed(
-                    f"request {request.request_id}: EnCodec produced non-finite audio (NaN/inf); check the "
-                    "audio_encoder weights"))
-                continue
-            self._emit(request, "audio", chunk)
-            if window.emit_to is None:  # the last window
-                request.output = self._output(request, window.all_codes, window.state.whole())
-                self._end(request, RequestStatus.FINISHED, "finished", request.output)
-                ended.append(request)
-        return ended
-
-    def fail(self, requests: list[Request], exc: Exception, release: bool = True) -> list[Request]:
-        """End ``requests`` with RequestFailed (freeing and cleaning their slots); the engine goes on serving the
-        rest. Requests that have ended already (aborted meanwhile) are left as they are."""
-        failed = []
-        for request in requests:
-            if request.status.done:
-                continue
-            if release:
-                self._leave_slot(request, RequestStatus.FAILED)
-            self.streamer.drop(request)
-            error = exc if isinstance(exc, RequestFailed) else RequestFailed(
-                f"request {request.request_id} failed: {type(exc).__name__}: {exc}")
-            if error is not exc:
-                error.__cause__ = exc
-            self._end(request, RequestStatus.FAILED, "failed", error)
-            failed.append(request)
-        return failed
-
-    def _output(self, request: Request, codes: torch.Tensor, audio: np.ndarray) -> GenerationOutput:
-        timings = {"queue_s": (request.first_step_time or request.arrival_time) - request.arrival_time,
-                   "total_s": (request.finish_time or time.perf_counter()) - request.arrival_time}
-        return GenerationOutput(request.request_id, request.prompt, audio, self.sample_rate,
-                                codes.numpy().astype(np.int64), request.resolved.seed, request.prompt_frames, timings)
-
-    def _emit(self, request: Request, kind: str, payload: Any) -> None:
-        for listener in self.listeners:
-            try:
-                listener(request, kind, payload)
-            except Exception:  # a listener's bug must not leave the engine half-way through a state change
-                logger.exception("fastgen: listener %r failed on %s event of %s", listener, kind, request.request_id)
 
     # ------------------------------------------------------------------------------------------------ batch
     def run(self, requests: list[Request], progress: Callable[[int], None] | None = None) -> list[Request]:

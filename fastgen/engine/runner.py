@@ -17,7 +17,7 @@ from fastgen.errors import RequestError
 from fastgen.model.codec import AudioCodec, TextEncoder
 from fastgen.model.decoder import KVCache, MusicgenDecoder
 from fastgen.engine.longform import window_stream_seed
-from fastgen.kernels.sampling import RowParams
+from fastgen.kernels.sampling_ref import RowParams
 from fastgen.model.ops import Ops, SamplerHints
 
 KV_BOUND_GRANULE = 64  # the torch backend reads the cache up to the batch's longest row, rounded up to this

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.kernels.codebook_embedding import codebook_embedding_ref
-from fastgen.kernels.sampling import RowParams, sample_next_tokens_ref
+from fastgen.kernels.sampling_ref import RowParams, sample_next_tokens_ref
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from fastgen.serve.app import ServerSettings, create_app
 
-DEFAULT_ONGOING = 256  # the engine's slot cap (fastgen.engine.engine.MAX_SLOTS) when --max-slots is not given
+DEFAULT_ONGOING = 256  # the engine's slot cap (fastgen.engine.setup.MAX_SLOTS) when --max-slots is not given
 
 
 def deployment(engine_factory: Callable[[], Any], settings: ServerSettings, *, replicas: int = 1,
