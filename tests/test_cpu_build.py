@@ -50,25 +50,40 @@ def test_a_build_says_so_and_a_finished_one_is_silent(tmp_path, monkeypatch, cap
     assert capsys.readouterr().err == ""
 
 
-_LOAD = ("import torch; from fastgen.kernels._cpu_extension import build; why = build(); assert why is None, why; "
-         "torch.ops.fastgen_cpu.gemv_linear; torch.ops.fastgen_cpu.decode_attention")
+# A one-function source stands in for the kernels' (their build is ~40 s of compiler time; this one a few seconds):
+# what is under test is the folder, the lock and the messages, which are the same whatever the sources.
+_PROBE = """
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+at::Tensor echo(const at::Tensor& x) { return x; }
+TORCH_LIBRARY(fastgen_build_probe, m) { m.def("echo(Tensor x) -> Tensor", echo); }
+"""
+# each process imports torch, says it is ready (a file), and starts loading once the other is ready too
+_LOAD = ("import pathlib, sys, time, torch; from fastgen.kernels import _cpu_extension as ext; "
+         "ext.SOURCES = [sys.argv[1]]; ready = pathlib.Path(sys.argv[2]); ready.mkdir(exist_ok=True); "
+         "(ready / sys.argv[3]).touch(); start = time.monotonic()\n"
+         "while len(list(ready.iterdir())) < int(sys.argv[4]) and time.monotonic() - start < 120: time.sleep(0.01)\n"
+         "ext._build_and_load(ext.build_folder()); torch.ops.fastgen_build_probe.echo")
 
 
 @pytest.mark.slow
 def test_processes_starting_together_share_one_build(tmp_path):
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
-    starts = [subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
+    source = tmp_path / "cpu_probe.cpp"
+    source.write_text(_PROBE)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    load = [sys.executable, "-c", _LOAD, str(source), str(tmp_path / "ready")]
+    starts = [subprocess.Popen(load + [f"process-{i}", "2"], env=env, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
     errs = [process.communicate(timeout=900)[1] for process in starts]
     assert [process.returncode for process in starts] == [0, 0], errs
     # one compiled, the other waited for it and loaded its library
     assert sorted("building fastgen's CPU kernels" in err for err in errs) == [False, True], errs
     assert sorted("waiting for another process's build" in err for err in errs) == [False, True], errs
-    folder, = tmp_path.glob("fastgen_cpu-*")
+    folder, = (tmp_path / "extensions").glob("fastgen_cpu-*")
     built = _ninja_log(folder)
-    assert sorted(built) == sorted([Path(source).stem + ".o" for source in ext.SOURCES] + ["fastgen_cpu.so"]), built
+    assert sorted(built) == ["cpu_probe.o", "fastgen_cpu.so"], built
     # a later load finds the build: nothing compiled, nothing said
-    later = subprocess.run([sys.executable, "-c", _LOAD], env=env, stderr=subprocess.PIPE, text=True, timeout=300)
+    later = subprocess.run(load + ["later", "1"], env=env, stderr=subprocess.PIPE, text=True, timeout=300)
     assert later.returncode == 0, later.stderr
     assert "fastgen's CPU kernels" not in later.stderr
     assert _ninja_log(folder) == built
