@@ -1,6 +1,9 @@
 """Throughput: N requests through fastgen's continuous batching vs transformers' generate in static batches, on the
 same checkpoint. Reports seconds of audio per wall second, p50/p95 latency, time to first step and peak memory.
 
+On a CPU both systems get the same intra-op threads (--threads, default all torch sees): fastgen's AsyncEngine decodes
+on its loop thread with cpu_threads=N (its own default is 1, for a server), transformers in the worker with N.
+
 Arrivals are either all at once (--arrival batch) or a Poisson process (--arrival poisson --rate R per second).
 transformers runs the requests in arrival order in static batches of each size in --tf-batches (a batch starts when
 its last member has arrived and the previous batch is done); the best batch size is reported beside fastgen.
@@ -47,7 +50,7 @@ def run_fastgen(args, folder, times, system: str) -> dict:
     import fastgen
     engine = fastgen.AsyncEngine.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype),
                                                  max_duration_s=args.seconds, max_slots=args.slots or None,
-                                                 **fastgen_options(system))
+                                                 cpu_threads=args.threads, **fastgen_options(system))
     params = [fastgen.SamplingParams(duration=args.seconds, seed=i, guidance_scale=3.0, top_k=250)
               for i in range(args.requests)]
     warm = engine.submit(PROMPTS[0], fastgen.SamplingParams(max_new_tokens=8, seed=0))
@@ -102,6 +105,7 @@ def run_transformers(args, folder, times, batch: int) -> dict:
     import torch
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)  # the same intra-op threads as fastgen's engine gets
     model = MusicgenForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
     parser.add_argument("--slots", type=int, default=0, help="fastgen slots (0: from the memory budget)")
     parser.add_argument("--tf-batches", default=None, help="comma list (default: 1,8,32,64 GPU; 1,8 CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads of each system (default: torch's count here, every core)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--jsonl", type=Path, default=None,
                         help="append one JSON line per system as it finishes (a timeout keeps finished rows)")
@@ -162,6 +168,11 @@ def main() -> None:
     args.requests = args.requests or (64 if gpu else 24)
     args.seconds = args.seconds or (10.0 if gpu else 2.0)
     args.tf_batches = args.tf_batches or ("1,8,32,64" if gpu else "1,8")
+    if args.threads is None:
+        import torch
+        args.threads = torch.get_num_threads()
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
     folder = checkpoint(args.model, args.dtype)
     times = arrivals(args)
     if args.worker:
@@ -178,19 +189,19 @@ def main() -> None:
     ours = fastgen_systems(args.compile, args.steps_per_call)
     machine = machine_name(args.device)
     for worker in ours + args.tf_batches.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", worker]
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--threads", str(args.threads), "--worker", worker]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{worker} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         append_json_line(args.jsonl, {"model": args.model, "machine": machine, "device": args.device,
-                                      "dtype": args.dtype, "requests": args.requests, "seconds": args.seconds,
+                                      "dtype": args.dtype, "threads": args.threads, "requests": args.requests, "seconds": args.seconds,
                                       "arrival": args.arrival, **rows[-1]})
         print(f"{rows[-1]['system']}: {rows[-1]['audio_s_per_s']:.2f} audio s/s", flush=True)
     print(f"\n{args.requests} requests × {args.seconds} s, {args.arrival} arrivals"
           f"{f' at {args.rate}/s' if args.arrival == 'poisson' else ''}; model {args.model}, {args.device} "
-          f"{args.dtype}; {machine}")
+          f"{args.dtype}, {args.threads} intra-op threads each; {machine}")
     print(f"{'system':<24}{'audio s/s':>10}{'p50 lat s':>11}{'p95 lat s':>11}{'1st step s':>11}{'peak MB':>9}")
     for r in rows:
         print(f"{r['system']:<24}{r['audio_s_per_s']:>10.2f}{r['p50_latency_s']:>11.2f}{r['p95_latency_s']:>11.2f}"
