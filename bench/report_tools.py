@@ -61,7 +61,9 @@ def parallel_pytest(junit: Path, groups: list[list[str]], pytest_args: list[str]
     writes its junit file, and the merge keeps the tests that finished."""
     with tempfile.TemporaryDirectory() as scratch:
         parts = [Path(scratch) / f"group-{i}.xml" for i in range(len(groups))]
-        procs = [subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args, f"--junit-xml={part}", *files],
+        # -n 0: each group in its own process (the project's addopts would start xdist workers inside every group)
+        procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-n", "0", *pytest_args, f"--junit-xml={part}",
+                                   *files],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for part, files in zip(parts, groups)]
 

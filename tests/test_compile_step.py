@@ -122,23 +122,3 @@ def test_a_failing_compile_is_a_clear_error(tiny_mono_dir, monkeypatch):
     with pytest.raises(RuntimeError, match=r"compile_step=True: torch.compile could not compile the decode step "
                                            r"\(OSError: C\+\+ compiler not found\); use compile_step=False"):
         make_engine(tiny_mono_dir, compile_step=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("construction", ["from_pretrained", "around_an_engine"])
-def test_async_engine_serves_the_compiled_step_without_recompiling(tiny_mono_dir, construction):
-    """The async loop thread runs torch with its own intra-op thread count, which dynamo guards on: the step is
-    compiled for it before serving (up front by from_pretrained; by the loop thread for an Engine built elsewhere)."""
-    if construction == "from_pretrained":
-        engine = fastgen.AsyncEngine.from_pretrained(tiny_mono_dir, max_slots=2, backend="torch", compile_step=True)
-    else:
-        with torch.compiler.set_stance("default"):
-            engine = fastgen.AsyncEngine(make_engine(tiny_mono_dir, compile_step=True), cpu_threads=1)
-    try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            handles = [engine.submit(f"p{i}", fastgen.SamplingParams(max_new_tokens=8 + 4 * i, seed=i))
-                       for i in range(3)]
-            outputs = [h.result(timeout=120) for h in handles]
-    finally:
-        engine.shutdown_sync()
-    assert [o.codes.shape[1] for o in outputs] == [5, 9, 13]

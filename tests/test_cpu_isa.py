@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # see pyproject's markers: the quick tier leaves 
                     reason="this CPU has no AVX-512: the plain GEMV and attention tests run the AVX2 kernels")
 def test_avx2_kernels_on_an_avx512_cpu():
     here = Path(__file__).parent
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
                            str(here / "test_cpu_gemv.py"), str(here / "test_cpu_attention.py"),
                            str(here / "test_quantize.py") + "::test_cpu_int8_linear_matches_reference",
                            "-k", "not compiled_graph"],  # the compiled-graph tests trace the same operators
