@@ -109,5 +109,9 @@ def _decoder_layers_shape(hidden, *rest):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
+def _sample_next_tokens_shape(*args):
+    return None  # writes its outputs in place
+
+
 _FAKES = {"gemv_linear": _gemv_linear_shape, "decode_attention": _decode_attention_shape,
-          "decoder_layers": _decoder_layers_shape}
+          "decoder_layers": _decoder_layers_shape, "sample_next_tokens": _sample_next_tokens_shape}

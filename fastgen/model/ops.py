@@ -53,17 +53,20 @@ class StepContext:
 
 class TorchOps:
     name = "torch"
-    # on a CPU with AVX-512: attention through fastgen.kernels.cpu_attention, which reads each row of the layer's
-    # cache in place (neither runs nor a gather needed); set by choose_attention
+    # on a CPU with AVX2: attention through fastgen.kernels.cpu_attention, which reads each row of the layer's
+    # cache in place (neither runs nor a gather needed), and the sampler as one operator
+    # (fastgen.kernels.cpu_sampling); set by choose_attention
     cpu_attention = False
+    cpu_sampler = False
 
     def choose_attention(self, device: torch.device, cache_dtype: torch.dtype, head_dim: int) -> None:
-        """Pick the attention for a cache of this dtype and head size, once, outside any compiled region: the CPU
-        kernel where it runs (it reads the cache 1.3-3× faster than the two matmuls or SDPA: see its module), the
-        PyTorch expression elsewhere."""
+        """Pick the attention for a cache of this dtype and head size, and the sampler, once, outside any compiled
+        region: the CPU kernels where they run (the attention reads the cache 1.3-3× faster than the two matmuls or
+        SDPA, the sampler is one call instead of ~90: see their modules), the PyTorch expressions elsewhere."""
         if device.type == "cpu":
-            from fastgen.kernels.cpu_attention import unavailable_reason
-            self.cpu_attention = unavailable_reason(cache_dtype, head_dim) is None
+            from fastgen.kernels import cpu_attention, cpu_sampling
+            self.cpu_attention = cpu_attention.unavailable_reason(cache_dtype, head_dim) is None
+            self.cpu_sampler = cpu_sampling.unavailable_reason() is None
 
     def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int, text_span: int,
                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext]:
@@ -127,6 +130,12 @@ class TorchOps:
         """Sample the batch's next tokens from logits [2B, K, V], then advance its positions by one (the dummy slot
         that graph padding points at stays at 0)."""
         st = state
+        if self.cpu_sampler and logits.dtype == torch.float32:  # (the projections give float32 logits on a CPU)
+            torch.ops.fastgen_cpu.sample_next_tokens(logits, ctx.slots, st.guidance_scale, st.temperature, st.top_k,
+                                                     st.top_p, st.seed, st.position, st.num_frames, st.prompt_frames,
+                                                     st.tokens, st.codes, st.nonfinite, pad_id, audio_channels,
+                                                     dummy_slot)
+            return
         sample_next_tokens_ref(logits, ctx.slots, st.guidance_scale, st.temperature, st.top_k, st.top_p, st.seed,
                                st.position, st.num_frames, st.prompt_frames, st.tokens, st.codes, st.nonfinite,
                                pad_id, audio_channels, any_sampling=hints.any_sampling,
