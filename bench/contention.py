@@ -1,12 +1,13 @@
 """A busy machine: how much slower a CPU generation runs when every core is busy with another process.
 
 Each measurement is a fresh process (OpenMP reads its wait policy once, when torch loads it) that loads the model,
-warms up and times one generation. Variants: fastgen's default (OpenMP threads sleep while they wait,
-OMP_WAIT_POLICY=PASSIVE, set by ``import fastgen``), OpenMP's own default (threads spin: what a process that imported
-torch before fastgen gets), and 1 thread. Conditions: idle, and beside one busy-loop process per core (started here,
-stopped by pid). Rounds interleave the variants and conditions, so the machine's drift enters every ratio alike. The
-ratio that matters is busy / idle per variant: the fair share of a machine shared with as many busy processes as cores
-is about half, so ~2x.
+warms up and times one generation. Variants: fastgen's default (``import fastgen`` sets OMP_WAIT_POLICY=PASSIVE and
+GOMP_SPINCOUNT=1000: a waiting thread spins ~20 us, then sleeps), another spin count (--spin-count; 0 sleeps at once),
+threads that always spin (OMP_WAIT_POLICY=ACTIVE), and 1 thread. Conditions: idle; beside one busy-loop process per core; beside one
+multi-threaded torch process (as many threads as cores, OpenMP's own spinning default: another engine, a training
+job). Neighbours are started here and stopped by pid. Rounds interleave the variants and conditions, so the machine's
+drift enters every ratio alike. The ratio that matters is busy / idle per variant: the fair share of a machine shared
+with as many busy threads as cores is about half, so ~2x.
 
     python bench/contention.py                      # tiny model, 4 s clip
     python bench/contention.py --model small --seconds 2
@@ -38,13 +39,24 @@ start = time.perf_counter()
 model.generate([sys.argv[4]], params)
 print(json.dumps({"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}))
 """
-VARIANTS = {"fastgen default (passive wait)": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
-            "OpenMP default (spinning wait)": ({"OMP_WAIT_POLICY": None}, 0),
-            "1 thread": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1)}
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # cleared in every child, then set as the variant says
+# (GNU OpenMP's GOMP_SPINCOUNT, when given, sets the spin whatever the policy)
+VARIANTS = {"fastgen default (spin 1000 then sleep)": ({}, 0),
+            "spin count (GOMP_SPINCOUNT; default 0)": ({"GOMP_SPINCOUNT": "0"}, 0),
+            "active wait (always spin)": ({"OMP_WAIT_POLICY": "ACTIVE"}, 0),
+            "1 thread": ({}, 1)}
+TORCH_NEIGHBOUR = ("import torch\ntorch.set_num_threads({threads})\na = torch.randn(256, 256)\n"
+                   "while True: a = torch.tanh(a @ a)")
+CONDITIONS = ("idle", "busy loops", "torch")
 
 
-def busy_neighbours(count: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+def neighbours_for(condition: str, cores: int) -> list[subprocess.Popen]:
+    if condition == "busy loops":
+        return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    if condition == "torch":
+        env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+        return [subprocess.Popen([sys.executable, "-c", TORCH_NEIGHBOUR.format(threads=cores)], env=env)]
+    return []
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -55,9 +67,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 def measure(folder: Path, variant: str, seconds: float, timeout: float) -> dict:
     changes, threads = VARIANTS[variant]
-    env = dict(os.environ)
-    for key, value in changes.items():
-        env.pop(key, None) if value is None else env.__setitem__(key, value)
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES} | changes
     try:
         done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(threads), str(seconds), PROMPTS[0]],
                               env=env, capture_output=True, text=True, timeout=timeout)
@@ -74,33 +84,42 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="of a random-weight checkpoint built for --model")
     parser.add_argument("--seconds", type=float, default=4.0, help="audio seconds generated per measurement")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--neighbours", type=int, default=os.cpu_count(), help="busy-loop processes (default: cores)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="per measurement; a collapse is cut here")
+    parser.add_argument("--neighbours", type=int, default=os.cpu_count(),
+                        help="busy-loop processes, and the torch neighbour's threads (default: cores)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per measurement; a collapse is cut here")
+    parser.add_argument("--spin-count", type=int, default=0, help="GOMP_SPINCOUNT of the spin-count variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the variants to run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    VARIANTS["spin count (GOMP_SPINCOUNT; default 0)"] = ({"GOMP_SPINCOUNT": str(args.spin_count)}, 0)
+    for name in set(VARIANTS) - set(args.variants.split(",")):
+        del VARIANTS[name]
     folder = checkpoint(args.model, args.dtype)
-    times: dict[str, dict[str, list]] = {v: {"idle": [], "busy": []} for v in VARIANTS}
+    times: dict[str, dict[str, list]] = {v: {c: [] for c in CONDITIONS} for v in VARIANTS}
     for round_index in range(args.rounds):
-        for condition in ("idle", "busy"):
-            neighbours = busy_neighbours(args.neighbours) if condition == "busy" else []
+        for condition in CONDITIONS:
+            neighbours = neighbours_for(condition, args.neighbours)
             try:
-                time.sleep(0.5 if neighbours else 0)
+                time.sleep(2.0 if neighbours else 0)  # (the torch neighbour imports torch first)
                 for variant in VARIANTS:
                     result = measure(folder, variant, args.seconds, args.timeout)
                     times[variant][condition].append(result["seconds"])
-                    print(f"round {round_index}: {variant:<32} {condition:<5} {result}", flush=True)
+                    print(f"round {round_index}: {variant:<32} {condition:<10} {result}", flush=True)
             finally:
                 stop(neighbours)
     rows = []
     for variant, by_condition in times.items():
         idle = statistics.median(by_condition["idle"])
-        busy = [t if t is not None else args.timeout for t in by_condition["busy"]]
-        rows.append({"variant": variant, "idle_s": idle, "busy_s": statistics.median(busy),
-                     "busy_over_idle": statistics.median(busy) / idle, "runs": by_condition})
-        print(f"{variant:<32} idle {idle:7.2f} s  busy {statistics.median(busy):7.2f} s  "
-              f"busy/idle {statistics.median(busy) / idle:6.2f}x")
+        row = {"variant": variant, "idle_s": idle, "runs": by_condition}
+        for condition in CONDITIONS[1:]:
+            busy = statistics.median([t if t is not None else args.timeout for t in by_condition[condition]])
+            row[condition] = {"seconds": busy, "over_idle": busy / idle}
+        rows.append(row)
+        print(f"{variant:<32} idle {idle:6.2f} s" + "".join(
+            f"  {c} {row[c]['seconds']:6.2f} s ({row[c]['over_idle']:.2f}x)" for c in CONDITIONS[1:]))
     write_result("contention", "cpu", machine_name("cpu"), args.out,
                  {"model": args.model, "audio_seconds": args.seconds, "neighbours": args.neighbours,
+                  "torch_neighbour": TORCH_NEIGHBOUR.format(threads=args.neighbours), "spin_count": args.spin_count,
                   "rounds": args.rounds, "rows": rows})
 
 

@@ -27,7 +27,7 @@ CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 # a cold build on a 2-core AMD EPYC (AVX2), where ninja compiles the two sources at once: 25-50 s measured while other
 # jobs kept both cores busy (the compiler's CPU time: 14 s for cpu_gemv.cpp, 10-11 s for cpu_attention.cpp)
-TYPICAL_BUILD_S = 40  # three sources on 2 cores: ~39 s of compiler CPU time (AMD EPYC, AVX2)
+TYPICAL_BUILD_S = 40  # four sources on 2 cores: 19 s on an AVX-512 EPYC (quiet), ~40-80 s on an AVX2 one
 
 
 def instruction_set_missing(dtype: torch.dtype) -> str | None:

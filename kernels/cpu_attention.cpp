@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -295,8 +296,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     using B = scalar_t;
     const B* bp = bias.data_ptr<B>();
     const int64_t bias_row = bias.stride(0), bias_stride = bias.stride(3);
+    // threads only when each gets ~256K cached values (0.5-1 MB) to read: below that, opening a parallel region (a
+    // system call to wake a sleeping thread) costs more than the reading; every (row, head) is computed alone, so
+    // the result is the same either way
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(span * dh, 1));
     auto run = [&](auto* k0, auto* v0) {
-      at::parallel_for(0, R * H, 1, [&](int64_t first, int64_t end) {
+      at::parallel_for(0, R * H, grain, [&](int64_t first, int64_t end) {
         std::vector<float> scores(span);
         for (int64_t task = first; task < end; ++task) {
           const int64_t r = task / H, h = task % H;
