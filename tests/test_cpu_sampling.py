@@ -71,6 +71,10 @@ def test_padding_rows_on_the_dummy_slot_leave_it_at_position_zero():
     state = random_state(4, 4, 64, 8, gen)
     slots = torch.tensor([1, 3, 3, 3])  # a real row, then graph padding on the dummy slot 3
     logits = torch.randn(8, 4, 64, generator=gen)
+    # padding rows embed the dummy slot's one input, so their logits are one row's (whichever row writes the dummy's
+    # token last then writes the same token)
+    logits[2:4] = logits[1]
+    logits[6:8] = logits[5]
     got = run(cpu_sample_next_tokens, logits, slots, state, 1, 3)
     assert_same(got, run(cpu_sample_next_tokens_ref, logits, slots, state, 1, 3), "padding rows")
     assert got["position"][3] == 0 and got["position"][1] == state["position"][1] + 1
