@@ -3,7 +3,7 @@ import os
 
 # Before torch loads OpenMP, which reads these once: a thread waiting for work spins briefly (GOMP_SPINCOUNT=1000
 # pauses, ~20 us: GNU OpenMP's, torch's on Linux), then sleeps (OMP_WAIT_POLICY=PASSIVE, for any OpenMP). Spinning
-# bridges the gaps between the ~200 parallel regions of a decode step; sleeping soon after leaves the cores to other
+# bridges the gaps between the ~260 parallel regions of a decode step; sleeping soon after leaves the cores to other
 # processes. musicgen-small, 2 s of audio on a 2-core EPYC (bench/results/contention-*.json): sleeping at once took
 # 5.5 s idle and 6.1 s beside busy loops; OpenMP's default (a ~100x longer spin) collapsed beside busy processes
 # (10-100x slower); always spinning 3.4 s idle but 27 s beside busy loops; this 3.6-4.1 s idle, 6.7-7.8 s busy. Set
