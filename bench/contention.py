@@ -41,10 +41,14 @@ print(json.dumps({"seconds": time.perf_counter() - start, "threads": torch.get_n
 """
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # cleared in every child, then set as the variant says
 # (GNU OpenMP's GOMP_SPINCOUNT, when given, sets the spin whatever the policy)
-VARIANTS = {"fastgen default (spin 1000 then sleep)": ({}, 0),
-            "spin count (GOMP_SPINCOUNT; default 0)": ({"GOMP_SPINCOUNT": "0"}, 0),
-            "active wait (always spin)": ({"OMP_WAIT_POLICY": "ACTIVE"}, 0),
-            "1 thread": ({}, 1)}
+SPIN_COUNT_VARIANT = "spin count (GOMP_SPINCOUNT; default 0)"
+VARIANT_NAMES = ("fastgen default (spin 1000 then sleep)", SPIN_COUNT_VARIANT, "active wait (always spin)", "1 thread")
+
+
+def variants(spin_count: int) -> dict[str, tuple[dict, int]]:
+    """name → (environment changes, threads; 0 = torch's default)"""
+    return dict(zip(VARIANT_NAMES, [({}, 0), ({"GOMP_SPINCOUNT": str(spin_count)}, 0),
+                                    ({"OMP_WAIT_POLICY": "ACTIVE"}, 0), ({}, 1)]))
 TORCH_NEIGHBOUR = ("import torch\ntorch.set_num_threads({threads})\na = torch.randn(256, 256)\n"
                    "while True: a = torch.tanh(a @ a)")
 CONDITIONS = ("idle", "busy loops", "torch")
@@ -65,8 +69,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def measure(folder: Path, variant: str, seconds: float, timeout: float) -> dict:
-    changes, threads = VARIANTS[variant]
+def measure(folder: Path, changes: dict, threads: int, seconds: float, timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES} | changes
     try:
         done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(threads), str(seconds), PROMPTS[0]],
@@ -88,21 +91,22 @@ def main() -> None:
                         help="busy-loop processes, and the torch neighbour's threads (default: cores)")
     parser.add_argument("--timeout", type=float, default=120.0, help="per measurement; a collapse is cut here")
     parser.add_argument("--spin-count", type=int, default=0, help="GOMP_SPINCOUNT of the spin-count variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the variants to run")
+    parser.add_argument("--variants", default=",".join(VARIANT_NAMES), help="comma list of the variants to run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    VARIANTS["spin count (GOMP_SPINCOUNT; default 0)"] = ({"GOMP_SPINCOUNT": str(args.spin_count)}, 0)
-    for name in set(VARIANTS) - set(args.variants.split(",")):
-        del VARIANTS[name]
+    chosen = args.variants.split(",")
+    runs = {name: spec for name, spec in variants(args.spin_count).items() if name in chosen}
+    if len(runs) != len(chosen):
+        parser.error(f"--variants: choose among {', '.join(VARIANT_NAMES)}")
     folder = checkpoint(args.model, args.dtype)
-    times: dict[str, dict[str, list]] = {v: {c: [] for c in CONDITIONS} for v in VARIANTS}
+    times: dict[str, dict[str, list]] = {v: {c: [] for c in CONDITIONS} for v in runs}
     for round_index in range(args.rounds):
         for condition in CONDITIONS:
             neighbours = neighbours_for(condition, args.neighbours)
             try:
                 time.sleep(2.0 if neighbours else 0)  # (the torch neighbour imports torch first)
-                for variant in VARIANTS:
-                    result = measure(folder, variant, args.seconds, args.timeout)
+                for variant, (changes, threads) in runs.items():
+                    result = measure(folder, changes, threads, args.seconds, args.timeout)
                     times[variant][condition].append(result["seconds"])
                     print(f"round {round_index}: {variant:<32} {condition:<10} {result}", flush=True)
             finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu_extension import build
-from .sampling_ref import sample_next_tokens_ref
+from .sampling_ref import advance_positions_ref, sample_next_tokens_ref
 
 
 def unavailable_reason() -> str | None:
@@ -38,8 +38,7 @@ def cpu_sample_next_tokens(logits, slots, guidance_scale, temperature, top_k, to
 def cpu_sample_next_tokens_ref(logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames,
                                prompt_frames, tokens, codes, nonfinite, pad_id: int, audio_channels: int,
                                dummy_slot: int) -> None:
-    """sample_next_tokens_ref, then position + 1 for every row's slot and 0 from the dummy slot on."""
+    """sample_next_tokens_ref, then the step's position advance (advance_positions_ref), as the torch backend."""
     sample_next_tokens_ref(logits, slots, guidance_scale, temperature, top_k, top_p, seed, position, num_frames,
                            prompt_frames, tokens, codes, nonfinite, pad_id, audio_channels)
-    position.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
-    position[dummy_slot:].zero_()
+    advance_positions_ref(position, slots, dummy_slot)

@@ -72,6 +72,13 @@ class RowParams:
                    prompt_frames[slots].view(-1, 1))
 
 
+def advance_positions_ref(position: torch.Tensor, slots: torch.Tensor, dummy_slot: int) -> None:
+    """The step's position advance as the torch backend does it after sampling: position + 1 for every row's slot,
+    then 0 from the dummy slot on (graph padding rows point at it and may have bumped it)."""
+    position.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+    position[dummy_slot:].zero_()
+
+
 def sample_next_tokens_ref(
     logits: torch.Tensor,          # [2B, K, V]: rows [0, B) cond, [B, 2B) uncond, row b ↔ slots[b]
     slots: torch.Tensor,           # [B] int64 slot of each row

@@ -138,7 +138,7 @@ def test_decoder_step_is_bitwise_the_layer_by_layer_step(tiny_mono_dir, on_gemv,
     decoder = model.engine.model.decoder
     c = decoder.config
     ops = TorchOps()
-    ops.choose_attention(decoder.device, dtype, c.head_dim)
+    ops.choose_cpu_kernels(decoder.device, dtype, c.head_dim)
     gen = torch.Generator().manual_seed(1)
     rows = torch.tensor([2, 0, 3, 1])  # two requests' cond and uncond rows, scattered
     text_length = torch.tensor([4, 6, 0, 0], dtype=torch.int32)
@@ -188,6 +188,6 @@ def test_not_used_off_the_gemv_or_under_other_backends(tiny_mono_dir, monkeypatc
     model = fastgen.MusicGen.from_pretrained(tiny_mono_dir, dtype=torch.float32, backend="torch")
     decoder = model.engine.model.decoder
     ops = TorchOps()
-    ops.choose_attention(decoder.device, torch.float32, decoder.config.head_dim)
+    ops.choose_cpu_kernels(decoder.device, torch.float32, decoder.config.head_dim)
     cache = KVCache.allocate(decoder.config, 1, 8, 4, torch.float32, decoder.device)
     assert decoder._cpu_layers(ops, torch.zeros(2, decoder.config.hidden_size), cache) is None

@@ -35,7 +35,7 @@ def test_attention_over_runs_equals_gathered(rows, dtype, kernel):
     heads, head_dim, length, span = 3, 16, 40, 32
     ops = TorchOps()
     if kernel:
-        ops.choose_attention(torch.device("cpu"), dtype, head_dim)
+        ops.choose_cpu_kernels(torch.device("cpu"), dtype, head_dim)
         if not ops.cpu_attention:
             pytest.skip(unavailable_reason(dtype, head_dim))
     k_cache = torch.randn(16, heads, length, head_dim, generator=gen).to(dtype)

@@ -89,7 +89,7 @@ class ModelRunner:
         self.cache = KVCache.allocate(config, self.total_slots, self.cache_positions + spare,
                                       cross_tokens + spare, decoder.dtype, self.device)
         decoder.reserve_positions(self.cache_positions + spare)  # before the step is compiled or captured
-        ops.choose_attention(self.device, self.cache.self_k.dtype, config.head_dim)
+        ops.choose_cpu_kernels(self.device, self.cache.self_k.dtype, config.head_dim)
         self.state = SlotState.allocate(self.total_slots, config.num_codebooks, max_frames, self.device)
         self.conditioning = SlotConditioning(self)
         self.graphs: DecodeGraphs | None = None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.kernels.codebook_embedding import codebook_embedding_ref
-from fastgen.kernels.sampling_ref import RowParams, sample_next_tokens_ref
+from fastgen.kernels.sampling_ref import RowParams, advance_positions_ref, sample_next_tokens_ref
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,13 @@ class TorchOps:
     name = "torch"
     # on a CPU with AVX2: attention through fastgen.kernels.cpu_attention, which reads each row of the layer's
     # cache in place (neither runs nor a gather needed), and the sampler as one operator
-    # (fastgen.kernels.cpu_sampling); set by choose_attention
+    # (fastgen.kernels.cpu_sampling); set by choose_cpu_kernels
     cpu_attention = False
     cpu_sampler = False
 
-    def choose_attention(self, device: torch.device, cache_dtype: torch.dtype, head_dim: int) -> None:
+    def choose_cpu_kernels(self, device: torch.device, cache_dtype: torch.dtype, head_dim: int) -> None:
         """Pick the attention for a cache of this dtype and head size, and the sampler, once, outside any compiled
-        region: the CPU kernels where they run (the attention reads the cache 1.3-3× faster than the two matmuls or
+        region (on CUDA and other devices: nothing to pick): the CPU kernels where they run (the attention reads the cache 1.3-3× faster than the two matmuls or
         SDPA, the sampler is one call instead of ~90: see their modules), the PyTorch expressions elsewhere."""
         if device.type == "cpu":
             from fastgen.kernels import cpu_attention, cpu_sampling
@@ -141,8 +141,7 @@ class TorchOps:
                                pad_id, audio_channels, any_sampling=hints.any_sampling,
                                any_guidance=hints.any_guidance, max_top_k=hints.max_top_k,
                                any_top_p=hints.any_top_p, rows=hints.rows)
-        st.position.index_add_(0, ctx.slots, torch.ones_like(ctx.slots, dtype=torch.int32))
-        st.position[dummy_slot:].zero_()  # padding rows may have bumped the dummy; keep it in range
+        advance_positions_ref(st.position, ctx.slots, dummy_slot)
 
 
 # more runs than this and one gather of all rows costs less than the per-run calls
@@ -213,8 +212,8 @@ class TritonOps:
         self._attention_append = decode_attention_append
         self._sample = sample_next_tokens
 
-    def choose_attention(self, device: torch.device, cache_dtype: torch.dtype, head_dim: int) -> None:
-        """Nothing to choose: the Triton attention kernels read every cache."""
+    def choose_cpu_kernels(self, device: torch.device, cache_dtype: torch.dtype, head_dim: int) -> None:
+        """Nothing to choose: the Triton kernels run every cache and sampler."""
 
     def begin_step(self, slots, state, row_offset: int, tables, sinusoid, kv_span: int | None,
                    text_span: int | None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext]:
